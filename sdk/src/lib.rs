@@ -1,0 +1,181 @@
+//! Write a sandboxer backend extension in Rust.
+//!
+//! Implement [`Backend`] on a type, then call [`export_backend!`] once:
+//!
+//! ```ignore
+//! use sandboxer_sdk::*;
+//!
+//! struct MyBackend;
+//!
+//! impl Backend for MyBackend {
+//!     fn info() -> ExtensionInfo { /* ... */ }
+//!     fn estimate_cost(spec: SandboxSpec) -> Result<CostEstimate, ExtError> { /* ... */ }
+//!     fn create(spec: SandboxSpec) -> Result<SandboxHandle, ExtError> { /* ... */ }
+//!     fn destroy(spec: SandboxSpec, handle: SandboxHandle) -> Result<Usage, ExtError> { /* ... */ }
+//!     fn meter_actual(spec: SandboxSpec, usage: Usage) -> Result<MicroCredits, ExtError> { /* ... */ }
+//! }
+//!
+//! export_backend!(MyBackend);
+//! ```
+//!
+//! Build with `cargo build --release --target wasm32-wasip2`: the `.wasm` in
+//! `target/wasm32-wasip2/release/` is the component to drop into the host's
+//! extensions directory.
+//!
+//! The host runs every call in a fresh instance: keep nothing in statics
+//! between calls; use [`kv`] for what must survive. Amounts are integer
+//! micro-credits; [`prorate`] and [`parse_credits`] do the exact arithmetic.
+
+#[doc(hidden)]
+pub mod __bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "sandbox-extension",
+        pub_export_macro: true,
+        export_macro_name: "__export_sandbox_extension",
+        default_bindings_module: "sandboxer_sdk::__bindings",
+    });
+}
+
+use __bindings::exports::sandboxer::extension::backend::Guest;
+use __bindings::sandboxer::extension::host as wit_host;
+use std::marker::PhantomData;
+
+pub use __bindings::sandboxer::extension::types::{
+    BackendKind, CostEstimate, ExtError, ExtensionInfo, MicroCredits, SandboxHandle, SandboxSpec,
+    Usage,
+};
+pub use sandboxer_credits::{
+    MICROS_PER_CREDIT, ParseCreditsError, format_credits, parse_credits, prorate,
+};
+
+/// A sandbox backend: the five functions of the WIT interface `backend`.
+///
+/// Each is called in a fresh instance of the component, under the host's
+/// limits (wall-clock deadline, memory cap, optional fuel).
+pub trait Backend {
+    /// Describes the extension. Called when the host loads it; must not fail.
+    fn info() -> ExtensionInfo;
+
+    /// What a sandbox of `spec` would cost over its whole ttl. Must not
+    /// create or charge anything.
+    fn estimate_cost(spec: SandboxSpec) -> Result<CostEstimate, ExtError>;
+
+    /// Creates the sandbox. A second call with the same `spec.sandbox_id`
+    /// should return the first handle.
+    fn create(spec: SandboxSpec) -> Result<SandboxHandle, ExtError>;
+
+    /// Destroys the sandbox and reports what it used.
+    fn destroy(spec: SandboxSpec, handle: SandboxHandle) -> Result<Usage, ExtError>;
+
+    /// Prices `usage`; the host charges exactly this amount.
+    fn meter_actual(spec: SandboxSpec, usage: Usage) -> Result<MicroCredits, ExtError>;
+}
+
+/// Connects a [`Backend`] to the component's exports. Use [`export_backend!`].
+#[doc(hidden)]
+pub struct __Exported<T>(PhantomData<T>);
+
+impl<T: Backend> Guest for __Exported<T> {
+    fn info() -> ExtensionInfo {
+        T::info()
+    }
+    fn estimate_cost(spec: SandboxSpec) -> Result<CostEstimate, ExtError> {
+        T::estimate_cost(spec)
+    }
+    fn create(spec: SandboxSpec) -> Result<SandboxHandle, ExtError> {
+        T::create(spec)
+    }
+    fn destroy(spec: SandboxSpec, handle: SandboxHandle) -> Result<Usage, ExtError> {
+        T::destroy(spec, handle)
+    }
+    fn meter_actual(spec: SandboxSpec, usage: Usage) -> Result<MicroCredits, ExtError> {
+        T::meter_actual(spec, usage)
+    }
+}
+
+/// Exports a type implementing [`Backend`] as this component's `backend`.
+/// Call it exactly once, at the top level of the extension crate.
+#[macro_export]
+macro_rules! export_backend {
+    ($backend:ty) => {
+        type __SandboxerExportedBackend = $crate::__Exported<$backend>;
+        $crate::__bindings::__export_sandbox_extension!(
+            __SandboxerExportedBackend with_types_in $crate::__bindings
+        );
+    };
+}
+
+/// Lines in the host's log, tagged with this extension's instance name.
+pub mod log {
+    use super::wit_host::{LogLevel, log};
+
+    pub fn debug(message: &str) {
+        log(LogLevel::Debug, message);
+    }
+    pub fn info(message: &str) {
+        log(LogLevel::Info, message);
+    }
+    pub fn warn(message: &str) {
+        log(LogLevel::Warn, message);
+    }
+    pub fn error(message: &str) {
+        log(LogLevel::Error, message);
+    }
+}
+
+/// Values from the `[config]` table of this instance's sidecar file.
+pub mod config {
+    use super::{ExtError, wit_host};
+
+    /// The value of `key` as text, if the sidecar sets it.
+    pub fn get(key: &str) -> Option<String> {
+        wit_host::config_get(key)
+    }
+
+    /// `key` as decimal credits converted to micro-credits, or `default`
+    /// when the sidecar does not set it. A malformed value is an
+    /// `ExtError::Internal` naming the key, so a misconfigured instance says
+    /// why instead of charging a wrong price.
+    pub fn credits(key: &str, default: u64) -> Result<u64, ExtError> {
+        match get(key) {
+            None => Ok(default),
+            Some(text) => super::parse_credits(&text)
+                .map_err(|error| ExtError::Internal(format!("config key `{key}`: {error}"))),
+        }
+    }
+}
+
+/// This instance's private key-value store, kept by the host across calls
+/// and restarts. Writes made during a call become durable when it returns.
+pub mod kv {
+    use super::wit_host;
+
+    pub fn get(key: &str) -> Option<Vec<u8>> {
+        wit_host::kv_get(key)
+    }
+
+    /// Reads a value written by [`set_str`].
+    pub fn get_str(key: &str) -> Option<String> {
+        get(key).and_then(|bytes| String::from_utf8(bytes).ok())
+    }
+
+    /// Fails when the key or value is too large or the store is full.
+    pub fn set(key: &str, value: &[u8]) -> Result<(), String> {
+        wit_host::kv_set(key, value)
+    }
+
+    pub fn set_str(key: &str, value: &str) -> Result<(), String> {
+        set(key, value.as_bytes())
+    }
+
+    /// Removes `key`; true when it existed.
+    pub fn delete(key: &str) -> bool {
+        wit_host::kv_delete(key)
+    }
+
+    /// Keys that start with `prefix`, in byte order, at most `limit`.
+    pub fn keys(prefix: &str, limit: u32) -> Vec<String> {
+        wit_host::kv_keys(prefix, limit)
+    }
+}
