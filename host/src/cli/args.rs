@@ -1,0 +1,156 @@
+//! The command line, as clap parses it. Help texts here are the `--help`
+//! users read: keep them in step with README.md and docs/.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sandboxer-host",
+    version,
+    about = "Create and destroy code-execution sandboxes through WebAssembly backend extensions, and bill them in credits.",
+    long_about = None,
+    after_help = "Exit codes: 0 success, 1 the operation failed, 2 usage error.\n\
+                  Logs go to stderr; set SANDBOXER_LOG (for example SANDBOXER_LOG=info) to see more."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Directory for the ledger, the state store and the compiled-extension cache
+    /// [default: $XDG_DATA_HOME/sandboxer or ~/.local/share/sandboxer]
+    #[arg(long, global = true, env = "SANDBOXER_HOME", value_name = "DIR")]
+    pub home: Option<PathBuf>,
+
+    /// Directory of extensions (*.wasm, each with an optional <name>.toml sidecar)
+    /// [default: <home>/extensions]
+    #[arg(
+        long,
+        global = true,
+        env = "SANDBOXER_EXTENSIONS_DIR",
+        value_name = "DIR"
+    )]
+    pub extensions_dir: Option<PathBuf>,
+
+    /// Directory of profiles (*.toml) [default: <home>/profiles]
+    #[arg(
+        long,
+        global = true,
+        env = "SANDBOXER_PROFILES_DIR",
+        value_name = "DIR"
+    )]
+    pub profiles_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Inspect and check backend extensions
+    #[command(subcommand)]
+    Ext(ExtCommand),
+
+    /// Show, add and trace credits
+    #[command(subcommand)]
+    Credits(CreditsCommand),
+
+    /// Check the ledger's invariants
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExtCommand {
+    /// List every .wasm in the extensions directory, loaded or rejected with its reason
+    List {
+        /// Print a JSON array instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Run the load checks on one file: exit 0 if it would load, 1 with the reason if not
+    Check {
+        /// The .wasm file (its sidecar <stem>.toml beside it is checked too)
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Show what an extension declares, its grants, limits and config
+    Info {
+        /// Instance name: the file stem of its .wasm
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Ask an extension what a sandbox of a given size would cost
+    Estimate {
+        /// Instance name: the file stem of its .wasm
+        name: String,
+        /// CPU in thousandths of a vCPU
+        #[arg(long, default_value_t = 1000)]
+        cpu_millis: u32,
+        /// Memory in MiB
+        #[arg(long, default_value_t = 1024)]
+        memory_mb: u32,
+        /// Lifetime in seconds
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u32,
+        /// Template name passed to the backend
+        #[arg(long, default_value = "base")]
+        template: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CreditsCommand {
+    /// Show a tenant's balance, held and available credits
+    Show {
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        /// Print {tenant, balance, held, available} as JSON, amounts as decimal strings
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Add credits to a tenant
+    Add {
+        /// Decimal credits, up to 6 places (for example 25 or 0.5)
+        #[arg(allow_negative_numbers = true)]
+        amount: String,
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        /// Idempotency key: adding again with the same key adds nothing
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Show a tenant's journal entries, newest first
+    History {
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        /// How many entries to show
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LedgerCommand {
+    /// Check every ledger invariant; exit 1 naming each violation
+    Verify {
+        #[arg(long)]
+        json: bool,
+    },
+}

@@ -1,0 +1,277 @@
+//! `ext list | check | info | estimate`.
+
+use super::AlreadyReported;
+use super::args::ExtCommand;
+use super::output::{print_json, print_table};
+use anyhow::{Context, Result, anyhow, bail};
+use sandboxer_credits::format_credits;
+use sandboxer_host::paths::HostPaths;
+use sandboxer_host::runtime::{Extension, ExtensionEntry, Runtime, SandboxSpec, kind_name};
+use sandboxer_host::state_db::StateDb;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+pub fn run(command: ExtCommand, paths: &HostPaths) -> Result<()> {
+    let runtime = open_runtime(paths)?;
+    match command {
+        ExtCommand::List { json } => list(&runtime, paths, json),
+        ExtCommand::Check { file, json } => {
+            if !file.is_file() {
+                bail!("{}: no such file", file.display());
+            }
+            let entry = runtime.load_file(&file);
+            if json {
+                print_json(&ListedExtension::from(&entry))?;
+            }
+            match &entry.status {
+                Ok(extension) => {
+                    if !json {
+                        println!(
+                            "ok: {} would load as `{}`: {} {} ({})",
+                            file.display(),
+                            entry.name,
+                            extension.info.id,
+                            extension.info.version,
+                            kind_name(extension.info.kind)
+                        );
+                    }
+                    Ok(())
+                }
+                Err(reason) => {
+                    if !json {
+                        eprintln!("error: {}: rejected: {reason}", file.display());
+                    }
+                    Err(AlreadyReported.into())
+                }
+            }
+        }
+        ExtCommand::Info { name, json } => {
+            let extension = find(&runtime, paths, &name)?;
+            let details = ExtensionDetails::from(extension.as_ref());
+            if json {
+                return print_json(&details);
+            }
+            print_details(&details);
+            Ok(())
+        }
+        ExtCommand::Estimate {
+            name,
+            cpu_millis,
+            memory_mb,
+            ttl_secs,
+            template,
+            json,
+        } => {
+            let extension = find(&runtime, paths, &name)?;
+            let spec = SandboxSpec {
+                sandbox_id: "estimate-only".into(),
+                profile: "cli".into(),
+                template,
+                cpu_millis,
+                memory_mb,
+                ttl_secs,
+                command: Vec::new(),
+                env: Vec::new(),
+            };
+            let estimate = extension.estimate_cost(&spec)?;
+            if json {
+                return print_json(&serde_json::json!({
+                    "extension": name,
+                    "estimate": format_credits(estimate.amount),
+                    "rate_per_hour": format_credits(estimate.rate_per_hour),
+                }));
+            }
+            println!(
+                "{name}: {} credits for {cpu_millis} cpu-millis, {memory_mb} MiB over {ttl_secs} s ({} credits per hour)",
+                format_credits(estimate.amount),
+                format_credits(estimate.rate_per_hour)
+            );
+            Ok(())
+        }
+    }
+}
+
+pub fn open_runtime(paths: &HostPaths) -> Result<Runtime> {
+    let state = Arc::new(StateDb::new(paths.state_file()));
+    Ok(Runtime::new(paths.cache_dir(), state)?)
+}
+
+fn find(runtime: &Runtime, paths: &HostPaths, name: &str) -> Result<Arc<Extension>> {
+    let set = runtime.load_dir(&paths.extensions_dir)?;
+    match set.entry(name) {
+        Some(ExtensionEntry {
+            status: Ok(extension),
+            ..
+        }) => Ok(extension.clone()),
+        Some(ExtensionEntry {
+            status: Err(reason),
+            file,
+            ..
+        }) => Err(anyhow!(
+            "extension `{name}` ({}) is rejected: {reason}",
+            file.display()
+        )),
+        None => {
+            let known: Vec<&str> = set
+                .entries
+                .iter()
+                .map(|entry| entry.name.as_str())
+                .collect();
+            let known = if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            };
+            Err(anyhow!(
+                "no extension named `{name}` in {} (found: {known})",
+                paths.extensions_dir.display()
+            ))
+        }
+    }
+}
+
+fn list(runtime: &Runtime, paths: &HostPaths, json: bool) -> Result<()> {
+    let set = runtime
+        .load_dir(&paths.extensions_dir)
+        .with_context(|| "cannot list extensions".to_string())?;
+    let listed: Vec<ListedExtension> = set.entries.iter().map(ListedExtension::from).collect();
+    if json {
+        return print_json(&listed);
+    }
+    if listed.is_empty() {
+        println!(
+            "no extensions (*.wasm) in {}",
+            paths.extensions_dir.display()
+        );
+        return Ok(());
+    }
+    let dash = || "-".to_string();
+    let rows: Vec<Vec<String>> = listed
+        .iter()
+        .map(|entry| {
+            vec![
+                entry.name.clone(),
+                entry.status.to_string(),
+                entry.kind.map_or_else(dash, str::to_string),
+                entry.version.clone().unwrap_or_else(dash),
+                entry.id.clone().unwrap_or_else(dash),
+                entry.reason.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print_table(
+        &["NAME", "STATUS", "KIND", "VERSION", "ID", "REASON"],
+        &rows,
+    );
+    Ok(())
+}
+
+/// One entry of `ext list --json`.
+#[derive(Serialize)]
+struct ListedExtension {
+    name: String,
+    id: Option<String>,
+    version: Option<String>,
+    kind: Option<&'static str>,
+    status: &'static str,
+    reason: Option<String>,
+    file: String,
+}
+
+impl From<&ExtensionEntry> for ListedExtension {
+    fn from(entry: &ExtensionEntry) -> Self {
+        let info = entry.extension().map(|extension| &extension.info);
+        Self {
+            name: entry.name.clone(),
+            id: info.map(|info| info.id.clone()),
+            version: info.map(|info| info.version.clone()),
+            kind: info.map(|info| kind_name(info.kind)),
+            status: if entry.status.is_ok() {
+                "loaded"
+            } else {
+                "rejected"
+            },
+            reason: entry.status.as_ref().err().cloned(),
+            file: entry.file.display().to_string(),
+        }
+    }
+}
+
+/// `ext info --json`.
+#[derive(Serialize)]
+struct ExtensionDetails {
+    name: String,
+    id: String,
+    version: String,
+    kind: &'static str,
+    description: String,
+    file: String,
+    sha256: String,
+    limits: sandboxer_host::runtime::Limits,
+    grants: sandboxer_host::runtime::Grants,
+    config: BTreeMap<String, String>,
+    imports: Vec<sandboxer_host::runtime::ImportedInterface>,
+}
+
+impl From<&Extension> for ExtensionDetails {
+    fn from(extension: &Extension) -> Self {
+        Self {
+            name: extension.name.clone(),
+            id: extension.info.id.clone(),
+            version: extension.info.version.clone(),
+            kind: kind_name(extension.info.kind),
+            description: extension.info.description.clone(),
+            file: extension.file.display().to_string(),
+            sha256: extension.content_sha256.clone(),
+            limits: extension.limits.clone(),
+            grants: extension.grants.clone(),
+            config: extension.config.clone(),
+            imports: extension.imports.clone(),
+        }
+    }
+}
+
+fn print_details(details: &ExtensionDetails) {
+    println!(
+        "{} ({} {}, {})",
+        details.name, details.id, details.version, details.kind
+    );
+    println!("  {}", details.description);
+    println!("file:    {}", details.file);
+    println!("sha256:  {}", details.sha256);
+    let fuel = details
+        .limits
+        .fuel
+        .map_or_else(|| "unlimited".to_string(), |fuel| fuel.to_string());
+    println!(
+        "limits:  {} ms per call, {} MiB memory, fuel {fuel}",
+        details.limits.timeout_ms, details.limits.memory_mb
+    );
+    let network: Vec<String> = details
+        .grants
+        .network
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    println!(
+        "grants:  network {}",
+        if network.is_empty() {
+            "none".to_string()
+        } else {
+            network.join(", ")
+        }
+    );
+    if details.config.is_empty() {
+        println!("config:  none");
+    } else {
+        println!("config:");
+        for (key, value) in &details.config {
+            println!("  {key} = {value:?}");
+        }
+    }
+    println!("imports:");
+    for import in &details.imports {
+        println!("  {} ({})", import.name, import.provided_as);
+    }
+}

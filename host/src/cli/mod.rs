@@ -1,0 +1,81 @@
+//! The command-line front end. It parses arguments, calls the library and
+//! prints; no business logic lives here.
+//!
+//! Exit codes: 0 success, 1 the operation failed, 2 usage error (clap's).
+//! Every error prints as one line with its whole cause chain.
+
+mod args;
+mod credits;
+mod ext;
+mod output;
+
+use anyhow::Result;
+use args::{Cli, Command};
+use clap::Parser;
+use sandboxer_host::paths::{HostPaths, default_home};
+use std::process::ExitCode;
+
+/// An operation that ran but failed, after printing its own report (as
+/// `ext check` and `ledger verify` do): exit 1 without another message.
+#[derive(Debug, thiserror::Error)]
+#[error("reported")]
+pub struct AlreadyReported;
+
+pub fn main() -> ExitCode {
+    install_panic_hook();
+    let cli = Cli::parse();
+    init_logging();
+    let paths = HostPaths::new(
+        cli.global.home.clone().unwrap_or_else(default_home),
+        cli.global.extensions_dir.clone(),
+        cli.global.profiles_dir.clone(),
+    );
+    match run(cli.command, &paths) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.is::<AlreadyReported>() => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("error: {}", output::one_line_chain(&error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command, paths: &HostPaths) -> Result<()> {
+    match command {
+        Command::Ext(command) => ext::run(command, paths),
+        Command::Credits(command) => credits::run_credits(command, paths),
+        Command::Ledger(command) => credits::run_ledger(command, paths),
+    }
+}
+
+/// Logs to stderr, filtered by SANDBOXER_LOG (default: warnings and errors).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SANDBOXER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .without_time()
+        .init();
+}
+
+/// A bug must still end in one readable line, not a backtrace.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|text| text.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        let location = info
+            .location()
+            .map(|location| format!(" at {location}"))
+            .unwrap_or_default();
+        eprintln!(
+            "error: internal error{location}: {message} (this is a bug in sandboxer-host; please report it)"
+        );
+    }));
+}

@@ -1,0 +1,12 @@
+//! sandboxer-host: creates and destroys code-execution sandboxes through
+//! WebAssembly backend extensions, and bills them against a credits ledger.
+//!
+//! Modules and their boundaries (see docs/architecture.md):
+//! - [`runtime`] loads and calls extensions; knows nothing of money or routing;
+//! - [`ledger`] holds, settles and records credits; never calls an extension;
+//! - [`paths`] and [`state_db`] say where the host's files live.
+
+pub mod ledger;
+pub mod paths;
+pub mod runtime;
+pub mod state_db;

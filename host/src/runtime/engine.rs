@@ -1,0 +1,82 @@
+//! The one wasmtime `Engine` of a host process and its epoch ticker.
+//!
+//! Wall-clock deadlines use epoch interruption: a background thread bumps the
+//! engine's epoch every [`EPOCH_TICK`], and each call's store traps once its
+//! deadline (in ticks) has passed. Fuel metering is compiled in so an operator
+//! can give any extension a fuel budget; extensions without one get an
+//! unlimited tank. Component-model async is left out: nothing here uses it
+//! and it costs every call.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use wasmtime::{Config, Engine, WasmBacktraceDetails};
+
+/// How often the epoch advances: the resolution of every wall-clock limit.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+pub fn new_engine() -> wasmtime::Result<Engine> {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    config.concurrency_support(false);
+    config.epoch_interruption(true);
+    config.consume_fuel(true);
+    config.wasm_backtrace_details(WasmBacktraceDetails::Disable);
+    Engine::new(&config)
+}
+
+/// Epoch ticks that cover `timeout`, plus one so a call never gets less than
+/// its full limit.
+pub fn deadline_ticks(timeout: Duration) -> u64 {
+    let tick = EPOCH_TICK.as_nanos();
+    (timeout.as_nanos().div_ceil(tick) as u64).saturating_add(1)
+}
+
+/// Advances the engine's epoch until dropped.
+pub struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    pub fn start(engine: &Engine) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let engine = engine.clone();
+        let thread_stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("epoch-ticker".into())
+            .spawn(move || {
+                while !thread_stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawn the epoch ticker thread");
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_round_up_to_whole_ticks_plus_one() {
+        assert_eq!(deadline_ticks(Duration::from_millis(10)), 2);
+        assert_eq!(deadline_ticks(Duration::from_millis(11)), 3);
+        assert_eq!(deadline_ticks(Duration::from_millis(1000)), 101);
+    }
+}

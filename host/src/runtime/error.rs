@@ -1,0 +1,167 @@
+//! How a call into an extension can fail, as the rest of the host sees it.
+//!
+//! A guest-visible failure is the extension's own `ext-error` answer
+//! ([`CallError::Backend`]). Everything else is the host stopping or losing
+//! the call: a trap, a limit, an answer too large to accept, or a host-side
+//! fault. Each names the extension instance, the function and, for limits,
+//! the limit.
+
+use super::bindings::sandboxer::extension::types::ExtError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The extension answered with an error of its own.
+    #[error("extension `{extension}` {function}: {}", describe_ext_error(error))]
+    Backend {
+        extension: String,
+        function: &'static str,
+        error: ExtError,
+    },
+
+    #[error("extension `{extension}` {function}: stopped at its wall-clock limit of {limit_ms} ms")]
+    Timeout {
+        extension: String,
+        function: &'static str,
+        limit_ms: u64,
+    },
+
+    #[error("extension `{extension}` {function}: stopped after burning its fuel limit of {fuel}")]
+    OutOfFuel {
+        extension: String,
+        function: &'static str,
+        fuel: u64,
+    },
+
+    #[error("extension `{extension}` {function}: stopped at its memory limit of {limit_mb} MiB")]
+    MemoryLimit {
+        extension: String,
+        function: &'static str,
+        limit_mb: u64,
+    },
+
+    #[error("extension `{extension}` {function}: trapped: {message}")]
+    Trap {
+        extension: String,
+        function: &'static str,
+        message: String,
+    },
+
+    #[error(
+        "extension `{extension}` {function}: returned a {field} of {size} bytes; the limit is {limit}"
+    )]
+    OutputTooLarge {
+        extension: String,
+        function: &'static str,
+        field: &'static str,
+        size: usize,
+        limit: usize,
+    },
+
+    #[error("extension `{extension}` {function}: host error: {message}")]
+    Host {
+        extension: String,
+        function: &'static str,
+        message: String,
+    },
+}
+
+impl CallError {
+    /// Whether another backend may be tried after this failure: capacity,
+    /// unavailability, traps and limit kills are the backend's problem, a bad
+    /// spec is the request's.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Backend { error, .. } => {
+                matches!(error, ExtError::Capacity(_) | ExtError::Unavailable(_))
+            }
+            Self::Timeout { .. }
+            | Self::OutOfFuel { .. }
+            | Self::MemoryLimit { .. }
+            | Self::Trap { .. } => true,
+            Self::OutputTooLarge { .. } | Self::Host { .. } => false,
+        }
+    }
+
+    /// The extension's own error, when it answered with one.
+    pub fn ext_error(&self) -> Option<&ExtError> {
+        match self {
+            Self::Backend { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
+
+/// `unavailable: install bubblewrap`, with the message cut to one short line.
+pub fn describe_ext_error(error: &ExtError) -> String {
+    let (case, message) = match error {
+        ExtError::InvalidSpec(message) => ("invalid-spec", message),
+        ExtError::Capacity(message) => ("capacity", message),
+        ExtError::Unavailable(message) => ("unavailable", message),
+        ExtError::NotFound(message) => ("not-found", message),
+        ExtError::Internal(message) => ("internal", message),
+    };
+    format!("{case}: {}", one_line(message, 500))
+}
+
+/// Collapses whitespace runs (newlines included) and cuts at `max_chars`.
+pub fn one_line(text: &str, max_chars: usize) -> String {
+    let collapsed = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if collapsed.chars().count() <= max_chars {
+        return collapsed;
+    }
+    let cut: String = collapsed.chars().take(max_chars).collect();
+    format!("{cut}…")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_policy_follows_the_error_case() {
+        let backend = |error| CallError::Backend {
+            extension: "x".into(),
+            function: "create",
+            error,
+        };
+        assert!(backend(ExtError::Capacity("full".into())).is_retryable());
+        assert!(backend(ExtError::Unavailable("down".into())).is_retryable());
+        assert!(!backend(ExtError::InvalidSpec("bad".into())).is_retryable());
+        assert!(
+            CallError::Timeout {
+                extension: "x".into(),
+                function: "create",
+                limit_ms: 1
+            }
+            .is_retryable()
+        );
+    }
+
+    #[test]
+    fn messages_name_extension_function_and_limit() {
+        let error = CallError::Timeout {
+            extension: "loop".into(),
+            function: "estimate-cost",
+            limit_ms: 250,
+        };
+        assert_eq!(
+            error.to_string(),
+            "extension `loop` estimate-cost: stopped at its wall-clock limit of 250 ms"
+        );
+        let error = CallError::Backend {
+            extension: "s".into(),
+            function: "create",
+            error: ExtError::Unavailable("line one\nline two".into()),
+        };
+        assert_eq!(
+            error.to_string(),
+            "extension `s` create: unavailable: line one line two"
+        );
+    }
+
+    #[test]
+    fn one_line_cuts_long_text() {
+        assert_eq!(one_line("a\n b\t c", 10), "a b c");
+        assert_eq!(one_line(&"x".repeat(20), 5), "xxxxx…");
+    }
+}

@@ -1,0 +1,269 @@
+//! A loaded extension instance and the one way to call it.
+//!
+//! Every call gets a fresh `Store` and a fresh instance from the
+//! pre-instantiated component, an empty WASI context (plus the network
+//! addresses the operator granted), a wall-clock deadline, a fuel tank and a
+//! memory cap. Whatever happens inside, the host gets back a value or a
+//! typed [`CallError`]; a trap kills only that call's instance.
+
+use super::bindings::SandboxExtensionPre;
+use super::bindings::sandboxer::extension::types::{
+    CostEstimate, ExtError, ExtensionInfo, MicroCredits, SandboxHandle, SandboxSpec, Usage,
+};
+use super::cache::CacheOutcome;
+use super::call_state::{CallState, HostFault};
+use super::capabilities::ImportedInterface;
+use super::engine::deadline_ticks;
+use super::error::{CallError, one_line};
+use super::kv::KvSession;
+use super::network::NetworkPolicy;
+use super::sidecar::{Grants, Limits};
+use crate::state_db::StateDb;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use wasmtime::component::Component;
+use wasmtime::{Engine, Store, Trap};
+
+/// Longest `backend-ref` an extension may return: the host stores it.
+pub const MAX_BACKEND_REF_BYTES: usize = 1024;
+/// Longest `endpoint` an extension may return.
+pub const MAX_ENDPOINT_BYTES: usize = 2048;
+/// Error messages from extensions are cut to this many characters.
+pub const MAX_ERROR_MESSAGE_CHARS: usize = 2000;
+
+/// Everything needed to call an instance; built before `info` is known.
+pub(crate) struct Invoker {
+    pub name: Arc<str>,
+    pub engine: Engine,
+    pub component: Component,
+    pub pre: SandboxExtensionPre<CallState>,
+    pub state: Arc<StateDb>,
+    pub config: Arc<BTreeMap<String, String>>,
+    pub limits: Limits,
+    pub network: Arc<NetworkPolicy>,
+    /// Keeps deadlines ticking for as long as any extension can be called.
+    pub _ticker: Arc<super::engine::EpochTicker>,
+}
+
+impl Invoker {
+    /// Runs `body` against a fresh instance under the instance's limits,
+    /// with `timeout` as the wall-clock deadline. Key-value writes are
+    /// committed only when `body` returns normally.
+    pub fn call<R>(
+        &self,
+        function: &'static str,
+        timeout: Duration,
+        body: impl FnOnce(
+            &super::bindings::SandboxExtension,
+            &mut Store<CallState>,
+        ) -> wasmtime::Result<R>,
+    ) -> Result<R, CallError> {
+        let kv = KvSession::new(self.state.clone(), self.name.to_string());
+        let wasi = self.network.wasi_context();
+        let data = CallState::new(
+            self.name.clone(),
+            self.config.clone(),
+            wasi,
+            kv,
+            self.limits.memory_bytes(),
+        );
+        let mut store = Store::new(&self.engine, data);
+        store.limiter(|state| state);
+        store.set_epoch_deadline(deadline_ticks(timeout));
+        store.epoch_deadline_trap();
+        store
+            .set_fuel(self.limits.fuel.unwrap_or(u64::MAX))
+            .expect("fuel is enabled on the engine");
+
+        let outcome = self
+            .pre
+            .instantiate(&mut store)
+            .and_then(|instance| body(&instance, &mut store));
+        match outcome {
+            Ok(value) => {
+                if let Some(kv) = store.data_mut().take_kv() {
+                    kv.commit().map_err(|error| CallError::Host {
+                        extension: self.name.to_string(),
+                        function,
+                        message: error.to_string(),
+                    })?;
+                }
+                Ok(value)
+            }
+            Err(error) => Err(self.classify(function, timeout, &error, store.data())),
+        }
+    }
+
+    fn classify(
+        &self,
+        function: &'static str,
+        timeout: Duration,
+        error: &wasmtime::Error,
+        state: &CallState,
+    ) -> CallError {
+        let extension = self.name.to_string();
+        if let Some(fault) = error.downcast_ref::<HostFault>() {
+            return CallError::Host {
+                extension,
+                function,
+                message: fault.0.clone(),
+            };
+        }
+        match error.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => CallError::Timeout {
+                extension,
+                function,
+                limit_ms: timeout.as_millis() as u64,
+            },
+            Some(Trap::OutOfFuel) => CallError::OutOfFuel {
+                extension,
+                function,
+                fuel: self.limits.fuel.unwrap_or(u64::MAX),
+            },
+            _ if state.memory_limit_hit => CallError::MemoryLimit {
+                extension,
+                function,
+                limit_mb: self.limits.memory_mb,
+            },
+            Some(trap) => CallError::Trap {
+                extension,
+                function,
+                message: trap.to_string(),
+            },
+            None => CallError::Trap {
+                extension,
+                function,
+                message: one_line(&format!("{error:#}"), 500),
+            },
+        }
+    }
+
+    fn backend_error(&self, function: &'static str, error: ExtError) -> CallError {
+        let cut = |message: String| one_line(&message, MAX_ERROR_MESSAGE_CHARS);
+        let error = match error {
+            ExtError::InvalidSpec(message) => ExtError::InvalidSpec(cut(message)),
+            ExtError::Capacity(message) => ExtError::Capacity(cut(message)),
+            ExtError::Unavailable(message) => ExtError::Unavailable(cut(message)),
+            ExtError::NotFound(message) => ExtError::NotFound(cut(message)),
+            ExtError::Internal(message) => ExtError::Internal(cut(message)),
+        };
+        CallError::Backend {
+            extension: self.name.to_string(),
+            function,
+            error,
+        }
+    }
+
+    /// Calls `info`; used once, while loading.
+    pub fn info(&self, timeout: Duration) -> Result<ExtensionInfo, CallError> {
+        self.call("info", timeout, |instance, store| {
+            instance.sandboxer_extension_backend().call_info(store)
+        })
+    }
+}
+
+/// An extension instance that passed every load check.
+pub struct Extension {
+    /// The instance name: the file stem.
+    pub name: String,
+    pub file: PathBuf,
+    pub info: ExtensionInfo,
+    pub limits: Limits,
+    pub grants: Grants,
+    pub config: BTreeMap<String, String>,
+    pub imports: Vec<ImportedInterface>,
+    pub content_sha256: String,
+    pub cache: CacheOutcome,
+    pub(crate) invoker: Invoker,
+}
+
+impl std::fmt::Debug for Extension {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Extension")
+            .field("name", &self.name)
+            .field("file", &self.file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Extension {
+    fn timeout(&self) -> Duration {
+        self.limits.timeout()
+    }
+
+    /// The component this instance runs (for benchmarks and diagnostics).
+    pub fn component(&self) -> &Component {
+        &self.invoker.component
+    }
+
+    pub fn estimate_cost(&self, spec: &SandboxSpec) -> Result<CostEstimate, CallError> {
+        const FUNCTION: &str = "estimate-cost";
+        self.invoker
+            .call(FUNCTION, self.timeout(), |instance, store| {
+                instance
+                    .sandboxer_extension_backend()
+                    .call_estimate_cost(store, spec)
+            })?
+            .map_err(|error| self.invoker.backend_error(FUNCTION, error))
+    }
+
+    pub fn create(&self, spec: &SandboxSpec) -> Result<SandboxHandle, CallError> {
+        const FUNCTION: &str = "create";
+        let handle = self
+            .invoker
+            .call(FUNCTION, self.timeout(), |instance, store| {
+                instance
+                    .sandboxer_extension_backend()
+                    .call_create(store, spec)
+            })?
+            .map_err(|error| self.invoker.backend_error(FUNCTION, error))?;
+        let too_large = |field, size, limit| CallError::OutputTooLarge {
+            extension: self.name.clone(),
+            function: FUNCTION,
+            field,
+            size,
+            limit,
+        };
+        if handle.backend_ref.len() > MAX_BACKEND_REF_BYTES {
+            return Err(too_large(
+                "backend-ref",
+                handle.backend_ref.len(),
+                MAX_BACKEND_REF_BYTES,
+            ));
+        }
+        if let Some(endpoint) = &handle.endpoint
+            && endpoint.len() > MAX_ENDPOINT_BYTES
+        {
+            return Err(too_large("endpoint", endpoint.len(), MAX_ENDPOINT_BYTES));
+        }
+        Ok(handle)
+    }
+
+    pub fn destroy(&self, spec: &SandboxSpec, handle: &SandboxHandle) -> Result<Usage, CallError> {
+        const FUNCTION: &str = "destroy";
+        self.invoker
+            .call(FUNCTION, self.timeout(), |instance, store| {
+                instance
+                    .sandboxer_extension_backend()
+                    .call_destroy(store, spec, handle)
+            })?
+            .map_err(|error| self.invoker.backend_error(FUNCTION, error))
+    }
+
+    pub fn meter_actual(
+        &self,
+        spec: &SandboxSpec,
+        usage: Usage,
+    ) -> Result<MicroCredits, CallError> {
+        const FUNCTION: &str = "meter-actual";
+        self.invoker
+            .call(FUNCTION, self.timeout(), |instance, store| {
+                instance
+                    .sandboxer_extension_backend()
+                    .call_meter_actual(store, spec, usage)
+            })?
+            .map_err(|error| self.invoker.backend_error(FUNCTION, error))
+    }
+}

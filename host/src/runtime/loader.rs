@@ -1,0 +1,221 @@
+//! Loading one `.wasm` file: every check an extension must pass, in order,
+//! each failure a one-line reason.
+//!
+//! size cap → WebAssembly header (component, not core module) → sidecar →
+//! compile or verified cache → imports against grants → exports the
+//! `backend` interface → pre-instantiate → `info()` under a short deadline →
+//! plausible info.
+
+use super::Runtime;
+use super::bindings::SandboxExtensionPre;
+use super::bindings::sandboxer::extension::types::ExtensionInfo;
+use super::cache::content_sha256;
+use super::capabilities::check_imports;
+use super::error::one_line;
+use super::extension::{Extension, Invoker};
+use super::network::NetworkPolicy;
+use super::sidecar::{INFO_TIMEOUT_MS, Sidecar};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Largest `.wasm` file the host will read.
+pub const MAX_COMPONENT_BYTES: u64 = 256 * 1024 * 1024;
+
+const WASM_MAGIC: &[u8] = b"\0asm";
+const CORE_MODULE_VERSION: [u8; 4] = [0x01, 0x00, 0x00, 0x00];
+const COMPONENT_LAYER: [u8; 2] = [0x01, 0x00];
+const BACKEND_EXPORT_PREFIX: &str = "sandboxer:extension/backend@0.1.";
+
+/// The sidecar of `path`: `<stem>.toml` beside it.
+pub fn sidecar_path(path: &Path) -> PathBuf {
+    path.with_extension("toml")
+}
+
+/// The instance name of `path`: its file stem.
+pub fn instance_name(path: &Path) -> String {
+    path.file_stem()
+        .map(|stem| stem.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+pub(super) fn load(runtime: &Runtime, path: &Path) -> Result<Extension, String> {
+    let name = instance_name(path);
+    let size = std::fs::metadata(path)
+        .map_err(|error| format!("cannot read: {error}"))?
+        .len();
+    if size == 0 {
+        return Err("empty file: not a WebAssembly component".into());
+    }
+    if size > MAX_COMPONENT_BYTES {
+        return Err(format!(
+            "{size} bytes is over the {MAX_COMPONENT_BYTES}-byte limit for a component"
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|error| format!("cannot read: {error}"))?;
+    check_header(&bytes)?;
+
+    let sidecar =
+        Sidecar::load(&sidecar_path(path)).map_err(|error| format!("bad sidecar {error}"))?;
+
+    let sha256 = content_sha256(&bytes);
+    let (component, cache) = runtime
+        .cache
+        .load_or_compile(&runtime.engine, &bytes, &sha256)
+        .map_err(|error| {
+            format!(
+                "invalid component: {}",
+                one_line(&format!("{error:#}"), 300)
+            )
+        })?;
+
+    let component_type = component.component_type();
+    let import_names: Vec<&str> = component_type
+        .imports(&runtime.engine)
+        .map(|(name, _)| name)
+        .collect();
+    let imports = check_imports(import_names, &sidecar.grants)?;
+
+    let export_names: Vec<&str> = component_type
+        .exports(&runtime.engine)
+        .map(|(name, _)| name)
+        .collect();
+    if !export_names
+        .iter()
+        .any(|name| name.starts_with(BACKEND_EXPORT_PREFIX))
+    {
+        let exported = if export_names.is_empty() {
+            "nothing".to_string()
+        } else {
+            export_names.join(", ")
+        };
+        return Err(format!(
+            "not a sandbox-extension component: it exports {exported}, not sandboxer:extension/backend@0.1.0"
+        ));
+    }
+
+    let instance_pre = runtime
+        .linker
+        .instantiate_pre(&component)
+        .map_err(|error| format!("cannot link: {}", one_line(&format!("{error:#}"), 300)))?;
+    let pre = SandboxExtensionPre::new(instance_pre).map_err(|error| {
+        format!(
+            "not a sandbox-extension component: {}",
+            one_line(&format!("{error:#}"), 300)
+        )
+    })?;
+
+    let invoker = Invoker {
+        name: Arc::from(name.as_str()),
+        engine: runtime.engine.clone(),
+        component,
+        pre,
+        state: runtime.state.clone(),
+        config: Arc::new(sidecar.config.clone()),
+        limits: sidecar.limits.clone(),
+        network: Arc::new(NetworkPolicy::from_grants(&sidecar.grants.network)),
+        _ticker: runtime.ticker.clone(),
+    };
+    let info_timeout = Duration::from_millis(INFO_TIMEOUT_MS.min(sidecar.limits.timeout_ms));
+    let info = invoker
+        .info(info_timeout)
+        .map_err(|error| format!("info() failed: {error}"))?;
+    check_info(&info)?;
+
+    Ok(Extension {
+        name,
+        file: path.to_path_buf(),
+        info,
+        limits: sidecar.limits,
+        grants: sidecar.grants,
+        config: sidecar.config,
+        imports,
+        content_sha256: sha256,
+        cache,
+        invoker,
+    })
+}
+
+fn check_header(bytes: &[u8]) -> Result<(), String> {
+    if bytes.len() < 8 || &bytes[..4] != WASM_MAGIC {
+        let shown: Vec<String> = bytes
+            .iter()
+            .take(4)
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        return Err(format!(
+            "not WebAssembly: it starts with bytes [{}], not the \\0asm magic",
+            shown.join(" ")
+        ));
+    }
+    if bytes[4..8] == CORE_MODULE_VERSION {
+        return Err("a core WebAssembly module, not a component: build it for wasm32-wasip2, or wrap it with `wasm-tools component new`".into());
+    }
+    if bytes[6..8] != COMPONENT_LAYER {
+        return Err(format!(
+            "unknown WebAssembly encoding (version bytes {:02x?})",
+            &bytes[4..8]
+        ));
+    }
+    Ok(())
+}
+
+fn check_info(info: &ExtensionInfo) -> Result<(), String> {
+    let id_ok = (1..=64).contains(&info.id.len())
+        && info.id.bytes().all(|byte| {
+            byte.is_ascii_lowercase() || byte.is_ascii_digit() || b"-_.".contains(&byte)
+        });
+    if !id_ok {
+        return Err(format!(
+            "info() returned an invalid id {:?}: use 1 to 64 characters of a-z, 0-9, '-', '_' or '.'",
+            one_line(&info.id, 80)
+        ));
+    }
+    if !(1..=64).contains(&info.version.len()) {
+        return Err(format!(
+            "info() returned a version of {} bytes; expected 1 to 64",
+            info.version.len()
+        ));
+    }
+    if info.description.len() > 1000 {
+        return Err(format!(
+            "info() returned a description of {} bytes; the limit is 1000",
+            info.description.len()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_tell_components_from_modules_and_junk() {
+        assert!(check_header(b"\0asm\x0d\x00\x01\x00rest").is_ok());
+        assert!(
+            check_header(b"\0asm\x01\x00\x00\x00")
+                .unwrap_err()
+                .contains("core WebAssembly module")
+        );
+        assert!(
+            check_header(b"MZ\x90\x00\x03\x00\x00\x00")
+                .unwrap_err()
+                .contains("[4d 5a 90 00]")
+        );
+        assert!(
+            check_header(b"\0as")
+                .unwrap_err()
+                .contains("not WebAssembly")
+        );
+    }
+
+    #[test]
+    fn instance_name_is_the_file_stem() {
+        assert_eq!(instance_name(Path::new("/x/cheap.wasm")), "cheap");
+        assert_eq!(
+            sidecar_path(Path::new("/x/cheap.wasm")),
+            Path::new("/x/cheap.toml")
+        );
+    }
+}

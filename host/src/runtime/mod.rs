@@ -1,0 +1,193 @@
+//! The extension runtime: loads `.wasm` backend components and calls them
+//! under limits.
+//!
+//! It owns the wasmtime engine, the linker (an empty WASI plus the `host`
+//! interface), the precompiled cache and each instance's key-value store.
+//! It knows nothing of money, routing or sandbox lifecycles: callers get
+//! typed answers or a [`CallError`] and decide what they mean.
+
+mod cache;
+mod call_state;
+mod capabilities;
+mod engine;
+mod error;
+mod extension;
+mod kv;
+mod loader;
+mod network;
+pub mod sidecar;
+
+pub mod bindings {
+    //! Host-side bindings generated from `wit/`.
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "sandbox-extension",
+        imports: { default: trappable },
+        additional_derives: [serde::Serialize, serde::Deserialize, PartialEq, Eq],
+    });
+}
+
+pub use bindings::sandboxer::extension::types::{
+    BackendKind, CostEstimate, ExtError, ExtensionInfo, MicroCredits, SandboxHandle, SandboxSpec,
+    Usage,
+};
+pub use cache::CacheOutcome;
+pub use capabilities::ImportedInterface;
+pub use engine::EPOCH_TICK;
+pub use error::{CallError, describe_ext_error};
+pub use extension::Extension;
+pub use loader::{MAX_COMPONENT_BYTES, instance_name, sidecar_path};
+pub use sidecar::{Grants, Limits, NetworkGrant, Sidecar};
+
+use crate::state_db::StateDb;
+use call_state::CallState;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use wasmtime::Engine;
+use wasmtime::component::{HasSelf, Linker};
+
+/// `"self-hosted"` or `"saas"`, as the CLI and JSON show a kind.
+pub fn kind_name(kind: BackendKind) -> &'static str {
+    match kind {
+        BackendKind::SelfHosted => "self-hosted",
+        BackendKind::Saas => "saas",
+    }
+}
+
+/// One `.wasm` file of an extensions directory and what became of it.
+#[derive(Debug)]
+pub struct ExtensionEntry {
+    /// The instance name (file stem).
+    pub name: String,
+    pub file: PathBuf,
+    pub status: Result<Arc<Extension>, String>,
+}
+
+impl ExtensionEntry {
+    pub fn extension(&self) -> Option<&Arc<Extension>> {
+        self.status.as_ref().ok()
+    }
+}
+
+/// Every extension file of a directory, in name order, loaded or rejected.
+#[derive(Debug, Default)]
+pub struct ExtensionSet {
+    pub entries: Vec<ExtensionEntry>,
+}
+
+impl ExtensionSet {
+    /// The loaded instance called `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<Extension>> {
+        self.entry(name).and_then(ExtensionEntry::extension)
+    }
+
+    pub fn entry(&self, name: &str) -> Option<&ExtensionEntry> {
+        self.entries.iter().find(|entry| entry.name == name)
+    }
+
+    pub fn loaded(&self) -> impl Iterator<Item = &Arc<Extension>> {
+        self.entries.iter().filter_map(ExtensionEntry::extension)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("cannot set up the WebAssembly engine: {0}")]
+    Engine(String),
+    #[error(
+        "no extensions directory at {path}: create it and put .wasm extensions in it, or pass --extensions-dir"
+    )]
+    NoExtensionsDir { path: PathBuf },
+    #[error("cannot read the extensions directory {path}: {source}")]
+    ReadDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<CallState>,
+    cache: cache::ArtifactCache,
+    state: Arc<StateDb>,
+    ticker: Arc<engine::EpochTicker>,
+}
+
+impl Runtime {
+    /// A runtime caching compiled components in `cache_dir` and keeping
+    /// extension state in `state`.
+    pub fn new(cache_dir: PathBuf, state: Arc<StateDb>) -> Result<Self, RuntimeError> {
+        let engine_error = |error: wasmtime::Error| RuntimeError::Engine(format!("{error:#}"));
+        let engine = engine::new_engine().map_err(engine_error)?;
+        let mut linker = Linker::<CallState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_error)?;
+        bindings::SandboxExtension::add_to_linker::<CallState, HasSelf<CallState>>(
+            &mut linker,
+            |state| state,
+        )
+        .map_err(engine_error)?;
+        let cache = cache::ArtifactCache::new(cache_dir, &engine);
+        let ticker = Arc::new(engine::EpochTicker::start(&engine));
+        Ok(Self {
+            engine,
+            linker,
+            cache,
+            state,
+            ticker,
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Where the precompiled artifact of a component with this hash lives.
+    pub fn cache_entry_path(&self, content_sha256: &str) -> PathBuf {
+        self.cache.entry_path(content_sha256)
+    }
+
+    /// Runs every load check on one file. The instance name is its stem.
+    pub fn load_file(&self, path: &Path) -> ExtensionEntry {
+        let status = loader::load(self, path).map(Arc::new);
+        if let Err(reason) = &status {
+            tracing::debug!(file = %path.display(), "extension rejected: {reason}");
+        }
+        ExtensionEntry {
+            name: instance_name(path),
+            file: path.to_path_buf(),
+            status,
+        }
+    }
+
+    /// Loads every `*.wasm` in `dir`. One bad file is one rejected entry;
+    /// it never stops the others from loading.
+    pub fn load_dir(&self, dir: &Path) -> Result<ExtensionSet, RuntimeError> {
+        let read_dir = std::fs::read_dir(dir).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => RuntimeError::NoExtensionsDir {
+                path: dir.to_path_buf(),
+            },
+            _ => RuntimeError::ReadDir {
+                path: dir.to_path_buf(),
+                source,
+            },
+        })?;
+        let mut files = BTreeMap::new();
+        for entry in read_dir {
+            let entry = entry.map_err(|source| RuntimeError::ReadDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+            let path = entry.path();
+            if path
+                .extension()
+                .is_some_and(|extension| extension == "wasm")
+                && !path.is_dir()
+            {
+                files.insert(instance_name(&path), path);
+            }
+        }
+        let entries = files.values().map(|path| self.load_file(path)).collect();
+        Ok(ExtensionSet { entries })
+    }
+}

@@ -1,0 +1,331 @@
+//! The sidecar file `<instance>.toml` next to an extension's `.wasm`: the
+//! operator's limits, grants and config for that instance.
+//!
+//! Every key is optional; a key the host does not know is an error that
+//! names the key, the line and the file, so a typo never silently leaves a
+//! limit at its default.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+/// Default wall-clock deadline of one call.
+pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+/// Default cap on an instance's linear memory.
+pub const DEFAULT_MEMORY_MB: u64 = 64;
+/// Deadline of the `info` call made while loading.
+pub const INFO_TIMEOUT_MS: u64 = 1_000;
+
+/// The limits each call of an instance runs under.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Limits {
+    /// Wall-clock deadline of one call, in milliseconds.
+    pub timeout_ms: u64,
+    /// Cap on the total linear memory of one instance, in MiB.
+    pub memory_mb: u64,
+    /// Fuel (roughly, WebAssembly instructions) one call may burn; none means
+    /// only the wall-clock deadline bounds a call.
+    pub fuel: Option<u64>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            timeout_ms: DEFAULT_TIMEOUT_MS,
+            memory_mb: DEFAULT_MEMORY_MB,
+            fuel: None,
+        }
+    }
+}
+
+impl Limits {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    pub fn memory_bytes(&self) -> usize {
+        usize::try_from(self.memory_mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX)
+    }
+}
+
+/// One `host:port` the `network` grant allows; port `*` allows any port.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NetworkGrant {
+    pub host: String,
+    pub port: Option<u16>,
+}
+
+impl fmt::Display for NetworkGrant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            Some(port) => write!(f, "{}:{port}", self.host),
+            None => write!(f, "{}:*", self.host),
+        }
+    }
+}
+
+/// Capabilities the operator grants this instance. Everything absent is
+/// denied.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Grants {
+    /// Outbound TCP connections (`wasi:sockets`) to these addresses only.
+    pub network: Vec<NetworkGrant>,
+}
+
+/// A parsed sidecar, with defaults filled in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sidecar {
+    pub limits: Limits,
+    pub grants: Grants,
+    /// `[config]` values as text, read by the extension through `config-get`.
+    pub config: BTreeMap<String, String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct SidecarError {
+    pub file: String,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SidecarFile {
+    #[serde(default)]
+    limits: LimitsFile,
+    #[serde(default)]
+    grants: GrantsFile,
+    #[serde(default)]
+    config: toml::Table,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    timeout_ms: Option<u64>,
+    memory_mb: Option<u64>,
+    fuel: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct GrantsFile {
+    #[serde(default)]
+    network: Vec<String>,
+}
+
+impl Sidecar {
+    /// Reads `path`; a missing file is the default sidecar.
+    pub fn load(path: &Path) -> Result<Self, SidecarError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, path),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(error) => Err(SidecarError {
+                file: path.display().to_string(),
+                message: format!("cannot read: {error}"),
+            }),
+        }
+    }
+
+    /// Parses sidecar text; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, SidecarError> {
+        let error = |message: String| SidecarError {
+            file: path.display().to_string(),
+            message,
+        };
+        let file: SidecarFile = toml::from_str(text)
+            .map_err(|toml_error| error(describe_toml_error(text, &toml_error)))?;
+
+        let mut limits = Limits::default();
+        if let Some(timeout_ms) = file.limits.timeout_ms {
+            if !(1..=3_600_000).contains(&timeout_ms) {
+                return Err(error(format!(
+                    "limits.timeout_ms must be between 1 and 3600000, got {timeout_ms}"
+                )));
+            }
+            limits.timeout_ms = timeout_ms;
+        }
+        if let Some(memory_mb) = file.limits.memory_mb {
+            if !(1..=4096).contains(&memory_mb) {
+                return Err(error(format!(
+                    "limits.memory_mb must be between 1 and 4096, got {memory_mb}"
+                )));
+            }
+            limits.memory_mb = memory_mb;
+        }
+        if let Some(fuel) = file.limits.fuel {
+            if fuel == 0 {
+                return Err(error(
+                    "limits.fuel must be above zero; leave it out for no fuel limit".into(),
+                ));
+            }
+            limits.fuel = Some(fuel);
+        }
+
+        let network = file
+            .grants
+            .network
+            .iter()
+            .map(|entry| {
+                parse_network_grant(entry)
+                    .map_err(|message| error(format!("grants.network: {message}")))
+            })
+            .collect::<Result<_, _>>()?;
+
+        let mut config = BTreeMap::new();
+        for (key, value) in file.config {
+            let text = match value {
+                toml::Value::String(text) => text,
+                toml::Value::Integer(number) => number.to_string(),
+                // Shortest text that reads back as the same float: "0.01"
+                // stays "0.01". Quoting amounts avoids floats altogether.
+                toml::Value::Float(number) => number.to_string(),
+                toml::Value::Boolean(flag) => flag.to_string(),
+                toml::Value::Datetime(datetime) => datetime.to_string(),
+                toml::Value::Array(_) | toml::Value::Table(_) => {
+                    return Err(error(format!(
+                        "config.{key} must be a string, number or boolean, not {}",
+                        value.type_str()
+                    )));
+                }
+            };
+            config.insert(key, text);
+        }
+
+        Ok(Self {
+            limits,
+            grants: Grants { network },
+            config,
+        })
+    }
+}
+
+/// One line from a TOML error: the line number and the parser's message.
+pub fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim().replace('\n', " ");
+    match error.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {message}")
+        }
+        None => message,
+    }
+}
+
+fn parse_network_grant(entry: &str) -> Result<NetworkGrant, String> {
+    let (host, port) = entry
+        .rsplit_once(':')
+        .ok_or_else(|| format!("\"{entry}\" must be host:port (port may be *)"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("\"{entry}\" has no host"));
+    }
+    let port = match port {
+        "*" => None,
+        digits => Some(
+            digits
+                .parse::<u16>()
+                .map_err(|_| format!("\"{entry}\" has an invalid port \"{digits}\""))?,
+        ),
+    };
+    Ok(NetworkGrant {
+        host: host.to_string(),
+        port,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Sidecar, SidecarError> {
+        Sidecar::parse(text, Path::new("ext.toml"))
+    }
+
+    #[test]
+    fn empty_sidecar_means_documented_defaults() {
+        let sidecar = parse("").unwrap();
+        assert_eq!(
+            sidecar.limits,
+            Limits {
+                timeout_ms: 10_000,
+                memory_mb: 64,
+                fuel: None
+            }
+        );
+        assert!(sidecar.grants.network.is_empty());
+        assert!(sidecar.config.is_empty());
+    }
+
+    #[test]
+    fn reads_limits_grants_and_config_as_text() {
+        let sidecar = parse(
+            r#"
+            [limits]
+            timeout_ms = 250
+            memory_mb = 16
+            fuel = 1000000
+            [grants]
+            network = ["127.0.0.1:8080", "api.example.com:*", "[::1]:443"]
+            [config]
+            rate = "0.01"
+            float_rate = 0.01
+            count = 3
+            on = true
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            sidecar.limits,
+            Limits {
+                timeout_ms: 250,
+                memory_mb: 16,
+                fuel: Some(1_000_000)
+            }
+        );
+        let grants: Vec<String> = sidecar
+            .grants
+            .network
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(grants, ["127.0.0.1:8080", "api.example.com:*", "::1:443"]);
+        assert_eq!(sidecar.config["rate"], "0.01");
+        assert_eq!(sidecar.config["float_rate"], "0.01");
+        assert_eq!(sidecar.config["count"], "3");
+        assert_eq!(sidecar.config["on"], "true");
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key_line_and_file() {
+        let error = parse("[limits]\ntimeout_ms = 5\nmemroy_mb = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("ext.toml: line 3:"), "{error}");
+        assert!(error.contains("memroy_mb"), "{error}");
+        let error = parse("[grant]\nnetwork = []\n").unwrap_err().to_string();
+        assert!(
+            error.contains("line 1") && error.contains("grant"),
+            "{error}"
+        );
+        assert!(!error.contains('\n'), "one line: {error}");
+    }
+
+    #[test]
+    fn rejects_out_of_range_limits_and_bad_values() {
+        for (text, needle) in [
+            ("[limits]\ntimeout_ms = 0", "timeout_ms"),
+            ("[limits]\nmemory_mb = 100000", "memory_mb"),
+            ("[limits]\nfuel = 0", "fuel"),
+            ("[limits]\ntimeout_ms = \"fast\"", "line 2"),
+            ("[grants]\nnetwork = [\"nohost\"]", "host:port"),
+            ("[grants]\nnetwork = [\"h:99999\"]", "invalid port"),
+            ("[config]\nrates = [1, 2]", "config.rates"),
+        ] {
+            let error = parse(text).unwrap_err().to_string();
+            assert!(error.contains(needle), "{text:?} gave {error}");
+        }
+    }
+}
