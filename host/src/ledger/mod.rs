@@ -1,0 +1,316 @@
+//! The credits ledger: double-entry bookkeeping of integer micro-credits on
+//! redb, with holds, idempotent operations and an outbox of meter events.
+//!
+//! It never calls an extension and knows nothing of wasmtime. Writes go
+//! through one writer thread that groups concurrent callers into shared
+//! durable commits (see [`writer`]); reads use their own read transactions.
+//! `docs/payments.md` describes the model; [`verify`] checks it.
+
+mod error;
+mod events;
+mod store;
+mod types;
+mod verify;
+mod writer;
+
+pub use error::LedgerError;
+pub use events::{EVENT_SOURCE, MeterEvent, event_id, rfc3339_millis};
+pub use types::*;
+pub use verify::{VerifyReport, Violation};
+pub use writer::{MAX_BATCH, WriterStats};
+
+use error::storage;
+use redb::{Database, ReadableDatabase, ReadableTable};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{self, Sender};
+use std::thread::JoinHandle;
+use store::{HOLDS, JOURNAL, KEYS, TENANT_ENTRIES};
+use writer::{Job, Request};
+
+/// Credits the default tenant starts with, unless SANDBOXER_DEFAULT_CREDITS says otherwise.
+pub const DEFAULT_STARTING_CREDITS: u64 = 10 * sandboxer_credits::MICROS_PER_CREDIT;
+
+#[derive(Debug, Clone)]
+pub struct LedgerOptions {
+    /// Granted once to tenant `default` the first time it is used.
+    pub default_credits: u64,
+    /// Close holds past their expiry when the ledger opens.
+    pub expire_on_open: bool,
+}
+
+impl Default for LedgerOptions {
+    fn default() -> Self {
+        Self {
+            default_credits: DEFAULT_STARTING_CREDITS,
+            expire_on_open: true,
+        }
+    }
+}
+
+pub struct Ledger {
+    path: PathBuf,
+    database: Arc<Database>,
+    requests: Option<Sender<Request>>,
+    writer: Option<JoinHandle<()>>,
+    stats: Arc<WriterStats>,
+}
+
+impl Ledger {
+    /// Opens (or creates) the ledger file and starts its writer.
+    pub fn open(path: &Path, options: LedgerOptions) -> Result<Self, LedgerError> {
+        let database = crate::state_db::open_exclusive(path).map_err(|error| match error {
+            crate::state_db::StateDbError::InUse { path } => LedgerError::InUse { path },
+            other => LedgerError::Storage(other.to_string()),
+        })?;
+        let write = database.begin_write().map_err(storage)?;
+        store::initialize(&write)?;
+        write.commit().map_err(storage)?;
+
+        let database = Arc::new(database);
+        let (requests, receiver) = mpsc::channel();
+        let stats = Arc::new(WriterStats::default());
+        let writer = {
+            let database = database.clone();
+            let stats = stats.clone();
+            std::thread::Builder::new()
+                .name("ledger-writer".into())
+                .spawn(move || writer::run(database, receiver, options.default_credits, stats))
+                .map_err(storage)?
+        };
+        let ledger = Self {
+            path: path.to_path_buf(),
+            database,
+            requests: Some(requests),
+            writer: Some(writer),
+            stats,
+        };
+        if options.expire_on_open {
+            ledger.expire_due(writer::now_ms())?;
+        }
+        Ok(ledger)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn writer_stats(&self) -> &WriterStats {
+        &self.stats
+    }
+
+    fn send(&self, job: Job) -> Result<Receipt, LedgerError> {
+        let (reply, response) = mpsc::channel();
+        self.requests
+            .as_ref()
+            .ok_or(LedgerError::WriterStopped)?
+            .send(Request { job, reply })
+            .map_err(|_| LedgerError::WriterStopped)?;
+        response.recv().map_err(|_| LedgerError::WriterStopped)?
+    }
+
+    /// Applies one operation durably and returns its receipt (the first
+    /// receipt again when its key was already used for the same operation).
+    pub fn submit(&self, operation: Operation) -> Result<Receipt, LedgerError> {
+        self.send(Job::Apply(operation))
+    }
+
+    /// Adds credits to a tenant. Without a key every call adds; with one, the
+    /// same key adds once.
+    pub fn grant(
+        &self,
+        tenant: &str,
+        amount: u64,
+        key: Option<&str>,
+    ) -> Result<GrantReceipt, LedgerError> {
+        let key = key.map_or_else(
+            || format!("auto-{:032x}", rand::random::<u128>()),
+            str::to_string,
+        );
+        match self.submit(Operation::Grant {
+            tenant: tenant.into(),
+            amount,
+            key,
+        })? {
+            Receipt::Grant(receipt) => Ok(receipt),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Reserves `amount` of a tenant's available credits for a sandbox until
+    /// `expires_at_ms` (milliseconds since the Unix epoch).
+    pub fn hold(
+        &self,
+        tenant: &str,
+        amount: u64,
+        sandbox_id: &str,
+        extension: &str,
+        expires_at_ms: u64,
+    ) -> Result<HoldReceipt, LedgerError> {
+        let operation = Operation::Hold {
+            tenant: tenant.into(),
+            amount,
+            sandbox_id: sandbox_id.into(),
+            extension: extension.into(),
+            expires_at_ms,
+        };
+        match self.submit(operation)? {
+            Receipt::Hold(receipt) => Ok(receipt),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Charges a sandbox's actual cost and releases the rest of its hold.
+    pub fn settle(&self, sandbox_id: &str, actual: u64) -> Result<SettleReceipt, LedgerError> {
+        match self.submit(Operation::Settle {
+            sandbox_id: sandbox_id.into(),
+            actual,
+        })? {
+            Receipt::Settle(receipt) => Ok(receipt),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Releases a sandbox's hold without charging anything.
+    pub fn void(&self, sandbox_id: &str, reason: &str) -> Result<VoidReceipt, LedgerError> {
+        match self.submit(Operation::Void {
+            sandbox_id: sandbox_id.into(),
+            reason: reason.into(),
+        })? {
+            Receipt::Void(receipt) => Ok(receipt),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Closes every open hold that expires at or before `now_ms`.
+    pub fn expire_due(&self, now_ms: u64) -> Result<Vec<ExpiredHold>, LedgerError> {
+        match self.submit(Operation::ExpireDue { now_ms })? {
+            Receipt::Expired { holds } => Ok(holds),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A tenant's balance, held and available credits. Asking about the
+    /// default tenant gives it its starting credits if it never had them.
+    pub fn summary(&self, tenant: &str) -> Result<TenantSummary, LedgerError> {
+        check_name("tenant", tenant).map_err(LedgerError::InvalidInput)?;
+        if tenant == DEFAULT_TENANT && !self.has_key("grant/default-credits")? {
+            self.send(Job::EnsureDefaultCredits)?;
+        }
+        let totals = self.account_totals(&tenant_account(tenant))?;
+        Ok(TenantSummary {
+            tenant: tenant.into(),
+            balance: totals.balance(),
+            held: totals.debits_pending,
+            available: totals.available(),
+            overrun: totals.overrun,
+        })
+    }
+
+    /// Totals of any account (`tenant:…`, `revenue:…`, `system:…`).
+    pub fn account_totals(&self, account: &str) -> Result<AccountTotals, LedgerError> {
+        let read = self.database.begin_read().map_err(storage)?;
+        let accounts = read.open_table(store::ACCOUNTS).map_err(storage)?;
+        Ok(accounts
+            .get(account)
+            .map_err(storage)?
+            .map(|row| store::totals_from_row(row.value()))
+            .unwrap_or_default())
+    }
+
+    fn has_key(&self, key: &str) -> Result<bool, LedgerError> {
+        let read = self.database.begin_read().map_err(storage)?;
+        let keys = read.open_table(KEYS).map_err(storage)?;
+        Ok(keys.get(key).map_err(storage)?.is_some())
+    }
+
+    /// A tenant's journal entries, newest first.
+    pub fn history(&self, tenant: &str, limit: usize) -> Result<Vec<JournalEntry>, LedgerError> {
+        check_name("tenant", tenant).map_err(LedgerError::InvalidInput)?;
+        let read = self.database.begin_read().map_err(storage)?;
+        let index = read.open_table(TENANT_ENTRIES).map_err(storage)?;
+        let journal = read.open_table(JOURNAL).map_err(storage)?;
+        let mut entries = Vec::new();
+        for row in index
+            .range((tenant, 0)..=(tenant, u64::MAX))
+            .map_err(storage)?
+            .rev()
+            .take(limit)
+        {
+            let (key, _) = row.map_err(storage)?;
+            let seq = key.value().1;
+            let json = journal
+                .get(seq)
+                .map_err(storage)?
+                .ok_or_else(|| storage(format!("journal entry {seq} is missing")))?;
+            entries.push(serde_json::from_str(json.value()).map_err(storage)?);
+        }
+        Ok(entries)
+    }
+
+    /// Journal entries after `after_seq`, oldest first, at most `limit`.
+    pub fn journal_entries(
+        &self,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<JournalEntry>, LedgerError> {
+        let read = self.database.begin_read().map_err(storage)?;
+        let journal = read.open_table(JOURNAL).map_err(storage)?;
+        let mut entries = Vec::new();
+        for row in journal
+            .range(after_seq.saturating_add(1)..)
+            .map_err(storage)?
+            .take(limit)
+        {
+            let (_, json) = row.map_err(storage)?;
+            entries.push(serde_json::from_str(json.value()).map_err(storage)?);
+        }
+        Ok(entries)
+    }
+
+    pub fn hold_record(&self, sandbox_id: &str) -> Result<Option<HoldRecord>, LedgerError> {
+        let read = self.database.begin_read().map_err(storage)?;
+        let holds = read.open_table(HOLDS).map_err(storage)?;
+        holds
+            .get(sandbox_id)
+            .map_err(storage)?
+            .map(|json| serde_json::from_str(json.value()).map_err(storage))
+            .transpose()
+    }
+
+    pub fn open_holds(&self) -> Result<Vec<HoldRecord>, LedgerError> {
+        let read = self.database.begin_read().map_err(storage)?;
+        let holds = read.open_table(HOLDS).map_err(storage)?;
+        let mut open = Vec::new();
+        for row in holds.iter().map_err(storage)? {
+            let (_, json) = row.map_err(storage)?;
+            let record: HoldRecord = serde_json::from_str(json.value()).map_err(storage)?;
+            if record.state == HoldState::Open {
+                open.push(record);
+            }
+        }
+        Ok(open)
+    }
+
+    /// Checks every invariant; see [`verify`].
+    pub fn verify(&self) -> Result<VerifyReport, LedgerError> {
+        let read = self.database.begin_read().map_err(storage)?;
+        verify::verify(&read)
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        // Closing the channel lets the writer finish its batch and stop.
+        self.requests.take();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+fn unexpected(receipt: Receipt) -> LedgerError {
+    LedgerError::Storage(format!(
+        "the writer answered with an unexpected receipt: {receipt:?}"
+    ))
+}

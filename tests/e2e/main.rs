@@ -1,0 +1,15 @@
+//! End-to-end tests: the real `sandboxer-host` binary, real wasmtime
+//! instances of real components, real redb files in fresh temp dirs.
+//!
+//! Guests come from `cargo xtask build-extensions` (target/extensions and
+//! target/fixtures); `cargo xtask test` builds them before running this.
+
+mod cli_credits;
+mod cli_ext;
+mod ledger_concurrency;
+mod ledger_crash;
+mod ledger_model;
+mod runtime_hostile;
+mod runtime_state;
+mod support;
+mod tidy;

@@ -1,0 +1,289 @@
+//! Hostile extensions: each fixture misbehaves in one way, the host names
+//! the extension and the limit, and in the same process the saas-stub keeps
+//! answering.
+
+use crate::support::*;
+use sandboxer_host::runtime::{CallError, ExtError, ExtensionSet};
+use std::time::{Duration, Instant};
+
+const FIXTURES: &[&str] = &[
+    "endless-loop",
+    "fuel-burner",
+    "memory-growth",
+    "trap-in-info",
+    "trap-in-estimate-cost",
+    "trap-in-create",
+    "trap-in-destroy",
+    "trap-in-meter-actual",
+    "oversized-string",
+    "always-unavailable",
+    "log-flood",
+    "other-world",
+    "ungranted-network",
+];
+
+struct Hostile {
+    _home: TestHome,
+    set: ExtensionSet,
+}
+
+impl Hostile {
+    fn load() -> Self {
+        let home = TestHome::new().with_saas_stub();
+        let fixtures = built_fixtures();
+        for name in FIXTURES {
+            install(&fixtures, name, &home.extensions(), name);
+        }
+        let dir = home.extensions();
+        std::fs::write(dir.join("random-bytes.wasm"), pseudo_random_bytes(4096)).unwrap();
+        std::fs::write(dir.join("empty.wasm"), b"").unwrap();
+        // The smallest valid core module: magic and version, no sections.
+        std::fs::write(dir.join("core-module.wasm"), b"\0asm\x01\0\0\0").unwrap();
+        // The runtime may go: loaded extensions keep what they need.
+        let set = home.runtime().load_dir(&dir).unwrap();
+        Self { _home: home, set }
+    }
+
+    fn reason(&self, name: &str) -> String {
+        let entry = self
+            .set
+            .entry(name)
+            .unwrap_or_else(|| panic!("{name} is listed"));
+        entry
+            .status
+            .as_ref()
+            .err()
+            .unwrap_or_else(|| panic!("{name} should be rejected"))
+            .clone()
+    }
+
+    fn call_error(&self, name: &str, function: &str) -> CallError {
+        let extension = self
+            .set
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} should load"));
+        let spec = spec("sbx-hostile");
+        let handle = sandboxer_host::runtime::SandboxHandle {
+            backend_ref: "hostile-sbx".into(),
+            endpoint: None,
+        };
+        let usage = sandboxer_host::runtime::Usage {
+            wall_ms: 1,
+            cpu_ms: 0,
+            memory_mb_ms: 0,
+            egress_bytes: 0,
+        };
+        let error = match function {
+            "estimate-cost" => extension.estimate_cost(&spec).err(),
+            "create" => extension.create(&spec).err(),
+            "destroy" => extension.destroy(&spec, &handle).err(),
+            "meter-actual" => extension.meter_actual(&spec, usage).err(),
+            other => panic!("unknown function {other}"),
+        };
+        error.unwrap_or_else(|| panic!("{name} {function} should fail"))
+    }
+
+    /// The control: the well-behaved extension in the same process still works.
+    fn assert_saas_stub_answers(&self) {
+        let stub = self.set.get("saas-stub").expect("saas-stub stays loaded");
+        let estimate = stub
+            .estimate_cost(&spec("sbx-control"))
+            .expect("saas-stub keeps answering");
+        assert_eq!(
+            estimate.amount, 66_600,
+            "1 vCPU + 1 GiB for an hour at the default card"
+        );
+    }
+}
+
+fn pseudo_random_bytes(length: usize) -> Vec<u8> {
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..length)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+#[test]
+fn every_bad_file_is_rejected_with_a_one_line_reason_and_the_rest_load() {
+    let hostile = Hostile::load();
+    for (name, needle) in [
+        ("random-bytes", "not WebAssembly"),
+        ("empty", "empty file"),
+        ("core-module", "core WebAssembly module, not a component"),
+        (
+            "other-world",
+            "not a sandbox-extension component: it exports wasi:cli/run",
+        ),
+        ("ungranted-network", "which the operator has not granted"),
+        (
+            "trap-in-info",
+            "info() failed: extension `trap-in-info` info: trapped",
+        ),
+    ] {
+        let reason = hostile.reason(name);
+        assert!(reason.contains(needle), "{name}: {reason}");
+        assert!(!reason.contains('\n'), "{name}: one line: {reason}");
+    }
+    for name in [
+        "saas-stub",
+        "endless-loop",
+        "memory-growth",
+        "oversized-string",
+        "trap-in-create",
+    ] {
+        assert!(hostile.set.get(name).is_some(), "{name} loads");
+    }
+    hostile.assert_saas_stub_answers();
+}
+
+#[test]
+fn an_endless_loop_is_stopped_at_its_wall_clock_limit() {
+    let hostile = Hostile::load();
+    let started = Instant::now();
+    let error = hostile.call_error("endless-loop", "estimate-cost");
+    let elapsed = started.elapsed();
+    assert!(
+        matches!(error, CallError::Timeout { limit_ms: 200, .. }),
+        "{error}"
+    );
+    assert_eq!(
+        error.to_string(),
+        "extension `endless-loop` estimate-cost: stopped at its wall-clock limit of 200 ms"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(200),
+        "not stopped early: {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(3),
+        "stopped promptly: {elapsed:?}"
+    );
+    assert!(error.is_retryable());
+    hostile.assert_saas_stub_answers();
+}
+
+#[test]
+fn a_fuel_budget_stops_a_loop_before_the_deadline() {
+    let hostile = Hostile::load();
+    let error = hostile.call_error("fuel-burner", "estimate-cost");
+    assert!(
+        matches!(
+            error,
+            CallError::OutOfFuel {
+                fuel: 5_000_000,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains("fuel limit of 5000000"),
+        "{error}"
+    );
+    hostile.assert_saas_stub_answers();
+}
+
+#[test]
+fn memory_growth_stops_at_the_cap() {
+    let hostile = Hostile::load();
+    let error = hostile.call_error("memory-growth", "estimate-cost");
+    assert!(
+        matches!(error, CallError::MemoryLimit { limit_mb: 16, .. }),
+        "{error}"
+    );
+    assert_eq!(
+        error.to_string(),
+        "extension `memory-growth` estimate-cost: stopped at its memory limit of 16 MiB"
+    );
+    hostile.assert_saas_stub_answers();
+}
+
+#[test]
+fn a_trap_in_each_function_is_a_failed_call_naming_the_function() {
+    let hostile = Hostile::load();
+    for function in ["estimate-cost", "create", "destroy", "meter-actual"] {
+        let name = format!("trap-in-{function}");
+        let error = hostile.call_error(&name, function);
+        assert!(matches!(error, CallError::Trap { .. }), "{error}");
+        assert!(
+            error
+                .to_string()
+                .starts_with(&format!("extension `{name}` {function}: trapped")),
+            "{error}"
+        );
+        // The trap killed only that call's instance: the next call of the
+        // same extension gets a fresh one.
+        let extension = hostile.set.get(&name).unwrap();
+        if function != "estimate-cost" {
+            extension
+                .estimate_cost(&spec("sbx-after-trap"))
+                .expect("a fresh instance answers");
+        }
+        hostile.assert_saas_stub_answers();
+    }
+}
+
+#[test]
+fn an_oversized_string_is_refused() {
+    let hostile = Hostile::load();
+    let error = hostile.call_error("oversized-string", "create");
+    assert!(
+        matches!(
+            error,
+            CallError::OutputTooLarge {
+                field: "backend-ref",
+                size: 8_388_608,
+                limit: 1024,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    hostile.assert_saas_stub_answers();
+}
+
+#[test]
+fn a_log_flood_is_muted_and_the_call_still_answers() {
+    let hostile = Hostile::load();
+    let extension = hostile.set.get("log-flood").unwrap();
+    let estimate = extension
+        .estimate_cost(&spec("sbx-flood"))
+        .expect("the flooding call completes");
+    assert_eq!(estimate.amount, 1_000);
+    hostile.assert_saas_stub_answers();
+}
+
+#[test]
+fn backend_errors_are_the_extensions_own_answer() {
+    let hostile = Hostile::load();
+    let error = hostile.call_error("always-unavailable", "create");
+    assert!(
+        matches!(error.ext_error(), Some(ExtError::Unavailable(_))),
+        "{error}"
+    );
+    assert_eq!(
+        error.to_string(),
+        "extension `always-unavailable` create: unavailable: this backend is always down"
+    );
+    assert!(error.is_retryable());
+    let invalid = hostile.set.get("saas-stub").unwrap().estimate_cost(
+        &sandboxer_host::runtime::SandboxSpec {
+            cpu_millis: 0,
+            ..spec("sbx-invalid")
+        },
+    );
+    let invalid = invalid.unwrap_err();
+    assert!(
+        matches!(invalid.ext_error(), Some(ExtError::InvalidSpec(_))),
+        "{invalid}"
+    );
+    assert!(
+        !invalid.is_retryable(),
+        "a bad spec is never retried elsewhere"
+    );
+}

@@ -1,0 +1,179 @@
+//! Shared helpers: where the built guests are, a fresh home per test, and
+//! running the binary.
+
+use sandboxer_host::runtime::{Runtime, SandboxSpec};
+use sandboxer_host::state_db::StateDb;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn built(dir: &str) -> PathBuf {
+    let path = repo_root().join("target").join(dir);
+    assert!(
+        path.join(if dir == "extensions" {
+            "saas-stub.wasm"
+        } else {
+            "hostile.wasm"
+        })
+        .is_file(),
+        "{} has no built guests: run `cargo xtask build-extensions` (or `cargo xtask test`) first",
+        path.display()
+    );
+    path
+}
+
+/// target/extensions: the shipped extensions and their sidecars.
+pub fn built_extensions() -> PathBuf {
+    built("extensions")
+}
+
+/// target/fixtures: the hostile fixtures and their sidecars.
+pub fn built_fixtures() -> PathBuf {
+    built("fixtures")
+}
+
+/// Copies `name.wasm` (and `name.toml` when present) from `from` into `to`,
+/// optionally under another name.
+pub fn install(from: &Path, name: &str, to: &Path, as_name: &str) {
+    std::fs::create_dir_all(to).unwrap();
+    std::fs::copy(
+        from.join(format!("{name}.wasm")),
+        to.join(format!("{as_name}.wasm")),
+    )
+    .unwrap();
+    let sidecar = from.join(format!("{name}.toml"));
+    if sidecar.is_file() {
+        std::fs::copy(sidecar, to.join(format!("{as_name}.toml"))).unwrap();
+    }
+}
+
+/// A fresh home directory with an extensions directory inside.
+pub struct TestHome {
+    pub dir: tempfile::TempDir,
+}
+
+impl TestHome {
+    pub fn new() -> Self {
+        let home = Self {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        std::fs::create_dir_all(home.extensions()).unwrap();
+        home
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn extensions(&self) -> PathBuf {
+        self.path().join("extensions")
+    }
+
+    pub fn ledger_file(&self) -> PathBuf {
+        self.path().join("ledger.redb")
+    }
+
+    /// Installs the shipped saas-stub.
+    pub fn with_saas_stub(self) -> Self {
+        install(
+            &built_extensions(),
+            "saas-stub",
+            &self.extensions(),
+            "saas-stub",
+        );
+        self
+    }
+
+    pub fn runtime(&self) -> Runtime {
+        Runtime::new(
+            self.path().join("cache"),
+            Arc::new(StateDb::new(self.path().join("state.redb"))),
+        )
+        .unwrap()
+    }
+
+    /// `sandboxer-host` with this home and its extensions directory.
+    pub fn command(&self) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sandboxer-host"));
+        command
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("SANDBOXER_HOME", self.path())
+            .env("SANDBOXER_EXTENSIONS_DIR", self.extensions())
+            .env("RUST_BACKTRACE", "1");
+        command
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        Run::from(self.command().args(args).output().unwrap())
+    }
+}
+
+/// What one run of the binary did.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(output: Output) -> Self {
+        let run = Self {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        };
+        assert!(
+            !run.stderr.contains("panicked") && !run.stderr.contains("stack backtrace"),
+            "the binary must never show a panic or a backtrace:\n{}",
+            run.stderr
+        );
+        run
+    }
+}
+
+impl Run {
+    pub fn ok(self) -> Self {
+        assert_eq!(
+            self.code, 0,
+            "expected success:\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    pub fn fails(self, code: i32) -> Self {
+        assert_eq!(
+            self.code, code,
+            "expected exit {code}:\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|error| panic!("not JSON ({error}): {}", self.stdout))
+    }
+}
+
+pub fn spec(sandbox_id: &str) -> SandboxSpec {
+    SandboxSpec {
+        sandbox_id: sandbox_id.into(),
+        profile: "test".into(),
+        template: "base".into(),
+        cpu_millis: 1000,
+        memory_mb: 1024,
+        ttl_secs: 3600,
+        command: Vec::new(),
+        env: Vec::new(),
+    }
+}
