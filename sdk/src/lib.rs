@@ -2,20 +2,33 @@
 //!
 //! Implement [`Backend`] on a type, then call [`export_backend!`] once:
 //!
-//! ```ignore
+//! ```no_run
 //! use sandboxer_sdk::*;
 //!
 //! struct MyBackend;
 //!
 //! impl Backend for MyBackend {
-//!     fn info() -> ExtensionInfo { /* ... */ }
-//!     fn estimate_cost(spec: SandboxSpec) -> Result<CostEstimate, ExtError> { /* ... */ }
-//!     fn create(spec: SandboxSpec) -> Result<SandboxHandle, ExtError> { /* ... */ }
-//!     fn destroy(spec: SandboxSpec, handle: SandboxHandle) -> Result<Usage, ExtError> { /* ... */ }
-//!     fn meter_actual(spec: SandboxSpec, usage: Usage) -> Result<MicroCredits, ExtError> { /* ... */ }
+//!     fn info() -> ExtensionInfo {
+//!         ExtensionInfo {
+//!             id: "my-backend".into(),
+//!             version: "0.1.0".into(),
+//!             kind: BackendKind::Saas,
+//!             description: "An example".into(),
+//!         }
+//!     }
+//!     fn estimate_cost(spec: SandboxSpec) -> Result<CostEstimate, ExtError> {
+//!         let rate = config::credits("rate_per_vcpu_hour", 50_000)?;
+//!         let amount = prorate(rate, spec.cpu_millis.into(), 1000, u64::from(spec.ttl_secs) * 1000)
+//!             .ok_or_else(|| ExtError::InvalidSpec("the price overflows".into()))?;
+//!         Ok(CostEstimate { amount, rate_per_hour: rate })
+//!     }
+//!     fn create(spec: SandboxSpec) -> Result<SandboxHandle, ExtError> { todo!() }
+//!     fn destroy(spec: SandboxSpec, handle: SandboxHandle) -> Result<Usage, ExtError> { todo!() }
+//!     fn meter_actual(spec: SandboxSpec, usage: Usage) -> Result<MicroCredits, ExtError> { todo!() }
 //! }
 //!
 //! export_backend!(MyBackend);
+//! # fn main() {}
 //! ```
 //!
 //! Build with `cargo build --release --target wasm32-wasip2`: the `.wasm` in

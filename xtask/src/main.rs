@@ -19,7 +19,14 @@ const WASM_TARGET: &str = "wasm32-wasip2";
 const EXTENSIONS_WORKSPACE: &str = "extensions";
 const FIXTURES_WORKSPACE: &str = "tests/fixtures";
 
-fn main() -> Result<()> {
+fn main() {
+    if let Err(error) = run_command() {
+        eprintln!("xtask: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run_command() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let root = workspace_root();
     std::env::set_current_dir(&root)?;

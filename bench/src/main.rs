@@ -1,0 +1,22 @@
+//! `cargo xtask bench [runtime|ledger|all]`: each suite measures the host
+//! against a baseline measured in the same run, prints a table with the
+//! ratios and writes target/bench/<suite>.json. The machine is shared and
+//! noisy: read medians and ratios, not single runs.
+
+mod ledger;
+mod runtime;
+mod sqlite;
+mod stats;
+
+fn main() -> anyhow::Result<()> {
+    let suite = std::env::args().nth(1).unwrap_or_else(|| "all".into());
+    match suite.as_str() {
+        "runtime" => runtime::run(),
+        "ledger" => ledger::run(),
+        "all" => {
+            runtime::run()?;
+            ledger::run()
+        }
+        other => anyhow::bail!("unknown suite `{other}`: use runtime, ledger or all"),
+    }
+}

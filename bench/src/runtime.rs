@@ -1,0 +1,311 @@
+//! `bench runtime`: the cost of calling an extension through the host, next
+//! to bare wasmtime and native Rust doing the same work, and the cost of
+//! loading an extension with and without the precompiled cache.
+//!
+//! - host: `Extension::estimate_cost` on the saas-stub: fresh Store from the
+//!   InstancePre, empty WASI, limiter, deadline, fuel, key-value session,
+//!   error classification;
+//! - bare: the same component on the same engine, InstancePre, fresh Store
+//!   and call, with only what the engine requires (a WASI context, a
+//!   deadline and a fuel tank) and host imports that answer from a map;
+//! - native: the same arithmetic as a Rust function.
+//!
+//! Goals: host at most 1.25x bare; a warm-cache load under 2 ms.
+
+use crate::stats::{median, percentile, print_rows, sample, show_ns, write_report};
+use anyhow::{Context, Result};
+use sandboxer_credits::{parse_credits, prorate};
+use sandboxer_host::runtime::bindings::sandboxer::extension::host::{Host, LogLevel};
+use sandboxer_host::runtime::bindings::{SandboxExtension, SandboxExtensionPre};
+use sandboxer_host::runtime::{CacheOutcome, Runtime, SandboxSpec};
+use sandboxer_host::state_db::StateDb;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Engine, Store};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+const CALLS: usize = 5_000;
+const WARMUP: usize = 500;
+
+#[derive(Serialize)]
+struct RuntimeReport {
+    calls: usize,
+    host_call_median_ns: f64,
+    host_call_p99_ns: f64,
+    bare_call_median_ns: f64,
+    bare_call_p99_ns: f64,
+    native_call_median_ns: f64,
+    host_over_bare: f64,
+    host_over_bare_goal: f64,
+    cold_load_median_ns: f64,
+    compile_only_median_ns: f64,
+    warm_load_median_ns: f64,
+    warm_load_goal_ns: f64,
+    cold_over_warm: f64,
+}
+
+fn built_extensions() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("bench/ is in the workspace")
+        .join("target/extensions")
+}
+
+fn spec() -> SandboxSpec {
+    SandboxSpec {
+        sandbox_id: "sbx-bench".into(),
+        profile: "bench".into(),
+        template: "base".into(),
+        cpu_millis: 2000,
+        memory_mb: 4096,
+        ttl_secs: 600,
+        command: Vec::new(),
+        env: Vec::new(),
+    }
+}
+
+/// The Store data of the bare baseline: a WASI context and a config map.
+struct BareState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    config: Arc<BTreeMap<String, String>>,
+}
+
+impl WasiView for BareState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl sandboxer_host::runtime::bindings::sandboxer::extension::types::Host for BareState {}
+
+impl Host for BareState {
+    fn log(&mut self, _level: LogLevel, _message: String) -> wasmtime::Result<()> {
+        Ok(())
+    }
+    fn config_get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        Ok(self.config.get(&key).cloned())
+    }
+    fn kv_get(&mut self, _key: String) -> wasmtime::Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+    fn kv_set(&mut self, _key: String, _value: Vec<u8>) -> wasmtime::Result<Result<(), String>> {
+        Ok(Ok(()))
+    }
+    fn kv_delete(&mut self, _key: String) -> wasmtime::Result<bool> {
+        Ok(false)
+    }
+    fn kv_keys(&mut self, _prefix: String, _limit: u32) -> wasmtime::Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+}
+
+fn bare_pre(
+    engine: &Engine,
+    component: &Component,
+) -> wasmtime::Result<SandboxExtensionPre<BareState>> {
+    let mut linker = Linker::<BareState>::new(engine);
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+    SandboxExtension::add_to_linker::<BareState, HasSelf<BareState>>(&mut linker, |state| state)?;
+    SandboxExtensionPre::new(linker.instantiate_pre(component)?)
+}
+
+fn bare_call(
+    engine: &Engine,
+    pre: &SandboxExtensionPre<BareState>,
+    config: &Arc<BTreeMap<String, String>>,
+    spec: &SandboxSpec,
+) -> u64 {
+    let state = BareState {
+        wasi: WasiCtx::builder().build(),
+        table: ResourceTable::new(),
+        config: config.clone(),
+    };
+    let mut store = Store::new(engine, state);
+    store.set_epoch_deadline(u64::MAX / 2);
+    store.set_fuel(u64::MAX).unwrap();
+    let instance = pre.instantiate(&mut store).unwrap();
+    instance
+        .sandboxer_extension_backend()
+        .call_estimate_cost(&mut store, spec)
+        .unwrap()
+        .unwrap()
+        .amount
+}
+
+/// What saas-stub's estimate-cost computes, natively.
+fn native_estimate(config: &BTreeMap<String, String>, spec: &SandboxSpec) -> u64 {
+    let per_vcpu = parse_credits(&config["rate_per_vcpu_hour"]).unwrap();
+    let per_gib = parse_credits(&config["rate_per_gib_hour"]).unwrap();
+    let duration = u64::from(spec.ttl_secs) * 1000;
+    let cpu = prorate(per_vcpu, spec.cpu_millis.into(), 1000, duration).unwrap();
+    let memory = prorate(per_gib, spec.memory_mb.into(), 1024, duration).unwrap();
+    let hour_cpu = prorate(per_vcpu, spec.cpu_millis.into(), 1000, 3_600_000).unwrap();
+    let hour_memory = prorate(per_gib, spec.memory_mb.into(), 1024, 3_600_000).unwrap();
+    black_box(hour_cpu + hour_memory);
+    cpu + memory
+}
+
+fn fresh_runtime(home: &Path) -> Result<Runtime> {
+    Ok(Runtime::new(
+        home.join("cache"),
+        Arc::new(StateDb::new(home.join("state.redb"))),
+    )?)
+}
+
+pub fn run() -> Result<()> {
+    let extensions = built_extensions();
+    let stub_file = extensions.join("saas-stub.wasm");
+    anyhow::ensure!(
+        stub_file.is_file(),
+        "{} is missing: run `cargo xtask build-extensions`",
+        stub_file.display()
+    );
+    let home = tempfile::tempdir()?;
+    let dir = home.path().join("extensions");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(&stub_file, dir.join("saas-stub.wasm"))?;
+    std::fs::copy(
+        extensions.join("saas-stub.toml"),
+        dir.join("saas-stub.toml"),
+    )?;
+    let wasm_path = dir.join("saas-stub.wasm");
+
+    let runtime = fresh_runtime(home.path())?;
+    let entry = runtime.load_file(&wasm_path);
+    let stub = entry
+        .status
+        .map_err(anyhow::Error::msg)
+        .context("load saas-stub")?;
+    let spec = spec();
+    let config = Arc::new(stub.config.clone());
+
+    let host_amount = stub.estimate_cost(&spec)?.amount;
+    let pre = bare_pre(runtime.engine(), stub.component())
+        .map_err(|error| anyhow::anyhow!("{error:#}"))?;
+    let bare_amount = bare_call(runtime.engine(), &pre, &config, &spec);
+    let native_amount = native_estimate(&config, &spec);
+    anyhow::ensure!(
+        host_amount == bare_amount && bare_amount == native_amount,
+        "the three paths disagree: host {host_amount}, bare {bare_amount}, native {native_amount}"
+    );
+
+    // Interleave the two wasm paths in rounds so drift on a shared machine
+    // hits both alike.
+    let mut host_samples = Vec::new();
+    let mut bare_samples = Vec::new();
+    for _ in 0..5 {
+        host_samples.extend(sample(WARMUP / 5, CALLS / 5, || {
+            black_box(stub.estimate_cost(black_box(&spec)).unwrap());
+        }));
+        bare_samples.extend(sample(WARMUP / 5, CALLS / 5, || {
+            black_box(bare_call(runtime.engine(), &pre, &config, black_box(&spec)));
+        }));
+    }
+    host_samples.sort_by(f64::total_cmp);
+    bare_samples.sort_by(f64::total_cmp);
+    let native_samples = sample(WARMUP, CALLS, || {
+        black_box(native_estimate(&config, black_box(&spec)));
+    });
+
+    // Loading: cold (compile, no cache entry) versus warm (verified cache hit),
+    // each through the whole load path including the info() call.
+    let cache_entry = runtime.cache_entry_path(&stub.content_sha256);
+    let cold_samples = sample(1, 10, || {
+        let _ = std::fs::remove_file(&cache_entry);
+        let entry = runtime.load_file(&wasm_path);
+        assert_eq!(entry.extension().unwrap().cache, CacheOutcome::Compiled);
+    });
+    let wasm = std::fs::read(&wasm_path)?;
+    let compile_samples = sample(1, 10, || {
+        black_box(Component::new(runtime.engine(), &wasm).unwrap());
+    });
+    let warm_samples = sample(5, 100, || {
+        let entry = runtime.load_file(&wasm_path);
+        assert_eq!(entry.extension().unwrap().cache, CacheOutcome::Hit);
+    });
+
+    let report = RuntimeReport {
+        calls: CALLS,
+        host_call_median_ns: median(&host_samples),
+        host_call_p99_ns: percentile(&host_samples, 99.0),
+        bare_call_median_ns: median(&bare_samples),
+        bare_call_p99_ns: percentile(&bare_samples, 99.0),
+        native_call_median_ns: median(&native_samples),
+        host_over_bare: median(&host_samples) / median(&bare_samples),
+        host_over_bare_goal: 1.25,
+        cold_load_median_ns: median(&cold_samples),
+        compile_only_median_ns: median(&compile_samples),
+        warm_load_median_ns: median(&warm_samples),
+        warm_load_goal_ns: 2_000_000.0,
+        cold_over_warm: median(&cold_samples) / median(&warm_samples),
+    };
+    let verdict = |ok: bool| if ok { "meets goal" } else { "MISSES goal" };
+    print_rows(
+        "runtime: estimate-cost on saas-stub (median over interleaved rounds)",
+        &[
+            (
+                "host call path".into(),
+                show_ns(report.host_call_median_ns),
+                format!("p99 {}", show_ns(report.host_call_p99_ns)),
+            ),
+            (
+                "bare wasmtime".into(),
+                show_ns(report.bare_call_median_ns),
+                format!("p99 {}", show_ns(report.bare_call_p99_ns)),
+            ),
+            (
+                "native Rust".into(),
+                show_ns(report.native_call_median_ns),
+                String::new(),
+            ),
+            (
+                "host / bare".into(),
+                format!("{:.2}x", report.host_over_bare),
+                format!(
+                    "goal <= {:.2}x: {}",
+                    report.host_over_bare_goal,
+                    verdict(report.host_over_bare <= report.host_over_bare_goal)
+                ),
+            ),
+        ],
+    );
+    print_rows(
+        "runtime: loading saas-stub (whole load path, median)",
+        &[
+            (
+                "cold (compile + cache write)".into(),
+                show_ns(report.cold_load_median_ns),
+                String::new(),
+            ),
+            (
+                "compile only".into(),
+                show_ns(report.compile_only_median_ns),
+                String::new(),
+            ),
+            (
+                "warm (verified cache hit)".into(),
+                show_ns(report.warm_load_median_ns),
+                format!(
+                    "goal < 2 ms: {}",
+                    verdict(report.warm_load_median_ns < report.warm_load_goal_ns)
+                ),
+            ),
+            (
+                "cold / warm".into(),
+                format!("{:.1}x", report.cold_over_warm),
+                String::new(),
+            ),
+        ],
+    );
+    let path = write_report("runtime", &report)?;
+    println!("\nwritten to {}", path.display());
+    Ok(())
+}
