@@ -5,9 +5,10 @@
 //! - host: `Extension::estimate_cost` on the saas-stub: fresh Store from the
 //!   InstancePre, empty WASI, limiter, deadline, fuel, key-value session,
 //!   error classification;
-//! - bare: the same component on the same engine, InstancePre, fresh Store
-//!   and call, with only what the engine requires (a WASI context, a
-//!   deadline and a fuel tank) and host imports that answer from a map;
+//! - bare: the same component on the same engine and executor, InstancePre,
+//!   fresh Store and async call, with only what the engine requires (a WASI
+//!   context, a deadline and a fuel tank) and host imports that answer from
+//!   a map;
 //! - native: the same arithmetic as a Rust function.
 //!
 //! Goals: host at most 1.25x bare; a warm-cache load under 2 ms.
@@ -112,13 +113,14 @@ fn bare_pre(
     component: &Component,
 ) -> wasmtime::Result<SandboxExtensionPre<BareState>> {
     let mut linker = Linker::<BareState>::new(engine);
-    wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     SandboxExtension::add_to_linker::<BareState, HasSelf<BareState>>(&mut linker, |state| state)?;
     SandboxExtensionPre::new(linker.instantiate_pre(component)?)
 }
 
 fn bare_call(
     engine: &Engine,
+    executor: &tokio::runtime::Runtime,
     pre: &SandboxExtensionPre<BareState>,
     config: &Arc<BTreeMap<String, String>>,
     spec: &SandboxSpec,
@@ -131,13 +133,16 @@ fn bare_call(
     let mut store = Store::new(engine, state);
     store.set_epoch_deadline(u64::MAX / 2);
     store.set_fuel(u64::MAX).unwrap();
-    let instance = pre.instantiate(&mut store).unwrap();
-    instance
-        .sandboxer_extension_backend()
-        .call_estimate_cost(&mut store, spec)
-        .unwrap()
-        .unwrap()
-        .amount
+    executor.block_on(async {
+        let instance = pre.instantiate_async(&mut store).await.unwrap();
+        instance
+            .sandboxer_extension_backend()
+            .call_estimate_cost(&mut store, spec)
+            .await
+            .unwrap()
+            .unwrap()
+            .amount
+    })
 }
 
 /// What saas-stub's estimate-cost computes, natively.
@@ -190,7 +195,7 @@ pub fn run() -> Result<()> {
     let host_amount = stub.estimate_cost(&spec)?.amount;
     let pre = bare_pre(runtime.engine(), stub.component())
         .map_err(|error| anyhow::anyhow!("{error:#}"))?;
-    let bare_amount = bare_call(runtime.engine(), &pre, &config, &spec);
+    let bare_amount = bare_call(runtime.engine(), runtime.executor(), &pre, &config, &spec);
     let native_amount = native_estimate(&config, &spec);
     anyhow::ensure!(
         host_amount == bare_amount && bare_amount == native_amount,
@@ -206,7 +211,13 @@ pub fn run() -> Result<()> {
             black_box(stub.estimate_cost(black_box(&spec)).unwrap());
         }));
         bare_samples.extend(sample(WARMUP / 5, CALLS / 5, || {
-            black_box(bare_call(runtime.engine(), &pre, &config, black_box(&spec)));
+            black_box(bare_call(
+                runtime.engine(),
+                runtime.executor(),
+                &pre,
+                &config,
+                black_box(&spec),
+            ));
         }));
     }
     host_samples.sort_by(f64::total_cmp);

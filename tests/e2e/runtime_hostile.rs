@@ -18,6 +18,7 @@ const FIXTURES: &[&str] = &[
     "oversized-string",
     "always-unavailable",
     "log-flood",
+    "sleeper",
     "other-world",
     "ungranted-network",
 ];
@@ -164,6 +165,23 @@ fn an_endless_loop_is_stopped_at_its_wall_clock_limit() {
         "stopped promptly: {elapsed:?}"
     );
     assert!(error.is_retryable());
+    hostile.assert_saas_stub_answers();
+}
+
+#[test]
+fn a_call_blocked_in_a_host_call_is_stopped_at_its_wall_clock_limit() {
+    let hostile = Hostile::load();
+    let started = Instant::now();
+    let error = hostile.call_error("sleeper", "estimate-cost");
+    let elapsed = started.elapsed();
+    assert!(
+        matches!(error, CallError::Timeout { limit_ms: 200, .. }),
+        "{error}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "a one-minute WASI sleep is cut at the deadline: {elapsed:?}"
+    );
     hostile.assert_saas_stub_answers();
 }
 

@@ -1,29 +1,71 @@
 //! The one wasmtime `Engine` of a host process and its epoch ticker.
 //!
-//! Wall-clock deadlines use epoch interruption: a background thread bumps the
-//! engine's epoch every [`EPOCH_TICK`], and each call's store traps once its
-//! deadline (in ticks) has passed. Fuel metering is compiled in so an operator
+//! Wall-clock deadlines have two halves. Epoch interruption stops guest code:
+//! a background thread bumps the engine's epoch every [`EPOCH_TICK`], and
+//! each call's store traps once its deadline (in ticks) has passed. A call
+//! blocked inside a host call (a WASI sleep, a socket wait) runs no guest
+//! code, so calls are async and the executor drops them at the deadline. Fuel metering is compiled in so an operator
 //! can give any extension a fuel budget; extensions without one get an
 //! unlimited tank. Component-model async is left out: nothing here uses it
-//! and it costs every call.
+//! and it costs every call. Instances come from a pooling allocator (no
+//! mmap/munmap per call: about half the cost of a call here), falling back
+//! to on-demand allocation where the pool's address space cannot be
+//! reserved.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
-use wasmtime::{Config, Engine, WasmBacktraceDetails};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, WasmBacktraceDetails,
+};
 
 /// How often the epoch advances: the resolution of every wall-clock limit.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 pub fn new_engine() -> wasmtime::Result<Engine> {
+    let mut config = base_config();
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(POOLED_COMPONENT_INSTANCES)
+        .total_core_instances(POOLED_COMPONENT_INSTANCES * 16)
+        .total_memories(POOLED_COMPONENT_INSTANCES * 2)
+        .total_tables(POOLED_COMPONENT_INSTANCES * 2)
+        .max_memory_size(4 << 30);
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    match Engine::new(&config) {
+        Ok(engine) => Ok(engine),
+        Err(error) => {
+            // The pool reserves address space up front; where that is not
+            // allowed, allocate each instance on demand instead.
+            tracing::warn!("cannot reserve the instance pool, allocating on demand: {error:#}");
+            Engine::new(&base_config())
+        }
+    }
+}
+
+/// Instances that can be alive at once in the pool: calls beyond it fail
+/// with a clear error rather than wait.
+const POOLED_COMPONENT_INSTANCES: u32 = 200;
+
+fn base_config() -> Config {
     let mut config = Config::new();
     config.wasm_component_model(true);
     config.concurrency_support(false);
     config.epoch_interruption(true);
     config.consume_fuel(true);
     config.wasm_backtrace_details(WasmBacktraceDetails::Disable);
-    Engine::new(&config)
+    config
+}
+
+/// The executor every call is driven on: calls run on the calling thread
+/// (`block_on`), while one worker drives WASI's timers and sockets.
+pub fn new_executor() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("wasi-io")
+        .enable_time()
+        .enable_io()
+        .build()
 }
 
 /// Epoch ticks that cover `timeout`, plus one so a call never gets less than

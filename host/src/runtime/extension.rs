@@ -17,7 +17,7 @@ use super::engine::deadline_ticks;
 use super::error::{CallError, one_line};
 use super::kv::KvSession;
 use super::network::NetworkPolicy;
-use super::sidecar::{Grants, Limits};
+use super::sidecar::{Grants, Limits, RoutingHints};
 use crate::state_db::StateDb;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -43,6 +43,7 @@ pub(crate) struct Invoker {
     pub config: Arc<BTreeMap<String, String>>,
     pub limits: Limits,
     pub network: Arc<NetworkPolicy>,
+    pub executor: Arc<tokio::runtime::Runtime>,
     /// Keeps deadlines ticking for as long as any extension can be called.
     pub _ticker: Arc<super::engine::EpochTicker>,
 }
@@ -55,7 +56,7 @@ impl Invoker {
         &self,
         function: &'static str,
         timeout: Duration,
-        body: impl FnOnce(
+        body: impl AsyncFnOnce(
             &super::bindings::SandboxExtension,
             &mut Store<CallState>,
         ) -> wasmtime::Result<R>,
@@ -77,10 +78,25 @@ impl Invoker {
             .set_fuel(self.limits.fuel.unwrap_or(u64::MAX))
             .expect("fuel is enabled on the engine");
 
-        let outcome = self
-            .pre
-            .instantiate(&mut store)
-            .and_then(|instance| body(&instance, &mut store));
+        let work = async {
+            let instance = self.pre.instantiate_async(&mut store).await?;
+            body(&instance, &mut store).await
+        };
+        // Guest code is stopped by the epoch deadline; a call blocked in a
+        // host call is dropped here when the same deadline passes.
+        let outcome = match self
+            .executor
+            .block_on(async { tokio::time::timeout(timeout, work).await })
+        {
+            Ok(outcome) => outcome,
+            Err(_elapsed) => {
+                return Err(CallError::Timeout {
+                    extension: self.name.to_string(),
+                    function,
+                    limit_ms: timeout.as_millis() as u64,
+                });
+            }
+        };
         match outcome {
             Ok(value) => {
                 if let Some(kv) = store.data_mut().take_kv() {
@@ -158,8 +174,11 @@ impl Invoker {
 
     /// Calls `info`; used once, while loading.
     pub fn info(&self, timeout: Duration) -> Result<ExtensionInfo, CallError> {
-        self.call("info", timeout, |instance, store| {
-            instance.sandboxer_extension_backend().call_info(store)
+        self.call("info", timeout, async |instance, store| {
+            instance
+                .sandboxer_extension_backend()
+                .call_info(store)
+                .await
         })
     }
 }
@@ -172,6 +191,7 @@ pub struct Extension {
     pub info: ExtensionInfo,
     pub limits: Limits,
     pub grants: Grants,
+    pub routing: RoutingHints,
     pub config: BTreeMap<String, String>,
     pub imports: Vec<ImportedInterface>,
     pub content_sha256: String,
@@ -201,10 +221,11 @@ impl Extension {
     pub fn estimate_cost(&self, spec: &SandboxSpec) -> Result<CostEstimate, CallError> {
         const FUNCTION: &str = "estimate-cost";
         self.invoker
-            .call(FUNCTION, self.timeout(), |instance, store| {
+            .call(FUNCTION, self.timeout(), async |instance, store| {
                 instance
                     .sandboxer_extension_backend()
                     .call_estimate_cost(store, spec)
+                    .await
             })?
             .map_err(|error| self.invoker.backend_error(FUNCTION, error))
     }
@@ -213,10 +234,11 @@ impl Extension {
         const FUNCTION: &str = "create";
         let handle = self
             .invoker
-            .call(FUNCTION, self.timeout(), |instance, store| {
+            .call(FUNCTION, self.timeout(), async |instance, store| {
                 instance
                     .sandboxer_extension_backend()
                     .call_create(store, spec)
+                    .await
             })?
             .map_err(|error| self.invoker.backend_error(FUNCTION, error))?;
         let too_large = |field, size, limit| CallError::OutputTooLarge {
@@ -244,10 +266,11 @@ impl Extension {
     pub fn destroy(&self, spec: &SandboxSpec, handle: &SandboxHandle) -> Result<Usage, CallError> {
         const FUNCTION: &str = "destroy";
         self.invoker
-            .call(FUNCTION, self.timeout(), |instance, store| {
+            .call(FUNCTION, self.timeout(), async |instance, store| {
                 instance
                     .sandboxer_extension_backend()
                     .call_destroy(store, spec, handle)
+                    .await
             })?
             .map_err(|error| self.invoker.backend_error(FUNCTION, error))
     }
@@ -259,10 +282,11 @@ impl Extension {
     ) -> Result<MicroCredits, CallError> {
         const FUNCTION: &str = "meter-actual";
         self.invoker
-            .call(FUNCTION, self.timeout(), |instance, store| {
+            .call(FUNCTION, self.timeout(), async |instance, store| {
                 instance
                     .sandboxer_extension_backend()
                     .call_meter_actual(store, spec, usage)
+                    .await
             })?
             .map_err(|error| self.invoker.backend_error(FUNCTION, error))
     }

@@ -114,6 +114,7 @@ pub(super) fn load(runtime: &Runtime, path: &Path) -> Result<Extension, String> 
         config: Arc::new(sidecar.config.clone()),
         limits: sidecar.limits.clone(),
         network: Arc::new(NetworkPolicy::from_grants(&sidecar.grants.network)),
+        executor: runtime.executor.clone(),
         _ticker: runtime.ticker.clone(),
     };
     let info_timeout = Duration::from_millis(INFO_TIMEOUT_MS.min(sidecar.limits.timeout_ms));
@@ -128,6 +129,7 @@ pub(super) fn load(runtime: &Runtime, path: &Path) -> Result<Extension, String> 
         info,
         limits: sidecar.limits,
         grants: sidecar.grants,
+        routing: sidecar.routing,
         config: sidecar.config,
         imports,
         content_sha256: sha256,

@@ -22,7 +22,11 @@ pub mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "sandbox-extension",
+        // Exports are called asynchronously so that a call blocked in a host
+        // call (a WASI sleep, a socket wait) can still be stopped at its
+        // deadline; the `host` imports are quick and stay synchronous.
         imports: { default: trappable },
+        exports: { default: async },
         additional_derives: [serde::Serialize, serde::Deserialize, PartialEq, Eq],
     });
 }
@@ -37,7 +41,7 @@ pub use engine::EPOCH_TICK;
 pub use error::{CallError, describe_ext_error};
 pub use extension::Extension;
 pub use loader::{MAX_COMPONENT_BYTES, instance_name, sidecar_path};
-pub use sidecar::{Grants, Limits, NetworkGrant, Sidecar};
+pub use sidecar::{Grants, Limits, NetworkGrant, RoutingHints, Sidecar};
 
 use crate::state_db::StateDb;
 use call_state::CallState;
@@ -112,6 +116,7 @@ pub struct Runtime {
     cache: cache::ArtifactCache,
     state: Arc<StateDb>,
     ticker: Arc<engine::EpochTicker>,
+    executor: Arc<tokio::runtime::Runtime>,
 }
 
 impl Runtime {
@@ -121,7 +126,7 @@ impl Runtime {
         let engine_error = |error: wasmtime::Error| RuntimeError::Engine(format!("{error:#}"));
         let engine = engine::new_engine().map_err(engine_error)?;
         let mut linker = Linker::<CallState>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_error)?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(engine_error)?;
         bindings::SandboxExtension::add_to_linker::<CallState, HasSelf<CallState>>(
             &mut linker,
             |state| state,
@@ -129,17 +134,25 @@ impl Runtime {
         .map_err(engine_error)?;
         let cache = cache::ArtifactCache::new(cache_dir, &engine);
         let ticker = Arc::new(engine::EpochTicker::start(&engine));
+        let executor = engine::new_executor()
+            .map_err(|error| RuntimeError::Engine(format!("cannot start the executor: {error}")))?;
         Ok(Self {
             engine,
             linker,
             cache,
             state,
             ticker,
+            executor: Arc::new(executor),
         })
     }
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The executor calls run on (WASI's timers and sockets need it).
+    pub fn executor(&self) -> &Arc<tokio::runtime::Runtime> {
+        &self.executor
     }
 
     /// Where the precompiled artifact of a component with this hash lives.
