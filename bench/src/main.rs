@@ -1,9 +1,10 @@
-//! `cargo xtask bench [runtime|ledger|all]`: each suite measures the host
+//! `cargo xtask bench [runtime|routing|ledger|all]`: each suite measures the host
 //! against a baseline measured in the same run, prints a table with the
 //! ratios and writes target/bench/<suite>.json. The machine is shared and
 //! noisy: read medians and ratios, not single runs.
 
 mod ledger;
+mod routing;
 mod runtime;
 mod sqlite;
 mod stats;
@@ -13,10 +14,12 @@ fn main() -> anyhow::Result<()> {
     match suite.as_str() {
         "runtime" => runtime::run(),
         "ledger" => ledger::run(),
+        "routing" => routing::run(),
         "all" => {
             runtime::run()?;
+            routing::run()?;
             ledger::run()
         }
-        other => anyhow::bail!("unknown suite `{other}`: use runtime, ledger or all"),
+        other => anyhow::bail!("unknown suite `{other}`: use runtime, routing, ledger or all"),
     }
 }

@@ -9,6 +9,8 @@ mod cli_ext;
 mod ledger_concurrency;
 mod ledger_crash;
 mod ledger_model;
+mod profiles;
+mod routing;
 mod runtime_hostile;
 mod runtime_state;
 mod support;

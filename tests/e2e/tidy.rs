@@ -19,6 +19,7 @@ fn docs_mention_every_cli_command() {
         "credits add",
         "credits history",
         "ledger verify",
+        "route explain",
     ] {
         assert!(
             docs.contains(command),

@@ -7,7 +7,7 @@
 //! - `test`: build-extensions, then fmt check, clippy with `-D warnings`, and
 //!   `cargo test --workspace`: the gate CI runs;
 //! - `demo`: builds everything and runs the main job against a fresh home;
-//! - `bench [SUITE]`: runs a benchmark suite (runtime, ledger, all) and writes
+//! - `bench [SUITE]`: runs a benchmark suite (runtime, routing, ledger, all) and writes
 //!   `target/bench/<suite>.json`.
 
 use anyhow::{Context, Result, bail};
@@ -42,7 +42,7 @@ fn run_command() -> Result<()> {
                  build-extensions   build every extension and test fixture into target/\n  \
                  test               build-extensions, fmt check, clippy -D warnings, cargo test --workspace\n  \
                  demo               build and run the main job against a fresh home\n  \
-                 bench [SUITE]      run benchmarks: runtime, ledger or all (default)"
+                 bench [SUITE]      run benchmarks: runtime, routing, ledger or all (default)"
             );
             std::process::exit(2);
         }
@@ -254,6 +254,7 @@ fn demo(root: &Path) -> Result<()> {
         "--ttl-secs",
         "600",
     ])?;
+    host(&["route", "explain", "--profile", "burst-sandbox"])?;
     host(&["credits", "add", "25", "--tenant", "acme"])?;
     host(&["credits", "show", "--tenant", "acme"])?;
     host(&["credits", "show"])?;
@@ -262,8 +263,8 @@ fn demo(root: &Path) -> Result<()> {
 }
 
 fn bench(root: &Path, suite: &str) -> Result<()> {
-    if !["runtime", "ledger", "all"].contains(&suite) {
-        bail!("unknown bench suite `{suite}`: use runtime, ledger or all");
+    if !["runtime", "routing", "ledger", "all"].contains(&suite) {
+        bail!("unknown bench suite `{suite}`: use runtime, routing, ledger or all");
     }
     build_extensions(root)?;
     run(cargo()

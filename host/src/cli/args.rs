@@ -61,6 +61,26 @@ pub enum Command {
     /// Check the ledger's invariants
     #[command(subcommand)]
     Ledger(LedgerCommand),
+
+    /// See how a profile picks its backend
+    #[command(subcommand)]
+    Route(RouteCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RouteCommand {
+    /// Dry run: rank a profile's candidates and say why each ineligible one is left out.
+    /// Creates nothing and holds nothing; exit 1 when no candidate is eligible
+    Explain {
+        /// A profile name in the profiles directory, or a path to a .toml file
+        #[arg(long)]
+        profile: String,
+        /// Price the sandbox for this many seconds instead of the profile's ttl
+        #[arg(long, value_name = "SECS")]
+        ttl: Option<u32>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -93,8 +93,13 @@ pub fn run(command: ExtCommand, paths: &HostPaths) -> Result<()> {
 }
 
 pub fn open_runtime(paths: &HostPaths) -> Result<Runtime> {
+    Ok(open_runtime_with_state(paths)?.0)
+}
+
+/// The runtime and the state store it shares with routing.
+pub fn open_runtime_with_state(paths: &HostPaths) -> Result<(Runtime, Arc<StateDb>)> {
     let state = Arc::new(StateDb::new(paths.state_file()));
-    Ok(Runtime::new(paths.cache_dir(), state)?)
+    Ok((Runtime::new(paths.cache_dir(), state.clone())?, state))
 }
 
 fn find(runtime: &Runtime, paths: &HostPaths, name: &str) -> Result<Arc<Extension>> {

@@ -8,6 +8,7 @@ mod args;
 mod credits;
 mod ext;
 mod output;
+mod route;
 
 use anyhow::Result;
 use args::{Cli, Command};
@@ -45,6 +46,7 @@ fn run(command: Command, paths: &HostPaths) -> Result<()> {
         Command::Ext(command) => ext::run(command, paths),
         Command::Credits(command) => credits::run_credits(command, paths),
         Command::Ledger(command) => credits::run_ledger(command, paths),
+        Command::Route(command) => route::run(command, paths),
     }
 }
 

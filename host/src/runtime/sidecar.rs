@@ -5,6 +5,7 @@
 //! names the key, the line and the file, so a typo never silently leaves a
 //! limit at its default.
 
+use crate::toml_file::describe_toml_error;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -74,11 +75,19 @@ pub struct Grants {
     pub network: Vec<NetworkGrant>,
 }
 
+/// What the operator tells routing about an instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RoutingHints {
+    /// Time to ready to assume before any create has been measured.
+    pub expected_latency_ms: Option<u64>,
+}
+
 /// A parsed sidecar, with defaults filled in.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Sidecar {
     pub limits: Limits,
     pub grants: Grants,
+    pub routing: RoutingHints,
     /// `[config]` values as text, read by the extension through `config-get`.
     pub config: BTreeMap<String, String>,
 }
@@ -98,7 +107,15 @@ struct SidecarFile {
     #[serde(default)]
     grants: GrantsFile,
     #[serde(default)]
+    routing: RoutingFile,
+    #[serde(default)]
     config: toml::Table,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RoutingFile {
+    expected_latency_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -194,23 +211,15 @@ impl Sidecar {
             config.insert(key, text);
         }
 
+        let routing = RoutingHints {
+            expected_latency_ms: file.routing.expected_latency_ms,
+        };
         Ok(Self {
             limits,
             grants: Grants { network },
+            routing,
             config,
         })
-    }
-}
-
-/// One line from a TOML error: the line number and the parser's message.
-pub fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
-    let message = error.message().trim().replace('\n', " ");
-    match error.span() {
-        Some(span) => {
-            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            format!("line {line}: {message}")
-        }
-        None => message,
     }
 }
 
@@ -269,6 +278,8 @@ mod tests {
             fuel = 1000000
             [grants]
             network = ["127.0.0.1:8080", "api.example.com:*", "[::1]:443"]
+            [routing]
+            expected_latency_ms = 750
             [config]
             rate = "0.01"
             float_rate = 0.01
@@ -296,6 +307,7 @@ mod tests {
         assert_eq!(sidecar.config["float_rate"], "0.01");
         assert_eq!(sidecar.config["count"], "3");
         assert_eq!(sidecar.config["on"], "true");
+        assert_eq!(sidecar.routing.expected_latency_ms, Some(750));
     }
 
     #[test]
