@@ -1,13 +1,25 @@
 //! The host's own state store (`<home>/state.redb`): extension key-value
-//! stores today, sandbox records and routing statistics as they arrive.
+//! stores, sandbox records and their lifecycle events, routing health and
+//! event-delivery cursors.
 //!
 //! Opened lazily on first use, so commands that never touch state (such as
 //! `ext list`) work while another process holds the file. redb takes an
 //! exclusive lock on its file; a second process gets a plain error saying so.
+//!
+//! Writes go through one writer thread that groups concurrent writers into
+//! one durable transaction (one fsync for the group), as the ledger does:
+//! with many sandboxes in flight, per-write commits would serialize on the
+//! disk. Each write is a closure over the transaction; a failing closure
+//! abandons its group, and every writer in it gets the error.
 
-use redb::{Database, DatabaseError};
+use redb::{Database, DatabaseError, Durability, WriteTransaction};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// Most writes committed in one transaction.
+const MAX_GROUP: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateDbError {
@@ -18,20 +30,57 @@ pub enum StateDbError {
         path: PathBuf,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("state store write failed: {0}")]
+    Write(String),
+}
+
+/// A write: runs inside the group's transaction.
+pub type StateWrite = Box<dyn FnOnce(&WriteTransaction) -> Result<(), String> + Send>;
+
+struct Job {
+    write: StateWrite,
+    /// Whether the caller needs the write on disk before it goes on. A
+    /// group is durable when any of its writes is.
+    durable: bool,
+    reply: Sender<Result<(), String>>,
+}
+
+/// The open file and its writer.
+struct Opened {
+    database: Arc<Database>,
+    jobs: Option<Sender<Job>>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer once its group is committed.
+        self.jobs.take();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
 }
 
 /// A lazily opened, shared handle on `state.redb`.
-#[derive(Debug)]
 pub struct StateDb {
     path: PathBuf,
-    database: Mutex<Option<Arc<Database>>>,
+    opened: Mutex<Option<Arc<Opened>>>,
+}
+
+impl std::fmt::Debug for StateDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateDb")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
 }
 
 impl StateDb {
     pub fn new(path: PathBuf) -> Self {
         Self {
             path,
-            database: Mutex::new(None),
+            opened: Mutex::new(None),
         }
     }
 
@@ -39,19 +88,123 @@ impl StateDb {
         &self.path
     }
 
-    /// The open database, opening (or creating) it on first use.
-    pub fn database(&self) -> Result<Arc<Database>, StateDbError> {
+    /// Releases the file (and its lock) once no operation uses it; the next
+    /// use opens it again.
+    pub fn close(&self) {
+        let opened = self
+            .opened
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        drop(opened);
+    }
+
+    fn opened(&self) -> Result<Arc<Opened>, StateDbError> {
         let mut slot = self
-            .database
+            .opened
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(database) = slot.as_ref() {
-            return Ok(database.clone());
+        if let Some(opened) = slot.as_ref() {
+            return Ok(opened.clone());
         }
         let database = Arc::new(open_exclusive(&self.path)?);
-        *slot = Some(database.clone());
-        Ok(database)
+        let (jobs, receiver) = mpsc::channel();
+        let writer_database = database.clone();
+        let writer = std::thread::Builder::new()
+            .name("state-writer".into())
+            .spawn(move || run_writer(&writer_database, receiver))
+            .map_err(|source| StateDbError::Open {
+                path: self.path.clone(),
+                source: Box::new(source),
+            })?;
+        let opened = Arc::new(Opened {
+            database,
+            jobs: Some(jobs),
+            writer: Some(writer),
+        });
+        *slot = Some(opened.clone());
+        Ok(opened)
     }
+
+    /// The open database, opening (or creating) it on first use. For reads;
+    /// write with [`StateDb::write`].
+    pub fn database(&self) -> Result<Arc<Database>, StateDbError> {
+        Ok(self.opened()?.database.clone())
+    }
+
+    /// Runs `write` inside a durable write transaction, grouped with other
+    /// writers', and returns once it is committed.
+    pub fn write(
+        &self,
+        write: impl FnOnce(&WriteTransaction) -> Result<(), String> + Send + 'static,
+    ) -> Result<(), StateDbError> {
+        self.submit(Box::new(write), true)
+    }
+
+    /// Like [`StateDb::write`], for a write whose loss in a crash is
+    /// harmless: it becomes durable with the next durable write, and costs
+    /// no fsync of its own.
+    pub fn write_eventually(
+        &self,
+        write: impl FnOnce(&WriteTransaction) -> Result<(), String> + Send + 'static,
+    ) -> Result<(), StateDbError> {
+        self.submit(Box::new(write), false)
+    }
+
+    fn submit(&self, write: StateWrite, durable: bool) -> Result<(), StateDbError> {
+        let opened = self.opened()?;
+        let (reply, answer) = mpsc::channel();
+        let stopped = || StateDbError::Write("the state store's writer has stopped".into());
+        opened
+            .jobs
+            .as_ref()
+            .ok_or_else(stopped)?
+            .send(Job {
+                write,
+                durable,
+                reply,
+            })
+            .map_err(|_| stopped())?;
+        answer
+            .recv()
+            .map_err(|_| stopped())?
+            .map_err(StateDbError::Write)
+    }
+}
+
+fn run_writer(database: &Database, jobs: Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match jobs.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        let durable = group.iter().any(|job| job.durable);
+        let (writes, replies): (Vec<StateWrite>, Vec<Sender<Result<(), String>>>) =
+            group.into_iter().map(|job| (job.write, job.reply)).unzip();
+        let outcome = commit_group(database, writes, durable);
+        for reply in replies {
+            let _ = reply.send(outcome.clone());
+        }
+    }
+}
+
+fn commit_group(database: &Database, writes: Vec<StateWrite>, durable: bool) -> Result<(), String> {
+    let mut transaction = database.begin_write().map_err(|error| error.to_string())?;
+    if !durable {
+        transaction
+            .set_durability(Durability::None)
+            .map_err(|error| error.to_string())?;
+    }
+    for write in writes {
+        if let Err(error) = write(&transaction) {
+            let _ = transaction.abort();
+            return Err(error);
+        }
+    }
+    transaction.commit().map_err(|error| error.to_string())
 }
 
 /// Opens or creates a redb file, turning "another process has it" into a
@@ -72,4 +225,76 @@ pub fn open_exclusive(path: &Path) -> Result<Database, StateDbError> {
             source: Box::new(other),
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redb::{ReadableDatabase, TableDefinition};
+
+    const NUMBERS: TableDefinition<u64, u64> = TableDefinition::new("numbers");
+
+    #[test]
+    fn concurrent_writes_are_all_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = Arc::new(StateDb::new(dir.path().join("state.redb")));
+        std::thread::scope(|scope| {
+            for thread in 0..8u64 {
+                let state = state.clone();
+                scope.spawn(move || {
+                    for index in 0..25u64 {
+                        let key = thread * 100 + index;
+                        state
+                            .write(move |write| {
+                                let mut table = write
+                                    .open_table(NUMBERS)
+                                    .map_err(|error| error.to_string())?;
+                                table
+                                    .insert(key, key * 2)
+                                    .map_err(|error| error.to_string())?;
+                                Ok(())
+                            })
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        let read = state.database().unwrap().begin_read().unwrap();
+        let table = read.open_table(NUMBERS).unwrap();
+        assert_eq!(redb::ReadableTableMetadata::len(&table).unwrap(), 200);
+    }
+
+    #[test]
+    fn a_failed_write_commits_nothing_and_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDb::new(dir.path().join("state.redb"));
+        let error = state
+            .write(|write| {
+                write
+                    .open_table(NUMBERS)
+                    .map_err(|error| error.to_string())?
+                    .insert(1, 1)
+                    .map_err(|error| error.to_string())?;
+                Err("refused".into())
+            })
+            .unwrap_err();
+        assert_eq!(error.to_string(), "state store write failed: refused");
+        let read = state.database().unwrap().begin_read().unwrap();
+        assert!(read.open_table(NUMBERS).is_err(), "nothing was committed");
+    }
+
+    #[test]
+    fn closing_releases_the_file_for_another_opener() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let state = StateDb::new(path.clone());
+        state.database().unwrap();
+        assert!(matches!(
+            open_exclusive(&path),
+            Err(StateDbError::InUse { .. })
+        ));
+        state.close();
+        drop(open_exclusive(&path).unwrap());
+        state.database().expect("opens again after close");
+    }
 }

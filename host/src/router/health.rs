@@ -9,7 +9,7 @@
 //! forgets the failures; a failed probe opens it again for twice as long.
 
 use crate::state_db::{StateDb, StateDbError};
-use redb::{ReadableDatabase, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -222,47 +222,85 @@ impl RouteHealth {
         instance: &str,
         success: bool,
         now_ms: u64,
-    ) -> Result<Breaker, HealthError> {
-        let mut breaker = self.breaker(instance)?;
-        if success {
-            breaker.record_success();
-        } else {
-            breaker.record_failure(now_ms);
-        }
-        let database = self.state.database()?;
-        let write = database.begin_write().map_err(storage)?;
-        {
-            let mut table = write.open_table(BREAKERS).map_err(storage)?;
-            table
-                .insert(
-                    instance,
-                    (
-                        breaker.consecutive_failures,
-                        breaker.opens,
-                        breaker.open_until_ms,
-                    ),
-                )
-                .map_err(storage)?;
-        }
-        write.commit().map_err(storage)?;
-        Ok(breaker)
+    ) -> Result<(), HealthError> {
+        let instance = instance.to_string();
+        self.state
+            .write(move |write| apply_outcome(write, &instance, success, now_ms))?;
+        Ok(())
     }
 
     /// Adds one measured time to ready (create call until ready).
-    pub fn record_latency(&self, instance: &str, sample_ms: u64) -> Result<Latency, HealthError> {
-        let mut latency = self.latency(instance)?;
-        latency.record(sample_ms);
-        let database = self.state.database()?;
-        let write = database.begin_write().map_err(storage)?;
-        {
-            let mut table = write.open_table(LATENCY).map_err(storage)?;
-            table
-                .insert(instance, (latency.average_ms, latency.samples))
-                .map_err(storage)?;
-        }
-        write.commit().map_err(storage)?;
-        Ok(latency)
+    pub fn record_latency(&self, instance: &str, sample_ms: u64) -> Result<(), HealthError> {
+        let instance = instance.to_string();
+        self.state
+            .write(move |write| apply_latency(write, &instance, sample_ms))?;
+        Ok(())
     }
+}
+
+/// [`RouteHealth::record_outcome`] inside a caller's transaction.
+pub fn apply_outcome(
+    write: &WriteTransaction,
+    instance: &str,
+    success: bool,
+    now_ms: u64,
+) -> Result<(), String> {
+    let mut table = write
+        .open_table(BREAKERS)
+        .map_err(|error| error.to_string())?;
+    let mut breaker = table
+        .get(instance)
+        .map_err(|error| error.to_string())?
+        .map_or_else(Breaker::default, |row| {
+            let (consecutive_failures, opens, open_until_ms) = row.value();
+            Breaker {
+                consecutive_failures,
+                opens,
+                open_until_ms,
+            }
+        });
+    if success {
+        breaker.record_success();
+    } else {
+        breaker.record_failure(now_ms);
+    }
+    table
+        .insert(
+            instance,
+            (
+                breaker.consecutive_failures,
+                breaker.opens,
+                breaker.open_until_ms,
+            ),
+        )
+        .map_err(|error| error.to_string())?;
+    Ok(())
+}
+
+/// [`RouteHealth::record_latency`] inside a caller's transaction.
+pub fn apply_latency(
+    write: &WriteTransaction,
+    instance: &str,
+    sample_ms: u64,
+) -> Result<(), String> {
+    let mut table = write
+        .open_table(LATENCY)
+        .map_err(|error| error.to_string())?;
+    let mut latency = table
+        .get(instance)
+        .map_err(|error| error.to_string())?
+        .map_or_else(Latency::default, |row| {
+            let (average_ms, samples) = row.value();
+            Latency {
+                average_ms,
+                samples,
+            }
+        });
+    latency.record(sample_ms);
+    table
+        .insert(instance, (latency.average_ms, latency.samples))
+        .map_err(|error| error.to_string())?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -61,6 +61,26 @@ impl Invoker {
             &mut Store<CallState>,
         ) -> wasmtime::Result<R>,
     ) -> Result<R, CallError> {
+        let (value, kv) = self.call_keeping_kv(function, timeout, body)?;
+        kv.commit().map_err(|error| CallError::Host {
+            extension: self.name.to_string(),
+            function,
+            message: error.to_string(),
+        })?;
+        Ok(value)
+    }
+
+    /// [`Invoker::call`], handing the call's key-value writes back to the
+    /// caller to commit (or drop) instead of committing them.
+    pub fn call_keeping_kv<R>(
+        &self,
+        function: &'static str,
+        timeout: Duration,
+        body: impl AsyncFnOnce(
+            &super::bindings::SandboxExtension,
+            &mut Store<CallState>,
+        ) -> wasmtime::Result<R>,
+    ) -> Result<(R, KvSession), CallError> {
         let kv = KvSession::new(self.state.clone(), self.name.to_string());
         let wasi = self.network.wasi_context();
         let data = CallState::new(
@@ -99,14 +119,11 @@ impl Invoker {
         };
         match outcome {
             Ok(value) => {
-                if let Some(kv) = store.data_mut().take_kv() {
-                    kv.commit().map_err(|error| CallError::Host {
-                        extension: self.name.to_string(),
-                        function,
-                        message: error.to_string(),
-                    })?;
-                }
-                Ok(value)
+                let kv = store
+                    .data_mut()
+                    .take_kv()
+                    .expect("the call's key-value session is taken once");
+                Ok((value, kv))
             }
             Err(error) => Err(self.classify(function, timeout, &error, store.data())),
         }
@@ -183,6 +200,21 @@ impl Invoker {
     }
 }
 
+/// Key-value writes of a call, not yet committed.
+pub struct PendingKv(KvSession);
+
+impl PendingKv {
+    /// Commits them on their own.
+    pub fn commit(self) -> Result<(), super::kv::KvError> {
+        self.0.commit()
+    }
+
+    /// Writes them into the caller's transaction.
+    pub fn apply(self, write: &redb::WriteTransaction) -> Result<(), String> {
+        self.0.apply(write)
+    }
+}
+
 /// An extension instance that passed every load check.
 pub struct Extension {
     /// The instance name: the file stem.
@@ -231,16 +263,33 @@ impl Extension {
     }
 
     pub fn create(&self, spec: &SandboxSpec) -> Result<SandboxHandle, CallError> {
+        let (handle, kv) = self.create_keeping_kv(spec)?;
+        kv.commit().map_err(|error| CallError::Host {
+            extension: self.name.clone(),
+            function: "create",
+            message: error.to_string(),
+        })?;
+        Ok(handle)
+    }
+
+    /// [`Extension::create`], handing back the extension's key-value writes
+    /// so the caller can make them durable together with its own record of
+    /// the sandbox (one commit instead of two). Until then later calls of
+    /// the extension do not see them.
+    pub fn create_keeping_kv(
+        &self,
+        spec: &SandboxSpec,
+    ) -> Result<(SandboxHandle, PendingKv), CallError> {
         const FUNCTION: &str = "create";
-        let handle = self
-            .invoker
-            .call(FUNCTION, self.timeout(), async |instance, store| {
-                instance
-                    .sandboxer_extension_backend()
-                    .call_create(store, spec)
-                    .await
-            })?
-            .map_err(|error| self.invoker.backend_error(FUNCTION, error))?;
+        let (answer, kv) =
+            self.invoker
+                .call_keeping_kv(FUNCTION, self.timeout(), async |instance, store| {
+                    instance
+                        .sandboxer_extension_backend()
+                        .call_create(store, spec)
+                        .await
+                })?;
+        let handle = answer.map_err(|error| self.invoker.backend_error(FUNCTION, error))?;
         let too_large = |field, size, limit| CallError::OutputTooLarge {
             extension: self.name.clone(),
             function: FUNCTION,
@@ -260,7 +309,7 @@ impl Extension {
         {
             return Err(too_large("endpoint", endpoint.len(), MAX_ENDPOINT_BYTES));
         }
-        Ok(handle)
+        Ok((handle, PendingKv(kv)))
     }
 
     pub fn destroy(&self, spec: &SandboxSpec, handle: &SandboxHandle) -> Result<Usage, CallError> {

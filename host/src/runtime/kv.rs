@@ -7,7 +7,7 @@
 //! leaves the store exactly as it found it.
 
 use crate::state_db::{StateDb, StateDbError};
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -198,35 +198,47 @@ impl KvSession {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let database = self.state.database()?;
-        let write = database.begin_write().map_err(storage)?;
-        {
-            let mut values = write.open_table(VALUES).map_err(storage)?;
-            let mut counts = write.open_table(KEY_COUNTS).map_err(storage)?;
-            let mut count = counts
-                .get(self.instance.as_str())
-                .map_err(storage)?
-                .map_or(0, |count| count.value());
-            for (key, Pending { value, .. }) in &self.pending {
-                let previous = match value {
-                    Some(value) => {
-                        values.insert((self.instance.as_str(), key.as_str()), value.as_slice())
-                    }
-                    None => values.remove((self.instance.as_str(), key.as_str())),
-                }
-                .map_err(storage)?
-                .is_some();
-                match (previous, value.is_some()) {
-                    (false, true) => count += 1,
-                    (true, false) => count = count.saturating_sub(1),
-                    _ => {}
-                }
-            }
-            counts
-                .insert(self.instance.as_str(), count)
-                .map_err(storage)?;
+        let state = self.state.clone();
+        state.write(move |write| self.apply(write))?;
+        Ok(())
+    }
+
+    /// Writes the call's writes into a caller's transaction, so they become
+    /// durable together with what the caller records there.
+    pub fn apply(self, write: &WriteTransaction) -> Result<(), String> {
+        let Self {
+            instance, pending, ..
+        } = self;
+        if pending.is_empty() {
+            return Ok(());
         }
-        write.commit().map_err(storage)
+        let mut values = write
+            .open_table(VALUES)
+            .map_err(|error| error.to_string())?;
+        let mut counts = write
+            .open_table(KEY_COUNTS)
+            .map_err(|error| error.to_string())?;
+        let mut count = counts
+            .get(instance.as_str())
+            .map_err(|error| error.to_string())?
+            .map_or(0, |count| count.value());
+        for (key, Pending { value, .. }) in &pending {
+            let previous = match value {
+                Some(value) => values.insert((instance.as_str(), key.as_str()), value.as_slice()),
+                None => values.remove((instance.as_str(), key.as_str())),
+            }
+            .map_err(|error| error.to_string())?
+            .is_some();
+            match (previous, value.is_some()) {
+                (false, true) => count += 1,
+                (true, false) => count = count.saturating_sub(1),
+                _ => {}
+            }
+        }
+        counts
+            .insert(instance.as_str(), count)
+            .map_err(|error| error.to_string())?;
+        Ok(())
     }
 }
 

@@ -12,7 +12,7 @@ mod capabilities;
 mod engine;
 mod error;
 mod extension;
-mod kv;
+pub mod kv;
 mod loader;
 mod network;
 pub mod sidecar;
@@ -39,7 +39,7 @@ pub use cache::CacheOutcome;
 pub use capabilities::ImportedInterface;
 pub use engine::EPOCH_TICK;
 pub use error::{CallError, describe_ext_error};
-pub use extension::Extension;
+pub use extension::{Extension, PendingKv};
 pub use loader::{MAX_COMPONENT_BYTES, instance_name, sidecar_path};
 pub use sidecar::{Grants, Limits, NetworkGrant, RoutingHints, Sidecar};
 
@@ -60,7 +60,7 @@ pub fn kind_name(kind: BackendKind) -> &'static str {
 }
 
 /// One `.wasm` file of an extensions directory and what became of it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ExtensionEntry {
     /// The instance name (file stem).
     pub name: String,
@@ -75,7 +75,7 @@ impl ExtensionEntry {
 }
 
 /// Every extension file of a directory, in name order, loaded or rejected.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct ExtensionSet {
     pub entries: Vec<ExtensionEntry>,
 }
@@ -117,7 +117,12 @@ pub struct Runtime {
     state: Arc<StateDb>,
     ticker: Arc<engine::EpochTicker>,
     executor: Arc<tokio::runtime::Runtime>,
+    on_compile: Option<CompileNotice>,
 }
+
+/// Told the file name before a component is compiled (not found in the
+/// cache): compiling a big guest takes seconds.
+pub type CompileNotice = Arc<dyn Fn(&str) + Send + Sync>;
 
 impl Runtime {
     /// A runtime caching compiled components in `cache_dir` and keeping
@@ -143,7 +148,13 @@ impl Runtime {
             state,
             ticker,
             executor: Arc::new(executor),
+            on_compile: None,
         })
+    }
+
+    /// Calls `notice` before each compile that the cache cannot spare.
+    pub fn on_compile(&mut self, notice: CompileNotice) {
+        self.on_compile = Some(notice);
     }
 
     pub fn engine(&self) -> &Engine {
