@@ -12,6 +12,6 @@ test:
 demo:
     cargo xtask demo
 
-# Benchmarks: runtime, routing, ledger or all
+# Benchmarks: runtime, routing, ledger, lifecycle or all
 bench suite="all":
     cargo xtask bench {{suite}}

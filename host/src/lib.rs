@@ -5,9 +5,13 @@
 //! - [`runtime`] loads and calls extensions; knows nothing of money or routing;
 //! - [`ledger`] holds, settles and records credits; never calls an extension;
 //! - [`profile`] reads sandbox recipes; [`router`] picks the backend for one;
+//! - [`manager`] is the one place that joins router, runtime and ledger for a
+//!   sandbox's lifecycle; [`delivery`] sends the outboxes' events to sinks;
 //! - [`paths`] and [`state_db`] say where the host's files live.
 
+pub mod delivery;
 pub mod ledger;
+pub mod manager;
 pub mod paths;
 pub mod profile;
 pub mod router;

@@ -9,6 +9,7 @@ mod cli_ext;
 mod ledger_concurrency;
 mod ledger_crash;
 mod ledger_model;
+mod lifecycle;
 mod profiles;
 mod routing;
 mod runtime_hostile;

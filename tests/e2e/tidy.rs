@@ -20,6 +20,12 @@ fn docs_mention_every_cli_command() {
         "credits history",
         "ledger verify",
         "route explain",
+        "run --profile",
+        "sandbox create",
+        "sandbox list",
+        "sandbox show",
+        "sandbox destroy",
+        "events tail",
     ] {
         assert!(
             docs.contains(command),
@@ -28,8 +34,9 @@ fn docs_mention_every_cli_command() {
     }
 }
 
-/// The runtime never touches money or routing; the ledger never touches
-/// wasmtime or extensions (docs/architecture.md, "Invariants").
+/// The runtime never touches money or routing; the router never touches
+/// money; the ledger never touches wasmtime or extensions
+/// (docs/architecture.md, "Invariants").
 #[test]
 fn module_boundaries_hold() {
     let host = repo_root().join("host/src");
@@ -49,6 +56,16 @@ fn module_boundaries_hold() {
         assert!(
             !text.contains("crate::ledger"),
             "{file}: the runtime knows nothing of money"
+        );
+    }
+    for (file, text) in sources("router") {
+        assert!(
+            !text.contains("crate::ledger"),
+            "{file}: the router never holds credits"
+        );
+        assert!(
+            !text.contains("crate::manager"),
+            "{file}: the router knows nothing of lifecycles"
         );
     }
     for (file, text) in sources("ledger") {

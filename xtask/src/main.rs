@@ -7,7 +7,7 @@
 //! - `test`: build-extensions, then fmt check, clippy with `-D warnings`, and
 //!   `cargo test --workspace`: the gate CI runs;
 //! - `demo`: builds everything and runs the main job against a fresh home;
-//! - `bench [SUITE]`: runs a benchmark suite (runtime, routing, ledger, all) and writes
+//! - `bench [SUITE]`: runs a benchmark suite (runtime, routing, ledger, lifecycle, all) and writes
 //!   `target/bench/<suite>.json`.
 
 use anyhow::{Context, Result, bail};
@@ -42,7 +42,7 @@ fn run_command() -> Result<()> {
                  build-extensions   build every extension and test fixture into target/\n  \
                  test               build-extensions, fmt check, clippy -D warnings, cargo test --workspace\n  \
                  demo               build and run the main job against a fresh home\n  \
-                 bench [SUITE]      run benchmarks: runtime, routing, ledger or all (default)"
+                 bench [SUITE]      run benchmarks: runtime, routing, ledger, lifecycle or all (default)"
             );
             std::process::exit(2);
         }
@@ -242,29 +242,30 @@ fn demo(root: &Path) -> Result<()> {
     };
     println!("demo home: {} (fresh)", home.display());
     host(&["ext", "list"])?;
-    host(&["ext", "info", "saas-stub"])?;
-    host(&[
-        "ext",
-        "estimate",
-        "saas-stub",
-        "--cpu-millis",
-        "2000",
-        "--memory-mb",
-        "4096",
-        "--ttl-secs",
-        "600",
-    ])?;
+    host(&["credits", "add", "5", "--tenant", "acme"])?;
+    // The main job: route burst-sandbox, hold its estimate, create the
+    // sandbox, wait out its (shortened) ttl, destroy it, bill the actual.
     host(&["route", "explain", "--profile", "burst-sandbox"])?;
-    host(&["credits", "add", "25", "--tenant", "acme"])?;
+    host(&[
+        "run",
+        "--profile",
+        "burst-sandbox",
+        "--tenant",
+        "acme",
+        "--ttl",
+        "3",
+    ])?;
+    host(&["sandbox", "list", "--all"])?;
     host(&["credits", "show", "--tenant", "acme"])?;
-    host(&["credits", "show"])?;
+    host(&["credits", "history", "--tenant", "acme"])?;
+    host(&["events", "tail", "--limit", "3"])?;
     host(&["ledger", "verify"])?;
     Ok(())
 }
 
 fn bench(root: &Path, suite: &str) -> Result<()> {
-    if !["runtime", "routing", "ledger", "all"].contains(&suite) {
-        bail!("unknown bench suite `{suite}`: use runtime, routing, ledger or all");
+    if !["runtime", "routing", "ledger", "lifecycle", "all"].contains(&suite) {
+        bail!("unknown bench suite `{suite}`: use runtime, routing, ledger, lifecycle or all");
     }
     build_extensions(root)?;
     run(cargo()

@@ -4,8 +4,9 @@
 //! card, without calling one: `create` hands out a reference and remembers
 //! when it started (in the host's key-value store, so it survives fresh
 //! instances and host restarts), `destroy` reports the wall time since then,
-//! and `meter-actual` prices that time, rounded up to whole seconds, at the
-//! card used for the estimate.
+//! and `meter-actual` prices that time, rounded up to whole seconds and
+//! capped at the ttl (where a provider would stop the sandbox), at the card
+//! used for the estimate.
 //!
 //! Rate card, from the sidecar's `[config]` table (decimal credits):
 //! - `rate_per_vcpu_hour`, default 0.0504 per vCPU-hour;
@@ -154,8 +155,13 @@ impl Backend for SaasStub {
 
     fn meter_actual(spec: SandboxSpec, usage: Usage) -> Result<MicroCredits, ExtError> {
         let card = RateCard::from_config()?;
-        // Billed per started second, like the providers the card follows.
-        let billed_ms = usage.wall_ms.div_ceil(1000).saturating_mul(1000);
+        // Billed per started second, like the providers the card follows,
+        // and never beyond the ttl: a provider stops the sandbox there.
+        let billed_ms = usage
+            .wall_ms
+            .div_ceil(1000)
+            .saturating_mul(1000)
+            .min(u64::from(spec.ttl_secs) * 1000);
         card.price(&spec, billed_ms)
     }
 }

@@ -46,10 +46,34 @@ pub struct GlobalArgs {
         value_name = "DIR"
     )]
     pub profiles_dir: Option<PathBuf>,
+
+    /// Also deliver meter events to this webhook (a CloudEvents batch per POST)
+    #[arg(long, global = true, env = "SANDBOXER_HUB_URL", value_name = "URL")]
+    pub hub_url: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Create a sandbox from a profile, wait for its command or its ttl, destroy it, bill it
+    Run {
+        #[command(flatten)]
+        target: CreateArgs,
+        /// Print a JSON summary
+        #[arg(long)]
+        json: bool,
+        /// The command to run in the sandbox, instead of the profile's
+        #[arg(last = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+
+    /// Create, list, show and destroy sandboxes
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
+
+    /// Read the meter events delivered to <home>/events.jsonl
+    #[command(subcommand)]
+    Events(EventsCommand),
+
     /// Inspect and check backend extensions
     #[command(subcommand)]
     Ext(ExtCommand),
@@ -65,6 +89,66 @@ pub enum Command {
     /// See how a profile picks its backend
     #[command(subcommand)]
     Route(RouteCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// A profile name in the profiles directory, or a path to a .toml file
+    #[arg(long)]
+    pub profile: String,
+    /// The tenant whose credits pay
+    #[arg(long, default_value = "default")]
+    pub tenant: String,
+    /// Lifetime in seconds, instead of the profile's ttl
+    #[arg(long, value_name = "SECS")]
+    pub ttl: Option<u32>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SandboxCommand {
+    /// Create a sandbox and leave it running (until its ttl or `sandbox destroy`)
+    Create {
+        #[command(flatten)]
+        target: CreateArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List live sandboxes (--all: every record)
+    List {
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one sandbox with its attempts and meter
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Destroy a sandbox and settle its bill; idempotent
+    Destroy {
+        id: String,
+        /// When it cannot be destroyed (its extension is gone, destroy fails):
+        /// void its hold, charge nothing, and record why
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Print the latest events (JSON lines), oldest first
+    Tail {
+        /// How many events to print
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Keep printing new events as they are delivered (Ctrl-C to stop)
+        #[arg(long)]
+        follow: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -9,26 +9,46 @@ use sandboxer_host::ledger::{
     DEFAULT_STARTING_CREDITS, JournalEntry, Ledger, LedgerOptions, TenantSummary, rfc3339_millis,
 };
 use sandboxer_host::paths::HostPaths;
+use sandboxer_host::state_db::StateDb;
 use serde_json::json;
 
-/// Opens the ledger with the default tenant's starting credits from
+/// Ledger options, with the default tenant's starting credits from
 /// SANDBOXER_DEFAULT_CREDITS.
-pub fn open_ledger(paths: &HostPaths) -> Result<Ledger> {
+pub fn ledger_options() -> Result<LedgerOptions> {
     let default_credits = match std::env::var("SANDBOXER_DEFAULT_CREDITS") {
         Ok(text) => parse_credits(&text).context("SANDBOXER_DEFAULT_CREDITS")?,
         Err(_) => DEFAULT_STARTING_CREDITS,
     };
-    let options = LedgerOptions {
+    Ok(LedgerOptions {
         default_credits,
         ..LedgerOptions::default()
-    };
-    Ok(Ledger::open(&paths.ledger_file(), options)?)
+    })
 }
 
-pub fn run_credits(command: CreditsCommand, paths: &HostPaths) -> Result<()> {
+pub fn open_ledger(paths: &HostPaths) -> Result<Ledger> {
+    Ok(Ledger::open(&paths.ledger_file(), ledger_options()?)?)
+}
+
+/// Runs a credits command, then delivers the events it wrote.
+pub fn run_credits(
+    command: CreditsCommand,
+    paths: &HostPaths,
+    hub_url: Option<String>,
+) -> Result<()> {
+    // Bad input changes nothing: not even a new ledger file.
+    if let CreditsCommand::Add { amount, .. } = &command {
+        parse_credits(amount)?;
+    }
+    let ledger = open_ledger(paths)?;
+    let outcome = credits_command(command, &ledger);
+    let state = StateDb::new(paths.state_file());
+    super::sandbox::deliver(&super::sandbox::sinks(paths, hub_url), &ledger, &state);
+    outcome
+}
+
+fn credits_command(command: CreditsCommand, ledger: &Ledger) -> Result<()> {
     match command {
         CreditsCommand::Show { tenant, json } => {
-            let ledger = open_ledger(paths)?;
             let summary = ledger.summary(&tenant)?;
             if json {
                 return print_json(&summary_json(&summary));
@@ -54,9 +74,7 @@ pub fn run_credits(command: CreditsCommand, paths: &HostPaths) -> Result<()> {
             key,
             json,
         } => {
-            // Parse before opening anything: bad input changes nothing.
             let micros = parse_credits(&amount)?;
-            let ledger = open_ledger(paths)?;
             let receipt = ledger.grant(&tenant, micros, key.as_deref())?;
             let summary = ledger.summary(&tenant)?;
             if json {
@@ -92,7 +110,6 @@ pub fn run_credits(command: CreditsCommand, paths: &HostPaths) -> Result<()> {
             limit,
             json,
         } => {
-            let ledger = open_ledger(paths)?;
             let entries = ledger.history(&tenant, limit)?;
             if json {
                 let rows: Vec<_> = entries.iter().map(entry_json).collect();

@@ -9,6 +9,7 @@ mod credits;
 mod ext;
 mod output;
 mod route;
+mod sandbox;
 
 use anyhow::Result;
 use args::{Cli, Command};
@@ -23,6 +24,12 @@ use std::process::ExitCode;
 pub struct AlreadyReported;
 
 pub fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`sandboxer-host events tail | head`),
+    // as command-line tools do, instead of failing a print.
+    // SAFETY: restoring the default disposition of a signal.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     install_panic_hook();
     let cli = Cli::parse();
     init_logging();
@@ -31,7 +38,7 @@ pub fn main() -> ExitCode {
         cli.global.extensions_dir.clone(),
         cli.global.profiles_dir.clone(),
     );
-    match run(cli.command, &paths) {
+    match run(cli.command, &paths, cli.global.hub_url) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) if error.is::<AlreadyReported>() => ExitCode::FAILURE,
         Err(error) => {
@@ -41,10 +48,17 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run(command: Command, paths: &HostPaths) -> Result<()> {
+fn run(command: Command, paths: &HostPaths, hub_url: Option<String>) -> Result<()> {
     match command {
+        Command::Run {
+            target,
+            json,
+            command,
+        } => sandbox::run(paths, hub_url, target, json, command),
+        Command::Sandbox(command) => sandbox::run_sandbox(paths, hub_url, command),
+        Command::Events(command) => sandbox::run_events(paths, command),
         Command::Ext(command) => ext::run(command, paths),
-        Command::Credits(command) => credits::run_credits(command, paths),
+        Command::Credits(command) => credits::run_credits(command, paths, hub_url),
         Command::Ledger(command) => credits::run_ledger(command, paths),
         Command::Route(command) => route::run(command, paths),
     }

@@ -268,6 +268,26 @@ impl Ledger {
         Ok(entries)
     }
 
+    /// Outbox events after `after_seq`, oldest first, as stored JSON.
+    pub fn outbox_after(
+        &self,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, String)>, LedgerError> {
+        let read = self.database.begin_read().map_err(storage)?;
+        let outbox = read.open_table(store::OUTBOX).map_err(storage)?;
+        let mut events = Vec::new();
+        for row in outbox
+            .range(after_seq.saturating_add(1)..)
+            .map_err(storage)?
+            .take(limit)
+        {
+            let (seq, json) = row.map_err(storage)?;
+            events.push((seq.value(), json.value().to_string()));
+        }
+        Ok(events)
+    }
+
     pub fn hold_record(&self, sandbox_id: &str) -> Result<Option<HoldRecord>, LedgerError> {
         let read = self.database.begin_read().map_err(storage)?;
         let holds = read.open_table(HOLDS).map_err(storage)?;

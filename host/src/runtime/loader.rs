@@ -59,6 +59,11 @@ pub(super) fn load(runtime: &Runtime, path: &Path) -> Result<Extension, String> 
         Sidecar::load(&sidecar_path(path)).map_err(|error| format!("bad sidecar {error}"))?;
 
     let sha256 = content_sha256(&bytes);
+    if let Some(notice) = &runtime.on_compile
+        && !runtime.cache.entry_path(&sha256).is_file()
+    {
+        notice(&path.display().to_string());
+    }
     let (component, cache) = runtime
         .cache
         .load_or_compile(&runtime.engine, &bytes, &sha256)

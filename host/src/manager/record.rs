@@ -1,0 +1,202 @@
+//! A sandbox's record (`SandboxStatus`) and where it is kept: the host's
+//! state store, written before every step of the lifecycle is acted on.
+
+use crate::runtime::{SandboxHandle, SandboxSpec, Usage};
+use crate::state_db::StateDb;
+use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// sandbox id -> SandboxStatus (JSON)
+const SANDBOXES: TableDefinition<&str, &str> = TableDefinition::new("sandboxes");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SandboxState {
+    /// Recorded; no backend chosen yet.
+    Requested,
+    /// A backend was chosen, credits held, create under way.
+    Provisioning,
+    /// Created; running until destroyed or its ttl passes.
+    Ready,
+    /// Destroy under way (or failed and waiting to be retried).
+    Destroying,
+    /// Destroyed and settled: the end.
+    Destroyed,
+    /// Never became ready; nothing is held.
+    Failed,
+    /// Its ttl passed; destroy follows.
+    Expired,
+}
+
+impl SandboxState {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Requested => "requested",
+            Self::Provisioning => "provisioning",
+            Self::Ready => "ready",
+            Self::Destroying => "destroying",
+            Self::Destroyed => "destroyed",
+            Self::Failed => "failed",
+            Self::Expired => "expired",
+        }
+    }
+
+    /// Whether the sandbox may still hold credits or exist on a backend.
+    pub fn is_live(self) -> bool {
+        !matches!(self, Self::Destroyed | Self::Failed)
+    }
+}
+
+/// One try of one backend during create.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub extension: String,
+    /// The ledger's id for this attempt's hold: `<sandbox id>.<n>`.
+    pub hold_id: String,
+    pub estimate: u64,
+    pub started_at_ms: u64,
+    /// `ready`, or why it failed.
+    pub outcome: Option<String>,
+}
+
+/// Money and usage of one sandbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meter {
+    /// What the chosen backend estimated for the whole ttl.
+    pub estimate: Option<u64>,
+    /// What was held from the tenant (the estimate).
+    pub hold: Option<u64>,
+    /// The ledger id of the hold that is (or was) open.
+    pub hold_id: Option<String>,
+    /// Wall time between ready and destroy, as the host measured it.
+    pub host_wall_ms: Option<u64>,
+    /// What the backend reported on destroy.
+    pub reported_usage: Option<Usage>,
+    /// What meter-actual priced that usage at: the charge.
+    pub actual: Option<u64>,
+    /// actual − estimate, in micro-credits.
+    pub drift: Option<i128>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxStatus {
+    pub id: String,
+    pub tenant: String,
+    pub profile: String,
+    pub state: SandboxState,
+    /// The instance serving it (the latest attempt's, during create).
+    pub extension: Option<String>,
+    pub kind: Option<String>,
+    pub handle: Option<SandboxHandle>,
+    pub spec: SandboxSpec,
+    pub created_at_ms: u64,
+    pub ready_at_ms: Option<u64>,
+    /// When its ttl ends (ready + ttl).
+    pub expires_at_ms: Option<u64>,
+    pub finished_at_ms: Option<u64>,
+    pub updated_at_ms: u64,
+    pub attempts: Vec<Attempt>,
+    pub meter: Meter,
+    /// Why it failed, was forced, or last could not be destroyed.
+    pub note: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error(transparent)]
+    State(#[from] crate::state_db::StateDbError),
+    #[error("sandbox records: {0}")]
+    Storage(String),
+}
+
+pub(crate) fn storage(error: impl std::fmt::Display) -> RecordError {
+    RecordError::Storage(error.to_string())
+}
+
+/// Reads and writes sandbox records.
+#[derive(Debug, Clone)]
+pub struct RecordStore {
+    state: Arc<StateDb>,
+}
+
+impl RecordStore {
+    pub fn new(state: Arc<StateDb>) -> Self {
+        Self { state }
+    }
+
+    pub fn state(&self) -> &Arc<StateDb> {
+        &self.state
+    }
+
+    /// Writes a record durably, with whatever `also` adds to the same
+    /// transaction (its lifecycle event, routing health).
+    pub fn put(
+        &self,
+        record: &SandboxStatus,
+        also: impl FnOnce(&WriteTransaction) -> Result<(), RecordError> + Send + 'static,
+    ) -> Result<(), RecordError> {
+        self.put_with_durability(record, also, true)
+    }
+
+    /// [`RecordStore::put`], optionally without waiting for the disk: for a
+    /// state whose loss in a crash leaves nothing to reconcile.
+    pub fn put_with_durability(
+        &self,
+        record: &SandboxStatus,
+        also: impl FnOnce(&WriteTransaction) -> Result<(), RecordError> + Send + 'static,
+        durable: bool,
+    ) -> Result<(), RecordError> {
+        let json = serde_json::to_string(record).map_err(storage)?;
+        let id = record.id.clone();
+        let write = move |write: &WriteTransaction| {
+            let mut table = write
+                .open_table(SANDBOXES)
+                .map_err(|error| error.to_string())?;
+            table
+                .insert(id.as_str(), json.as_str())
+                .map_err(|error| error.to_string())?;
+            drop(table);
+            also(write).map_err(|error| error.to_string())
+        };
+        if durable {
+            self.state.write(write)?;
+        } else {
+            self.state.write_eventually(write)?;
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<SandboxStatus>, RecordError> {
+        let database = self.state.database()?;
+        let read = database.begin_read().map_err(storage)?;
+        let table = match read.open_table(SANDBOXES) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(error) => return Err(storage(error)),
+        };
+        table
+            .get(id)
+            .map_err(storage)?
+            .map(|json| serde_json::from_str(json.value()).map_err(storage))
+            .transpose()
+    }
+
+    /// Every record, oldest first.
+    pub fn all(&self) -> Result<Vec<SandboxStatus>, RecordError> {
+        let database = self.state.database()?;
+        let read = database.begin_read().map_err(storage)?;
+        let table = match read.open_table(SANDBOXES) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(error) => return Err(storage(error)),
+        };
+        let mut records = Vec::new();
+        for row in table.iter().map_err(storage)? {
+            let (_, json) = row.map_err(storage)?;
+            records.push(serde_json::from_str::<SandboxStatus>(json.value()).map_err(storage)?);
+        }
+        records.sort_by_key(|record| (record.created_at_ms, record.id.clone()));
+        Ok(records)
+    }
+}

@@ -1,0 +1,567 @@
+//! The main job end to end through the real binary: run, the sandbox
+//! commands, billing, fallback, a trap during destroy, SIGKILL during run,
+//! and webhook delivery.
+
+use crate::support::*;
+use std::collections::{BTreeSet, HashMap};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A home with saas-stub, the shipped profiles, and a profiles dir of its own.
+fn lifecycle_home() -> (TestHome, PathBuf) {
+    let home = TestHome::new().with_saas_stub();
+    let profiles = home.path().join("profiles");
+    std::fs::create_dir_all(&profiles).unwrap();
+    for entry in std::fs::read_dir(repo_root().join("profiles")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, profiles.join(path.file_name().unwrap())).unwrap();
+    }
+    (home, profiles)
+}
+
+fn host(home: &TestHome, profiles: &PathBuf, args: &[&str]) -> Run {
+    Run::from(
+        home.command()
+            .env("SANDBOXER_PROFILES_DIR", profiles)
+            .args(args)
+            .output()
+            .unwrap(),
+    )
+}
+
+fn events(home: &TestHome) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(home.path().join("events.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+#[test]
+fn run_bills_the_tenant_exactly_the_actual() {
+    let (home, profiles) = lifecycle_home();
+    host(
+        &home,
+        &profiles,
+        &["credits", "add", "10", "--tenant", "t1"],
+    )
+    .ok();
+    let summary = host(
+        &home,
+        &profiles,
+        &[
+            "run",
+            "--profile",
+            "saas-stub",
+            "--tenant",
+            "t1",
+            "--ttl",
+            "2",
+            "--json",
+        ],
+    )
+    .ok()
+    .json();
+    assert_eq!(summary["state"], "destroyed");
+    assert_eq!(summary["extension"], "saas-stub");
+    assert_eq!(summary["kind"], "saas");
+    let actual = sandboxer_credits::parse_credits(summary["actual"].as_str().unwrap()).unwrap();
+    assert!(actual > 0);
+    // Two seconds of 1 vCPU + 1 GiB: the estimate, since the stub bills up to the ttl.
+    assert_eq!(summary["estimate"], "0.000037");
+    assert_eq!(summary["actual"], "0.000037");
+
+    let shown = host(
+        &home,
+        &profiles,
+        &["credits", "show", "--tenant", "t1", "--json"],
+    )
+    .ok()
+    .json();
+    let expected = sandboxer_credits::format_credits(10_000_000 - actual);
+    assert_eq!(shown["available"], expected);
+    assert_eq!(shown["balance"], expected);
+    assert_eq!(summary["balance_after"], expected);
+    assert_eq!(shown["held"], "0.000000");
+    host(&home, &profiles, &["ledger", "verify"]).ok();
+
+    let sandbox_id = summary["sandbox_id"].as_str().unwrap();
+    let record = host(&home, &profiles, &["sandbox", "show", sandbox_id, "--json"])
+        .ok()
+        .json();
+    assert_eq!(record["state"], "destroyed");
+    assert_eq!(record["meter"]["actual"], "0.000037");
+    assert_eq!(record["meter"]["drift"], "0.000000");
+    assert!(record["meter"]["host_wall_ms"].as_u64().unwrap() >= 2000);
+    assert!(
+        record["meter"]["reported_usage"]["wall_ms"]
+            .as_u64()
+            .unwrap()
+            >= 2000
+    );
+
+    let types: Vec<String> = events(&home)
+        .iter()
+        .map(|event| event["type"].as_str().unwrap().to_string())
+        .collect();
+    for expected in [
+        "sandboxer.credits.held",
+        "sandboxer.credits.released",
+        "sandboxer.credits.charged",
+        "sandboxer.sandbox.requested",
+        "sandboxer.sandbox.provisioning",
+        "sandboxer.sandbox.ready",
+        "sandboxer.sandbox.destroying",
+        "sandboxer.sandbox.destroyed",
+    ] {
+        assert!(
+            types.iter().any(|kind| kind == expected),
+            "{expected} in {types:?}"
+        );
+    }
+    let ids: BTreeSet<String> = events(&home)
+        .iter()
+        .map(|event| event["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), types.len(), "every event once in the file");
+    let tail = host(&home, &profiles, &["events", "tail", "--limit", "2"]).ok();
+    assert_eq!(tail.stdout.lines().count(), 2);
+}
+
+#[test]
+fn insufficient_credits_create_nothing_and_change_nothing() {
+    let (home, profiles) = lifecycle_home();
+    host(
+        &home,
+        &profiles,
+        &["credits", "add", "0.000001", "--tenant", "poor"],
+    )
+    .ok();
+    let run = host(
+        &home,
+        &profiles,
+        &[
+            "run",
+            "--profile",
+            "saas-stub",
+            "--tenant",
+            "poor",
+            "--ttl",
+            "2",
+        ],
+    )
+    .fails(1);
+    assert!(
+        run.stderr.contains(
+            "insufficient credits: tenant `poor` has 0.000001 available, 0.000037 needed"
+        ),
+        "{}",
+        run.stderr
+    );
+    let shown = host(
+        &home,
+        &profiles,
+        &["credits", "show", "--tenant", "poor", "--json"],
+    )
+    .ok()
+    .json();
+    assert_eq!(
+        (shown["balance"].as_str(), shown["held"].as_str()),
+        (Some("0.000001"), Some("0.000000"))
+    );
+    let live = host(&home, &profiles, &["sandbox", "list", "--json"])
+        .ok()
+        .json();
+    assert_eq!(live, serde_json::json!([]), "no live record");
+    let all = host(&home, &profiles, &["sandbox", "list", "--all", "--json"])
+        .ok()
+        .json();
+    assert_eq!(all[0]["state"], "failed");
+    assert!(
+        all[0]["handle"].is_null(),
+        "the extension's create was never called"
+    );
+    let history = host(
+        &home,
+        &profiles,
+        &["credits", "history", "--tenant", "poor", "--json"],
+    )
+    .ok()
+    .json();
+    assert_eq!(
+        history.as_array().unwrap().len(),
+        1,
+        "only the grant: no hold was written"
+    );
+    host(&home, &profiles, &["ledger", "verify"]).ok();
+}
+
+#[test]
+fn an_unavailable_backend_falls_back_to_the_next_candidate() {
+    let (home, profiles) = lifecycle_home();
+    install(&built_fixtures(), "hostile", &home.extensions(), "down");
+    std::fs::write(
+        home.extensions().join("down.toml"),
+        "[config]\nmisbehave = \"unavailable\"\nestimate = \"0.000001\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        profiles.join("fallback.toml"),
+        "description = \"cheapest first\"\n[route]\nstrategy = \"lowest-cost\"\ncandidates = [\"saas-stub\", \"down\"]\n",
+    )
+    .unwrap();
+    let record = host(
+        &home,
+        &profiles,
+        &["sandbox", "create", "--profile", "fallback", "--json"],
+    )
+    .ok()
+    .json();
+    assert_eq!(record["state"], "ready");
+    assert_eq!(record["extension"], "saas-stub");
+    let attempts = record["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert_eq!(attempts[0]["extension"], "down");
+    assert!(
+        attempts[0]["outcome"]
+            .as_str()
+            .unwrap()
+            .contains("unavailable: this backend is always down")
+    );
+    assert_eq!(attempts[1]["outcome"], "ready");
+
+    let id = record["id"].as_str().unwrap();
+    let destroyed = host(&home, &profiles, &["sandbox", "destroy", id, "--json"])
+        .ok()
+        .json();
+    assert_eq!(destroyed["state"], "destroyed");
+    let history = host(&home, &profiles, &["credits", "history", "--json"])
+        .ok()
+        .json();
+    let kinds: Vec<(&str, &str)> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|entry| Some((entry["kind"].as_str()?, entry["sandbox_id"].as_str()?)))
+        .collect();
+    let first_hold = format!("{id}.1");
+    let second_hold = format!("{id}.2");
+    assert!(kinds.contains(&("void", first_hold.as_str())), "{kinds:?}");
+    assert!(
+        kinds.contains(&("charge", second_hold.as_str())),
+        "{kinds:?}"
+    );
+    host(&home, &profiles, &["ledger", "verify"]).ok();
+}
+
+#[test]
+fn a_trap_during_destroy_keeps_the_hold_until_retried_or_forced() {
+    let (home, profiles) = lifecycle_home();
+    install(
+        &built_fixtures(),
+        "trap-in-destroy",
+        &home.extensions(),
+        "trap-in-destroy",
+    );
+    std::fs::write(
+        profiles.join("trappy.toml"),
+        "description = \"x\"\n[route]\nstrategy = \"explicit\"\nextension = \"trap-in-destroy\"\n",
+    )
+    .unwrap();
+    let record = host(
+        &home,
+        &profiles,
+        &["sandbox", "create", "--profile", "trappy", "--json"],
+    )
+    .ok()
+    .json();
+    let id = record["id"].as_str().unwrap().to_string();
+
+    let failed = host(&home, &profiles, &["sandbox", "destroy", &id]).fails(1);
+    assert!(
+        failed.stderr.contains("trapped")
+            && failed
+                .stderr
+                .contains("stays destroying with its hold open"),
+        "{}",
+        failed.stderr
+    );
+    let shown = host(&home, &profiles, &["credits", "show", "--json"])
+        .ok()
+        .json();
+    assert_eq!(shown["held"], "0.001000", "the hold stays");
+    host(&home, &profiles, &["ledger", "verify"]).ok();
+    let record = host(&home, &profiles, &["sandbox", "show", &id, "--json"])
+        .ok()
+        .json();
+    assert_eq!(record["state"], "destroying");
+
+    let forced = host(
+        &home,
+        &profiles,
+        &["sandbox", "destroy", &id, "--force", "--json"],
+    )
+    .ok()
+    .json();
+    assert_eq!(forced["state"], "destroyed");
+    assert_eq!(forced["meter"]["actual"], "0.000000");
+    assert!(
+        forced["note"]
+            .as_str()
+            .unwrap()
+            .starts_with("forced after: extension `trap-in-destroy` destroy: trapped")
+    );
+    let shown = host(&home, &profiles, &["credits", "show", "--json"])
+        .ok()
+        .json();
+    assert_eq!(
+        (shown["held"].as_str(), shown["balance"].as_str()),
+        (Some("0.000000"), Some("10.000000"))
+    );
+    host(&home, &profiles, &["ledger", "verify"]).ok();
+}
+
+#[test]
+fn a_missing_extension_keeps_the_sandbox_until_forced() {
+    let (home, profiles) = lifecycle_home();
+    let record = host(
+        &home,
+        &profiles,
+        &["sandbox", "create", "--profile", "saas-stub", "--json"],
+    )
+    .ok()
+    .json();
+    let id = record["id"].as_str().unwrap().to_string();
+    std::fs::remove_file(home.extensions().join("saas-stub.wasm")).unwrap();
+    let refused = host(&home, &profiles, &["sandbox", "destroy", &id]).fails(1);
+    assert!(
+        refused.stderr.contains("which is not loaded") && refused.stderr.contains("--force"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(
+        host(&home, &profiles, &["sandbox", "show", &id, "--json"])
+            .ok()
+            .json()["state"],
+        "ready"
+    );
+    let forced = host(
+        &home,
+        &profiles,
+        &["sandbox", "destroy", &id, "--force", "--json"],
+    )
+    .ok()
+    .json();
+    assert!(forced["note"].as_str().unwrap().contains("is not loaded"));
+    host(&home, &profiles, &["ledger", "verify"]).ok();
+}
+
+#[test]
+fn sigkill_during_run_is_reconciled_and_settled_exactly_once() {
+    let (home, profiles) = lifecycle_home();
+    host(&home, &profiles, &["credits", "add", "50", "--tenant", "k"]).ok();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    for round in 0..6u64 {
+        let mut child = home
+            .command()
+            .env("SANDBOXER_PROFILES_DIR", &profiles)
+            .args([
+                "run",
+                "--profile",
+                "saas-stub",
+                "--tenant",
+                "k",
+                "--ttl",
+                "1",
+                "--json",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Anywhere from mid-create to mid-wait.
+        std::thread::sleep(Duration::from_millis((seed / (round + 1)) % 900 + 20));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(1200)); // every ttl has passed
+    let listed = host(&home, &profiles, &["sandbox", "list", "--all", "--json"]).ok();
+    let records = listed.json();
+    for record in records.as_array().unwrap() {
+        let state = record["state"].as_str().unwrap();
+        assert!(
+            state == "destroyed" || state == "failed",
+            "seed {seed}: {record}"
+        );
+    }
+    let verify = host(&home, &profiles, &["ledger", "verify", "--json"])
+        .ok()
+        .json();
+    assert_eq!(verify["open_holds"], 0, "seed {seed}");
+
+    let history = host(
+        &home,
+        &profiles,
+        &[
+            "credits", "history", "--tenant", "k", "--limit", "1000", "--json",
+        ],
+    )
+    .ok()
+    .json();
+    let mut charges: HashMap<String, usize> = HashMap::new();
+    for entry in history.as_array().unwrap() {
+        if entry["kind"] == "charge" {
+            let hold = entry["sandbox_id"].as_str().unwrap();
+            *charges
+                .entry(hold.rsplit_once('.').unwrap().0.to_string())
+                .or_default() += 1;
+        }
+    }
+    for record in records.as_array().unwrap() {
+        let id = record["id"].as_str().unwrap();
+        let expected =
+            usize::from(record["state"] == "destroyed" && record["meter"]["actual"] != "0.000000");
+        assert_eq!(
+            charges.get(id).copied().unwrap_or(0),
+            expected,
+            "seed {seed}: {id} charged exactly once: {record}"
+        );
+    }
+}
+
+/// An HTTP server on 127.0.0.1 that answers 500 to its first `failures`
+/// posts, then 200, and keeps every body it accepted.
+fn flaky_hub(failures: usize) -> (String, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/events", listener.local_addr().unwrap());
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let bodies = accepted.clone();
+    std::thread::spawn(move || {
+        let mut seen = 0;
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = value.trim().parse().unwrap();
+                }
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            seen += 1;
+            let status = if seen <= failures {
+                "500 Internal Server Error"
+            } else {
+                bodies
+                    .lock()
+                    .unwrap()
+                    .push(String::from_utf8(body).unwrap());
+                "200 OK"
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            );
+        }
+    });
+    (url, accepted)
+}
+
+#[test]
+fn the_webhook_gets_every_event_despite_failures_and_downtime() {
+    let (home, profiles) = lifecycle_home();
+    // The hub is down: nothing is lost, events wait.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let down = host(
+        &home,
+        &profiles,
+        &[
+            "--hub-url",
+            &format!("http://{closed}/events"),
+            "credits",
+            "add",
+            "1",
+            "--tenant",
+            "w",
+        ],
+    )
+    .ok();
+    assert!(
+        down.stderr.contains("events could not reach the hub"),
+        "{}",
+        down.stderr
+    );
+    let run = Run::from(
+        home.command()
+            .env("SANDBOXER_PROFILES_DIR", &profiles)
+            .env("SANDBOXER_HUB_URL", format!("http://{closed}/events"))
+            .args([
+                "sandbox",
+                "create",
+                "--profile",
+                "saas-stub",
+                "--tenant",
+                "w",
+                "--json",
+            ])
+            .output()
+            .unwrap(),
+    )
+    .ok();
+    assert!(
+        run.stderr.contains("events could not reach the hub"),
+        "{}",
+        run.stderr
+    );
+    let id = run.json()["id"].as_str().unwrap().to_string();
+
+    // The hub is back but fails its first three posts.
+    let (url, accepted) = flaky_hub(3);
+    host(
+        &home,
+        &profiles,
+        &["--hub-url", &url, "sandbox", "destroy", &id],
+    )
+    .ok();
+    host(
+        &home,
+        &profiles,
+        &["--hub-url", &url, "credits", "show", "--tenant", "w"],
+    )
+    .ok();
+
+    let in_file: BTreeSet<String> = events(&home)
+        .iter()
+        .map(|event| event["id"].as_str().unwrap().to_string())
+        .collect();
+    let mut received = Vec::new();
+    for body in accepted.lock().unwrap().iter() {
+        let batch: Vec<serde_json::Value> = serde_json::from_str(body).unwrap();
+        received.extend(
+            batch
+                .into_iter()
+                .map(|event| event["id"].as_str().unwrap().to_string()),
+        );
+    }
+    let unique: BTreeSet<String> = received.iter().cloned().collect();
+    assert_eq!(unique, in_file, "every event reached the hub");
+    assert_eq!(
+        in_file.len(),
+        9,
+        "grant, hold, release, charge and five lifecycle events: {in_file:?}"
+    );
+}
