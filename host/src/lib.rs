@@ -10,8 +10,10 @@
 //! - [`paths`] and [`state_db`] say where the host's files live.
 
 pub mod delivery;
+pub mod group_commit;
 pub mod ledger;
 pub mod manager;
+pub mod names;
 pub mod paths;
 pub mod profile;
 pub mod router;

@@ -23,6 +23,7 @@
 //! Unknown keys and wrong types are errors naming the file, the line and the
 //! key.
 
+use crate::names::check_name;
 use crate::toml_file::describe_toml_error;
 use sandboxer_credits::parse_credits;
 use serde::Deserialize;
@@ -200,7 +201,8 @@ impl Profile {
             .map(|stem| stem.to_string_lossy().into_owned())
             .unwrap_or_default();
         let name = file.name.unwrap_or(stem);
-        check_name(&name).map_err(|message| invalid(format!("key `name`: {message}")))?;
+        check_name("profile", &name)
+            .map_err(|message| invalid(format!("key `name`: {message}")))?;
 
         let sandbox = SandboxTemplate {
             template: file
@@ -258,7 +260,7 @@ impl Profile {
             (_, None) => route.candidates,
         };
         for (index, candidate) in candidates.iter().enumerate() {
-            check_name(candidate)
+            check_name("extension", candidate)
                 .map_err(|message| invalid(format!("key `route.candidates`: {message}")))?;
             if candidates[..index].contains(candidate) {
                 return Err(invalid(format!(
@@ -321,21 +323,6 @@ impl Profile {
                 .map(|(key, value)| (key.clone(), value.clone()))
                 .collect(),
         }
-    }
-}
-
-/// Profile and instance names: 1 to 64 of `A-Z a-z 0-9 . _ -`.
-fn check_name(name: &str) -> Result<(), String> {
-    let ok = (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|byte| byte.is_ascii_alphanumeric() || b"._-".contains(&byte));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{name:?} is not a name: use 1 to 64 letters, digits, '.', '_' or '-'"
-        ))
     }
 }
 

@@ -12,11 +12,10 @@
 //! disk. Each write is a closure over the transaction; a failing closure
 //! abandons its group, and every writer in it gets the error.
 
+use crate::group_commit::GroupWriter;
 use redb::{Database, DatabaseError, Durability, WriteTransaction};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 /// Most writes committed in one transaction.
 const MAX_GROUP: usize = 256;
@@ -37,29 +36,14 @@ pub enum StateDbError {
 /// A write: runs inside the group's transaction.
 pub type StateWrite = Box<dyn FnOnce(&WriteTransaction) -> Result<(), String> + Send>;
 
-struct Job {
-    write: StateWrite,
-    /// Whether the caller needs the write on disk before it goes on. A
-    /// group is durable when any of its writes is.
-    durable: bool,
-    reply: Sender<Result<(), String>>,
-}
+/// A write and whether the caller needs it on disk before it goes on. A
+/// group is durable when any of its writes is.
+type Job = (StateWrite, bool);
 
 /// The open file and its writer.
 struct Opened {
     database: Arc<Database>,
-    jobs: Option<Sender<Job>>,
-    writer: Option<JoinHandle<()>>,
-}
-
-impl Drop for Opened {
-    fn drop(&mut self) {
-        // Closing the channel ends the writer once its group is committed.
-        self.jobs.take();
-        if let Some(writer) = self.writer.take() {
-            let _ = writer.join();
-        }
-    }
+    writer: GroupWriter<Job, Result<(), String>>,
 }
 
 /// A lazily opened, shared handle on `state.redb`.
@@ -108,20 +92,19 @@ impl StateDb {
             return Ok(opened.clone());
         }
         let database = Arc::new(open_exclusive(&self.path)?);
-        let (jobs, receiver) = mpsc::channel();
         let writer_database = database.clone();
-        let writer = std::thread::Builder::new()
-            .name("state-writer".into())
-            .spawn(move || run_writer(&writer_database, receiver))
-            .map_err(|source| StateDbError::Open {
-                path: self.path.clone(),
-                source: Box::new(source),
-            })?;
-        let opened = Arc::new(Opened {
-            database,
-            jobs: Some(jobs),
-            writer: Some(writer),
-        });
+        let writer = GroupWriter::start("state-writer", MAX_GROUP, move |jobs: Vec<Job>| {
+            let durable = jobs.iter().any(|(_, durable)| *durable);
+            let writes = jobs.into_iter().map(|(write, _)| write).collect::<Vec<_>>();
+            let count = writes.len();
+            let outcome = commit_group(&writer_database, writes, durable);
+            vec![outcome; count]
+        })
+        .map_err(|source| StateDbError::Open {
+            path: self.path.clone(),
+            source: Box::new(source),
+        })?;
+        let opened = Arc::new(Opened { database, writer });
         *slot = Some(opened.clone());
         Ok(opened)
     }
@@ -153,41 +136,11 @@ impl StateDb {
 
     fn submit(&self, write: StateWrite, durable: bool) -> Result<(), StateDbError> {
         let opened = self.opened()?;
-        let (reply, answer) = mpsc::channel();
-        let stopped = || StateDbError::Write("the state store's writer has stopped".into());
         opened
-            .jobs
-            .as_ref()
-            .ok_or_else(stopped)?
-            .send(Job {
-                write,
-                durable,
-                reply,
-            })
-            .map_err(|_| stopped())?;
-        answer
-            .recv()
-            .map_err(|_| stopped())?
+            .writer
+            .submit((write, durable))
+            .ok_or_else(|| StateDbError::Write("the state store's writer has stopped".into()))?
             .map_err(StateDbError::Write)
-    }
-}
-
-fn run_writer(database: &Database, jobs: Receiver<Job>) {
-    while let Ok(first) = jobs.recv() {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match jobs.try_recv() {
-                Ok(job) => group.push(job),
-                Err(_) => break,
-            }
-        }
-        let durable = group.iter().any(|job| job.durable);
-        let (writes, replies): (Vec<StateWrite>, Vec<Sender<Result<(), String>>>) =
-            group.into_iter().map(|job| (job.write, job.reply)).unzip();
-        let outcome = commit_group(database, writes, durable);
-        for reply in replies {
-            let _ = reply.send(outcome.clone());
-        }
     }
 }
 

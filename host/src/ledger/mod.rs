@@ -19,14 +19,13 @@ pub use types::*;
 pub use verify::{VerifyReport, Violation};
 pub use writer::{MAX_BATCH, WriterStats};
 
+use crate::group_commit::GroupWriter;
 use error::storage;
 use redb::{Database, ReadableDatabase, ReadableTable};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::{self, Sender};
-use std::thread::JoinHandle;
 use store::{HOLDS, JOURNAL, KEYS, TENANT_ENTRIES};
-use writer::{Job, Request};
+use writer::Job;
 
 /// Credits the default tenant starts with, unless SANDBOXER_DEFAULT_CREDITS says otherwise.
 pub const DEFAULT_STARTING_CREDITS: u64 = 10 * sandboxer_credits::MICROS_PER_CREDIT;
@@ -51,8 +50,7 @@ impl Default for LedgerOptions {
 pub struct Ledger {
     path: PathBuf,
     database: Arc<Database>,
-    requests: Option<Sender<Request>>,
-    writer: Option<JoinHandle<()>>,
+    writer: GroupWriter<Job, Result<Receipt, LedgerError>>,
     stats: Arc<WriterStats>,
 }
 
@@ -68,21 +66,13 @@ impl Ledger {
         write.commit().map_err(storage)?;
 
         let database = Arc::new(database);
-        let (requests, receiver) = mpsc::channel();
         let stats = Arc::new(WriterStats::default());
-        let writer = {
-            let database = database.clone();
-            let stats = stats.clone();
-            std::thread::Builder::new()
-                .name("ledger-writer".into())
-                .spawn(move || writer::run(database, receiver, options.default_credits, stats))
-                .map_err(storage)?
-        };
+        let writer = writer::start(database.clone(), options.default_credits, stats.clone())
+            .map_err(storage)?;
         let ledger = Self {
             path: path.to_path_buf(),
             database,
-            requests: Some(requests),
-            writer: Some(writer),
+            writer,
             stats,
         };
         if options.expire_on_open {
@@ -100,13 +90,7 @@ impl Ledger {
     }
 
     fn send(&self, job: Job) -> Result<Receipt, LedgerError> {
-        let (reply, response) = mpsc::channel();
-        self.requests
-            .as_ref()
-            .ok_or(LedgerError::WriterStopped)?
-            .send(Request { job, reply })
-            .map_err(|_| LedgerError::WriterStopped)?;
-        response.recv().map_err(|_| LedgerError::WriterStopped)?
+        self.writer.submit(job).ok_or(LedgerError::WriterStopped)?
     }
 
     /// Applies one operation durably and returns its receipt (the first
@@ -316,16 +300,6 @@ impl Ledger {
     pub fn verify(&self) -> Result<VerifyReport, LedgerError> {
         let read = self.database.begin_read().map_err(storage)?;
         verify::verify(&read)
-    }
-}
-
-impl Drop for Ledger {
-    fn drop(&mut self) {
-        // Closing the channel lets the writer finish its batch and stop.
-        self.requests.take();
-        if let Some(writer) = self.writer.take() {
-            let _ = writer.join();
-        }
     }
 }
 

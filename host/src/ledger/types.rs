@@ -22,20 +22,7 @@ pub fn revenue_account(extension: &str) -> String {
     format!("revenue:{extension}")
 }
 
-/// Tenant and extension names: 1 to 64 of `A-Z a-z 0-9 . _ -`.
-pub fn check_name(what: &str, name: &str) -> Result<(), String> {
-    let ok = (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|byte| byte.is_ascii_alphanumeric() || b"._-".contains(&byte));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{what} name {name:?} is invalid: use 1 to 64 letters, digits, '.', '_' or '-'"
-        ))
-    }
-}
+pub use crate::names::check_name;
 
 /// Posted and pending totals of one account, TigerBeetle style: nothing is
 /// ever subtracted from a posted total, pending totals go up at a hold and

@@ -1,20 +1,17 @@
 //! The single writer: one thread owns every write transaction and commits
-//! concurrent callers' operations together.
-//!
-//! A durable commit costs an fsync (milliseconds here), whatever it carries.
-//! While one commit is in flight new requests queue up; the writer then
-//! takes all of them (up to [`MAX_BATCH`]) into the next transaction. Each
-//! caller gets its own result. An operation refused by its checks wrote
-//! nothing and does not fail its batch-mates; a storage failure abandons the
-//! whole transaction and every caller in it gets the error.
+//! concurrent callers' operations together ([`GroupWriter`], up to
+//! [`MAX_BATCH`] per transaction). Each caller gets its own result. An
+//! operation refused by its checks wrote nothing and does not fail its
+//! batch-mates; a storage failure abandons the whole transaction and every
+//! caller in it gets the error.
 
 use super::error::{LedgerError, storage};
 use super::store::{ApplyError, Batch};
 use super::types::{Operation, Receipt};
+use crate::group_commit::GroupWriter;
 use redb::Database;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, Sender};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Most operations committed in one transaction.
@@ -24,11 +21,6 @@ pub(crate) enum Job {
     Apply(Operation),
     /// Gives the default tenant its starting credits if it never had them.
     EnsureDefaultCredits,
-}
-
-pub(crate) struct Request {
-    pub job: Job,
-    pub reply: Sender<Result<Receipt, LedgerError>>,
 }
 
 /// Commits and operations so far, to see how well requests are grouped.
@@ -44,35 +36,25 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |elapsed| elapsed.as_millis() as u64)
 }
 
-pub(crate) fn run(
+/// Starts the ledger's group-commit writer.
+pub(crate) fn start(
     database: Arc<Database>,
-    requests: Receiver<Request>,
     default_credits: u64,
     stats: Arc<WriterStats>,
-) {
-    while let Ok(first) = requests.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match requests.try_recv() {
-                Ok(request) => batch.push(request),
-                Err(_) => break,
-            }
-        }
-        let results = commit_batch(&database, &batch, default_credits);
+) -> std::io::Result<GroupWriter<Job, Result<Receipt, LedgerError>>> {
+    GroupWriter::start("ledger-writer", MAX_BATCH, move |jobs: Vec<Job>| {
+        let results = commit_batch(&database, &jobs, default_credits);
         stats.commits.fetch_add(1, Ordering::Relaxed);
         stats
             .operations
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        for (request, result) in batch.into_iter().zip(results) {
-            // A caller that gave up waiting is not the ledger's problem.
-            let _ = request.reply.send(result);
-        }
-    }
+            .fetch_add(jobs.len() as u64, Ordering::Relaxed);
+        results
+    })
 }
 
 fn commit_batch(
     database: &Database,
-    batch: &[Request],
+    batch: &[Job],
     default_credits: u64,
 ) -> Vec<Result<Receipt, LedgerError>> {
     let all_failed = |error: LedgerError| batch.iter().map(|_| Err(error.clone())).collect();
@@ -87,7 +69,7 @@ fn commit_batch(
             Err(error) => return all_failed(error),
         };
         for request in batch {
-            let outcome = match &request.job {
+            let outcome = match request {
                 Job::Apply(operation) => tables.apply(operation),
                 Job::EnsureDefaultCredits => tables
                     .ensure_default()

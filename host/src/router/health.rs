@@ -172,49 +172,6 @@ impl RouteHealth {
         Ok(health)
     }
 
-    pub fn breaker(&self, instance: &str) -> Result<Breaker, HealthError> {
-        let database = self.state.database()?;
-        let read = database.begin_read().map_err(storage)?;
-        match read.open_table(BREAKERS) {
-            Ok(table) => {
-                Ok(table
-                    .get(instance)
-                    .map_err(storage)?
-                    .map_or_else(Breaker::default, |row| {
-                        let (consecutive_failures, opens, open_until_ms) = row.value();
-                        Breaker {
-                            consecutive_failures,
-                            opens,
-                            open_until_ms,
-                        }
-                    }))
-            }
-            Err(redb::TableError::TableDoesNotExist(_)) => Ok(Breaker::default()),
-            Err(error) => Err(storage(error)),
-        }
-    }
-
-    pub fn latency(&self, instance: &str) -> Result<Latency, HealthError> {
-        let database = self.state.database()?;
-        let read = database.begin_read().map_err(storage)?;
-        match read.open_table(LATENCY) {
-            Ok(table) => {
-                Ok(table
-                    .get(instance)
-                    .map_err(storage)?
-                    .map_or_else(Latency::default, |row| {
-                        let (average_ms, samples) = row.value();
-                        Latency {
-                            average_ms,
-                            samples,
-                        }
-                    }))
-            }
-            Err(redb::TableError::TableDoesNotExist(_)) => Ok(Latency::default()),
-            Err(error) => Err(storage(error)),
-        }
-    }
-
     /// Records the outcome of a call that counts for the breaker: a
     /// retryable failure, or a success.
     pub fn record_outcome(
@@ -392,17 +349,20 @@ mod tests {
             health.record_latency("fast", 120).unwrap();
         }
         let health = RouteHealth::new(Arc::new(StateDb::new(path)));
-        assert!(matches!(
-            health.breaker("flaky").unwrap().state(11),
-            BreakerState::Open { .. }
-        ));
+        let names = [
+            "flaky".to_string(),
+            "fast".to_string(),
+            "unknown".to_string(),
+        ];
+        let read = health.read(&names).unwrap();
+        assert!(matches!(read[0].0.state(11), BreakerState::Open { .. }));
         assert_eq!(
-            health.latency("fast").unwrap(),
+            read[1].1,
             Latency {
                 average_ms: 120,
                 samples: 1
             }
         );
-        assert_eq!(health.breaker("unknown").unwrap(), Breaker::default());
+        assert_eq!(read[2], (Breaker::default(), Latency::default()));
     }
 }
