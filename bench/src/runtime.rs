@@ -17,7 +17,10 @@ use crate::stats::{median, percentile, print_rows, sample, show_ns, write_report
 use anyhow::{Context, Result};
 use sandboxer_credits::{parse_credits, prorate};
 use sandboxer_host::runtime::bindings::sandboxer::extension::host::{Host, LogLevel};
-use sandboxer_host::runtime::bindings::{SandboxExtension, SandboxExtensionPre};
+use sandboxer_host::runtime::bindings::sandboxer::extension::process::{
+    ProcessStatus, SpawnRequest as ProcessSpawnRequest,
+};
+use sandboxer_host::runtime::bindings::{SelfHostedExtension, SelfHostedExtensionPre};
 use sandboxer_host::runtime::{CacheOutcome, Runtime, SandboxSpec};
 use sandboxer_host::state_db::StateDb;
 use serde::Serialize;
@@ -66,6 +69,7 @@ fn spec() -> SandboxSpec {
         ttl_secs: 600,
         command: Vec::new(),
         env: Vec::new(),
+        network: false,
     }
 }
 
@@ -108,20 +112,42 @@ impl Host for BareState {
     }
 }
 
+/// The baseline links the process capability too (the world has it) but
+/// the saas-stub never calls it.
+impl sandboxer_host::runtime::bindings::sandboxer::extension::process::Host for BareState {
+    fn find_program(&mut self, _name: String) -> wasmtime::Result<Option<String>> {
+        Ok(None)
+    }
+    fn workdir(&mut self, _sandbox_id: String) -> wasmtime::Result<Result<String, String>> {
+        Ok(Err("not granted".into()))
+    }
+    fn spawn(&mut self, _request: ProcessSpawnRequest) -> wasmtime::Result<Result<(), String>> {
+        Ok(Err("not granted".into()))
+    }
+    fn status(&mut self, _sandbox_id: String) -> wasmtime::Result<Result<ProcessStatus, String>> {
+        Ok(Err("not granted".into()))
+    }
+    fn kill(&mut self, _sandbox_id: String) -> wasmtime::Result<Result<ProcessStatus, String>> {
+        Ok(Err("not granted".into()))
+    }
+}
+
 fn bare_pre(
     engine: &Engine,
     component: &Component,
-) -> wasmtime::Result<SandboxExtensionPre<BareState>> {
+) -> wasmtime::Result<SelfHostedExtensionPre<BareState>> {
     let mut linker = Linker::<BareState>::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-    SandboxExtension::add_to_linker::<BareState, HasSelf<BareState>>(&mut linker, |state| state)?;
-    SandboxExtensionPre::new(linker.instantiate_pre(component)?)
+    SelfHostedExtension::add_to_linker::<BareState, HasSelf<BareState>>(&mut linker, |state| {
+        state
+    })?;
+    SelfHostedExtensionPre::new(linker.instantiate_pre(component)?)
 }
 
 fn bare_call(
     engine: &Engine,
     executor: &tokio::runtime::Runtime,
-    pre: &SandboxExtensionPre<BareState>,
+    pre: &SelfHostedExtensionPre<BareState>,
     config: &Arc<BTreeMap<String, String>>,
     spec: &SandboxSpec,
 ) -> u64 {

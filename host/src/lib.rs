@@ -19,4 +19,5 @@ pub mod profile;
 pub mod router;
 pub mod runtime;
 pub mod state_db;
+pub mod supervisor;
 pub mod toml_file;

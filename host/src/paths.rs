@@ -36,6 +36,11 @@ impl HostPaths {
         self.home.join("ledger.redb")
     }
 
+    /// One directory per sandbox whose process runs on this machine.
+    pub fn sandboxes_dir(&self) -> PathBuf {
+        self.home.join("sandboxes")
+    }
+
     /// Extension key-value stores and other host state.
     pub fn state_file(&self) -> PathBuf {
         self.home.join("state.redb")

@@ -12,6 +12,7 @@
 //! ttl_secs = 300
 //! command = ["python3", "-c", "print(42)"]
 //! env = { GREETING = "hello" }
+//! network = false                      # may the sandbox reach the network
 //!
 //! [route]
 //! strategy = "prefer-self-hosted"      # explicit | prefer-self-hosted | lowest-cost | lowest-latency
@@ -77,6 +78,8 @@ pub struct SandboxTemplate {
     pub ttl_secs: u32,
     pub command: Vec<String>,
     pub env: BTreeMap<String, String>,
+    /// Whether the sandbox may reach the network (default: no).
+    pub network: bool,
 }
 
 /// How a profile picks its backend.
@@ -136,6 +139,8 @@ struct SandboxFile {
     command: Vec<String>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    #[serde(default)]
+    network: bool,
 }
 
 #[derive(Deserialize)]
@@ -214,6 +219,7 @@ impl Profile {
             ttl_secs: file.sandbox.ttl_secs.unwrap_or(DEFAULT_TTL_SECS),
             command: file.sandbox.command,
             env: file.sandbox.env,
+            network: file.sandbox.network,
         };
         for (key, value) in [
             ("cpu_millis", sandbox.cpu_millis),
@@ -322,6 +328,7 @@ impl Profile {
                 .iter()
                 .map(|(key, value)| (key.clone(), value.clone()))
                 .collect(),
+            network: self.sandbox.network,
         }
     }
 }

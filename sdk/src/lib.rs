@@ -43,7 +43,10 @@
 pub mod __bindings {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "sandbox-extension",
+        // The contract plus the optional process capability: a component
+        // imports `process` only if it calls it, so backends that never
+        // start programs need no grant.
+        world: "self-hosted-extension",
         pub_export_macro: true,
         export_macro_name: "__export_sandbox_extension",
         default_bindings_module: "sandboxer_sdk::__bindings",
@@ -157,6 +160,83 @@ pub mod config {
                 .map_err(|error| ExtError::Internal(format!("config key `{key}`: {error}"))),
         }
     }
+}
+
+/// The common way to price a sandbox: per vCPU-hour and per GiB-hour, from
+/// the sidecar's `[config]`, per started second, never beyond the ttl.
+pub mod pricing {
+    use super::{ExtError, MicroCredits, SandboxSpec, config, prorate};
+
+    pub const MS_PER_HOUR: u64 = 3_600_000;
+
+    /// Rates in micro-credits per hour of one vCPU and of one GiB.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct RateCard {
+        pub per_vcpu_hour: MicroCredits,
+        pub per_gib_hour: MicroCredits,
+    }
+
+    impl RateCard {
+        /// `rate_per_vcpu_hour` and `rate_per_gib_hour` from the sidecar
+        /// (decimal credits), or these defaults.
+        pub fn from_config(
+            default_per_vcpu_hour: MicroCredits,
+            default_per_gib_hour: MicroCredits,
+        ) -> Result<Self, ExtError> {
+            Ok(Self {
+                per_vcpu_hour: config::credits("rate_per_vcpu_hour", default_per_vcpu_hour)?,
+                per_gib_hour: config::credits("rate_per_gib_hour", default_per_gib_hour)?,
+            })
+        }
+
+        /// The price of `spec`'s size held for `duration_ms`: each resource
+        /// rounded up to the next micro-credit, then added.
+        pub fn price(
+            &self,
+            spec: &SandboxSpec,
+            duration_ms: u64,
+        ) -> Result<MicroCredits, ExtError> {
+            let cpu = prorate(
+                self.per_vcpu_hour,
+                spec.cpu_millis.into(),
+                1000,
+                duration_ms,
+            );
+            let memory = prorate(self.per_gib_hour, spec.memory_mb.into(), 1024, duration_ms);
+            cpu.zip(memory)
+                .and_then(|(cpu, memory)| cpu.checked_add(memory))
+                .ok_or_else(|| ExtError::InvalidSpec("the price of this spec overflows".into()))
+        }
+
+        /// The estimate: the whole ttl, and the hourly rate of this size.
+        pub fn estimate(&self, spec: &SandboxSpec) -> Result<super::CostEstimate, ExtError> {
+            Ok(super::CostEstimate {
+                amount: self.price(spec, u64::from(spec.ttl_secs) * 1000)?,
+                rate_per_hour: self.price(spec, MS_PER_HOUR)?,
+            })
+        }
+
+        /// The actual: wall time billed per started second, never beyond
+        /// the ttl (where the sandbox is stopped).
+        pub fn actual(&self, spec: &SandboxSpec, wall_ms: u64) -> Result<MicroCredits, ExtError> {
+            let billed_ms = wall_ms
+                .div_ceil(1000)
+                .saturating_mul(1000)
+                .min(u64::from(spec.ttl_secs) * 1000);
+            self.price(spec, billed_ms)
+        }
+    }
+}
+
+/// Start and watch programs on the host: only for extensions whose sidecar
+/// grants `process` (a component that calls these imports
+/// `sandboxer:extension/process`, and the host refuses to load it without
+/// the grant).
+pub mod process {
+    pub use super::__bindings::sandboxer::extension::process::{
+        ProcessLimits, ProcessStatus, ProcessUsage, SpawnRequest, find_program, kill, spawn,
+        status, workdir,
+    };
 }
 
 /// This instance's private key-value store, kept by the host across calls

@@ -10,6 +10,7 @@ mod ledger_concurrency;
 mod ledger_crash;
 mod ledger_model;
 mod lifecycle;
+mod local_backend;
 mod profiles;
 mod routing;
 mod runtime_hostile;

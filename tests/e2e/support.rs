@@ -175,5 +175,6 @@ pub fn spec(sandbox_id: &str) -> SandboxSpec {
         ttl_secs: 3600,
         command: Vec::new(),
         env: Vec::new(),
+        network: false,
     }
 }

@@ -161,6 +161,7 @@ fn build_extensions(root: &Path) -> Result<()> {
         &fixtures.join("ungranted-network.wasm"),
     )?;
     copy(&built.join("hostile.wasm"), &fixtures.join("hostile.wasm"))?;
+    copy(&built.join("spawner.wasm"), &fixtures.join("spawner.wasm"))?;
     // Each hostile sidecar names one misbehaviour; the component is shared.
     for entry in std::fs::read_dir(root.join(FIXTURES_WORKSPACE).join("extensions"))? {
         let sidecar = entry?.path();

@@ -23,37 +23,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 const DEFAULT_RATE_PER_VCPU_HOUR: MicroCredits = 50_400;
 /// 0.0162 credits per GiB-hour.
 const DEFAULT_RATE_PER_GIB_HOUR: MicroCredits = 16_200;
-const MS_PER_HOUR: u64 = 3_600_000;
 
 struct SaasStub;
 
-struct RateCard {
-    per_vcpu_hour: MicroCredits,
-    per_gib_hour: MicroCredits,
-}
-
-impl RateCard {
-    fn from_config() -> Result<Self, ExtError> {
-        Ok(Self {
-            per_vcpu_hour: config::credits("rate_per_vcpu_hour", DEFAULT_RATE_PER_VCPU_HOUR)?,
-            per_gib_hour: config::credits("rate_per_gib_hour", DEFAULT_RATE_PER_GIB_HOUR)?,
-        })
-    }
-
-    /// The price of `spec`'s size held for `duration_ms`: each resource is
-    /// rounded up to the next micro-credit, then the two are added.
-    fn price(&self, spec: &SandboxSpec, duration_ms: u64) -> Result<MicroCredits, ExtError> {
-        let cpu = prorate(
-            self.per_vcpu_hour,
-            spec.cpu_millis.into(),
-            1000,
-            duration_ms,
-        );
-        let memory = prorate(self.per_gib_hour, spec.memory_mb.into(), 1024, duration_ms);
-        cpu.zip(memory)
-            .and_then(|(cpu, memory)| cpu.checked_add(memory))
-            .ok_or_else(|| ExtError::InvalidSpec("the price of this spec overflows".into()))
-    }
+fn rate_card() -> Result<pricing::RateCard, ExtError> {
+    pricing::RateCard::from_config(DEFAULT_RATE_PER_VCPU_HOUR, DEFAULT_RATE_PER_GIB_HOUR)
 }
 
 fn validate(spec: &SandboxSpec) -> Result<(), ExtError> {
@@ -109,11 +83,7 @@ impl Backend for SaasStub {
 
     fn estimate_cost(spec: SandboxSpec) -> Result<CostEstimate, ExtError> {
         validate(&spec)?;
-        let card = RateCard::from_config()?;
-        Ok(CostEstimate {
-            amount: card.price(&spec, u64::from(spec.ttl_secs) * 1000)?,
-            rate_per_hour: card.price(&spec, MS_PER_HOUR)?,
-        })
+        rate_card()?.estimate(&spec)
     }
 
     fn create(spec: SandboxSpec) -> Result<SandboxHandle, ExtError> {
@@ -154,15 +124,9 @@ impl Backend for SaasStub {
     }
 
     fn meter_actual(spec: SandboxSpec, usage: Usage) -> Result<MicroCredits, ExtError> {
-        let card = RateCard::from_config()?;
         // Billed per started second, like the providers the card follows,
         // and never beyond the ttl: a provider stops the sandbox there.
-        let billed_ms = usage
-            .wall_ms
-            .div_ceil(1000)
-            .saturating_mul(1000)
-            .min(u64::from(spec.ttl_secs) * 1000);
-        card.price(&spec, billed_ms)
+        rate_card()?.actual(&spec, usage.wall_ms)
     }
 }
 

@@ -73,6 +73,7 @@ pub fn run(command: ExtCommand, paths: &HostPaths) -> Result<()> {
                 ttl_secs,
                 command: Vec::new(),
                 env: Vec::new(),
+                network: false,
             };
             let estimate = extension.estimate_cost(&spec)?;
             if json {
@@ -99,7 +100,9 @@ pub fn open_runtime(paths: &HostPaths) -> Result<Runtime> {
 /// The runtime and the state store it shares with routing.
 pub fn open_runtime_with_state(paths: &HostPaths) -> Result<(Runtime, Arc<StateDb>)> {
     let state = Arc::new(StateDb::new(paths.state_file()));
-    Ok((Runtime::new(paths.cache_dir(), state.clone())?, state))
+    let mut runtime = Runtime::new(paths.cache_dir(), state.clone())?;
+    runtime.enable_processes(paths.sandboxes_dir(), std::env::current_exe()?);
+    Ok((runtime, state))
 }
 
 fn find(runtime: &Runtime, paths: &HostPaths, name: &str) -> Result<Arc<Extension>> {
@@ -259,14 +262,26 @@ fn print_details(details: &ExtensionDetails) {
         .iter()
         .map(ToString::to_string)
         .collect();
-    println!(
-        "grants:  network {}",
-        if network.is_empty() {
+    let none_or = |items: Vec<String>| {
+        if items.is_empty() {
             "none".to_string()
         } else {
-            network.join(", ")
+            items.join(", ")
         }
-    );
+    };
+    println!("grants:  network {}", none_or(network));
+    let programs: Vec<String> = details
+        .grants
+        .process
+        .iter()
+        .map(
+            |program| match sandboxer_host::runtime::process::resolve_program(program) {
+                Some(path) => format!("{program} ({})", path.display()),
+                None => format!("{program} (not found on this machine)"),
+            },
+        )
+        .collect();
+    println!("         process {}", none_or(programs));
     if details.config.is_empty() {
         println!("config:  none");
     } else {

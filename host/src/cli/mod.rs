@@ -31,6 +31,20 @@ pub fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     install_panic_hook();
+    // The supervisor of a sandbox process: internal, not a user command.
+    let mut args = std::env::args_os().skip(1);
+    match (
+        args.next().as_deref().and_then(|arg| arg.to_str()),
+        args.next(),
+    ) {
+        (Some("__supervise"), Some(dir)) => {
+            return sandboxer_host::supervisor::detach(std::path::Path::new(&dir));
+        }
+        (Some("__supervise-run"), Some(dir)) => {
+            return sandboxer_host::supervisor::run(std::path::Path::new(&dir));
+        }
+        _ => {}
+    }
     let cli = Cli::parse();
     init_logging();
     let paths = HostPaths::new(

@@ -16,6 +16,7 @@ use sandboxer_host::ledger::{Ledger, LedgerError};
 use sandboxer_host::manager::{CreateRequest, SandboxManager, SandboxState, SandboxStatus, now_ms};
 use sandboxer_host::paths::HostPaths;
 use sandboxer_host::profile::{MAX_TTL_SECS, Profile};
+use sandboxer_host::runtime::process::{self, ProcessState};
 use sandboxer_host::runtime::{ExtensionSet, Runtime};
 use sandboxer_host::state_db::{StateDb, StateDbError};
 use serde_json::json;
@@ -45,6 +46,7 @@ impl Host {
         let progress = !json && std::io::stderr().is_terminal();
         let state = Arc::new(StateDb::new(paths.state_file()));
         let mut runtime = Runtime::new(paths.cache_dir(), state.clone())?;
+        runtime.enable_processes(paths.sandboxes_dir(), std::env::current_exe()?);
         if progress {
             runtime.on_compile(Arc::new(|file: &str| {
                 eprintln!("compiling {file} (first load; later loads use the cache)…");
@@ -193,8 +195,21 @@ pub fn run(
 
     let interrupted = install_interrupt_flag();
     let deadline = created.expires_at_ms.unwrap_or_else(now_ms);
+    // A backend that runs the command on this machine leaves its process
+    // here: stream its output, and stop waiting when it ends.
+    let process_dir = paths.sandboxes_dir().join(&created.id);
+    let mut output = OutputTail::new(&process_dir, !json);
+    let mut exit_code = None;
     let mut last_sweep = Instant::now();
     loop {
+        output.pump();
+        if let Some(ProcessState::Exited(exited)) = process::read_state(&process_dir) {
+            output.pump();
+            exit_code = exited
+                .exit_code
+                .or(exited.signal.map(|signal| 128 + signal));
+            break;
+        }
         let now = now_ms();
         if now >= deadline {
             break;
@@ -213,13 +228,15 @@ pub fn run(
             if !still_ready.unwrap_or(false) {
                 break;
             }
-            host.say(format!(
-                "waiting for {}: {} s of its ttl left",
-                created.id,
-                (deadline - now).div_ceil(1000)
-            ));
+            if !output.is_streaming() {
+                host.say(format!(
+                    "waiting for {}: {} s of its ttl left",
+                    created.id,
+                    (deadline - now).div_ceil(1000)
+                ));
+            }
         }
-        std::thread::sleep(Duration::from_millis(100).min(Duration::from_millis(deadline - now)));
+        std::thread::sleep(Duration::from_millis(50).min(Duration::from_millis(deadline - now)));
     }
 
     // Its own sandbox first (a sweep would call it expired), then the rest.
@@ -234,8 +251,17 @@ pub fn run(
     reconciled?;
     let destroyed = destroyed?;
     let balance = balance?;
+    // The final word on how the command ended, after destroy stopped it.
+    output.pump();
+    if exit_code.is_none()
+        && let Some(ProcessState::Exited(exited)) = process::read_state(&process_dir)
+    {
+        exit_code = exited
+            .exit_code
+            .or(exited.signal.map(|signal| 128 + signal));
+    }
     if json {
-        return print_json(&json!({
+        let mut summary = json!({
             "sandbox_id": destroyed.id,
             "extension": destroyed.extension,
             "kind": destroyed.kind,
@@ -243,7 +269,14 @@ pub fn run(
             "estimate": destroyed.meter.estimate.map(format_credits),
             "actual": destroyed.meter.actual.map(format_credits),
             "balance_after": format_micros(balance),
-        }));
+        });
+        if let Some(code) = exit_code {
+            summary["exit_code"] = json!(code);
+        }
+        return print_json(&summary);
+    }
+    if let Some(code) = exit_code {
+        eprintln!("command exited with {code}");
     }
     println!(
         "{} on {}: {}; estimate {}, charged {}; balance of {} now {} credits",
@@ -422,6 +455,55 @@ pub fn run_events(paths: &HostPaths, command: EventsCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Copies what a sandbox's process writes to its `stdout` and `stderr`
+/// files onto this command's own, as it arrives.
+struct OutputTail {
+    files: Vec<(std::path::PathBuf, u64, bool)>,
+    enabled: bool,
+}
+
+impl OutputTail {
+    fn new(dir: &std::path::Path, enabled: bool) -> Self {
+        Self {
+            files: vec![
+                (dir.join("stdout"), 0, false),
+                (dir.join("stderr"), 0, true),
+            ],
+            enabled,
+        }
+    }
+
+    fn is_streaming(&self) -> bool {
+        self.enabled && self.files.iter().any(|(path, _, _)| path.exists())
+    }
+
+    fn pump(&mut self) {
+        if !self.enabled {
+            return;
+        }
+        for (path, offset, to_stderr) in &mut self.files {
+            let Ok(mut file) = std::fs::File::open(&*path) else {
+                continue;
+            };
+            if std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(*offset)).is_err() {
+                continue;
+            }
+            let mut fresh = Vec::new();
+            if std::io::Read::read_to_end(&mut file, &mut fresh).is_err() || fresh.is_empty() {
+                continue;
+            }
+            *offset += fresh.len() as u64;
+            let _ = if *to_stderr {
+                std::io::Write::write_all(&mut std::io::stderr(), &fresh)
+            } else {
+                let mut stdout = std::io::stdout();
+                std::io::Write::write_all(&mut stdout, &fresh)
+                    .and_then(|()| std::io::Write::flush(&mut stdout))
+            };
+        }
+    }
 }
 
 /// A record as JSON, amounts as decimal-credit strings.

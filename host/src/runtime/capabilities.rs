@@ -35,6 +35,7 @@ pub fn check_imports<'a>(
             provided_as,
         });
     }
+    accepted.sort_by(|left, right| left.name.cmp(&right.name));
     Ok(accepted)
 }
 
@@ -44,12 +45,20 @@ fn classify(name: &str, grants: &Grants) -> Result<&'static str, String> {
     let major_minor = version.split('.').take(2).collect::<Vec<_>>().join(".");
 
     if package == CONTRACT_PACKAGE {
-        return if major_minor == CONTRACT_MAJOR_MINOR {
-            Ok("contract")
-        } else {
+        return if major_minor != CONTRACT_MAJOR_MINOR {
             Err(format!(
                 "imports `{name}`: it was built for {CONTRACT_PACKAGE}@{version}, this host speaks {CONTRACT_PACKAGE}@{CONTRACT_MAJOR_MINOR}.x"
             ))
+        } else if path.ends_with("/process") {
+            if grants.process.is_empty() {
+                Err(format!(
+                    "imports `{name}` (starting programs on the host), which the operator has not granted: add `process = [\"program\"]` under [grants] in its sidecar"
+                ))
+            } else {
+                Ok("process")
+            }
+        } else {
+            Ok("contract")
         };
     }
 
@@ -104,9 +113,28 @@ mod tests {
                 host: "127.0.0.1".into(),
                 port: Some(80),
             }],
+            ..Grants::default()
         };
         let accepted = check_imports(["wasi:sockets/tcp@0.2.6"], &grants).unwrap();
         assert_eq!(accepted[0].provided_as, "network");
+    }
+
+    #[test]
+    fn the_process_capability_needs_its_grant() {
+        let name = "sandboxer:extension/process@0.1.0";
+        let error = check_imports([name], &Grants::default()).unwrap_err();
+        assert!(
+            error.contains("not granted") && error.contains("process"),
+            "{error}"
+        );
+        let grants = Grants {
+            process: vec!["bwrap".into()],
+            ..Grants::default()
+        };
+        assert_eq!(
+            check_imports([name], &grants).unwrap()[0].provided_as,
+            "process"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! memory cap. Whatever happens inside, the host gets back a value or a
 //! typed [`CallError`]; a trap kills only that call's instance.
 
-use super::bindings::SandboxExtensionPre;
+use super::bindings::SelfHostedExtensionPre;
 use super::bindings::sandboxer::extension::types::{
     CostEstimate, ExtError, ExtensionInfo, MicroCredits, SandboxHandle, SandboxSpec, Usage,
 };
@@ -38,12 +38,13 @@ pub(crate) struct Invoker {
     pub name: Arc<str>,
     pub engine: Engine,
     pub component: Component,
-    pub pre: SandboxExtensionPre<CallState>,
+    pub pre: SelfHostedExtensionPre<CallState>,
     pub state: Arc<StateDb>,
     pub config: Arc<BTreeMap<String, String>>,
     pub limits: Limits,
     pub network: Arc<NetworkPolicy>,
     pub executor: Arc<tokio::runtime::Runtime>,
+    pub process: Option<Arc<super::process::ProcessCapability>>,
     /// Keeps deadlines ticking for as long as any extension can be called.
     pub _ticker: Arc<super::engine::EpochTicker>,
 }
@@ -57,7 +58,7 @@ impl Invoker {
         function: &'static str,
         timeout: Duration,
         body: impl AsyncFnOnce(
-            &super::bindings::SandboxExtension,
+            &super::bindings::SelfHostedExtension,
             &mut Store<CallState>,
         ) -> wasmtime::Result<R>,
     ) -> Result<R, CallError> {
@@ -77,7 +78,7 @@ impl Invoker {
         function: &'static str,
         timeout: Duration,
         body: impl AsyncFnOnce(
-            &super::bindings::SandboxExtension,
+            &super::bindings::SelfHostedExtension,
             &mut Store<CallState>,
         ) -> wasmtime::Result<R>,
     ) -> Result<(R, KvSession), CallError> {
@@ -89,6 +90,7 @@ impl Invoker {
             wasi,
             kv,
             self.limits.memory_bytes(),
+            self.process.clone(),
         );
         let mut store = Store::new(&self.engine, data);
         store.limiter(|state| state);

@@ -7,13 +7,14 @@
 //! plausible info.
 
 use super::Runtime;
-use super::bindings::SandboxExtensionPre;
+use super::bindings::SelfHostedExtensionPre;
 use super::bindings::sandboxer::extension::types::ExtensionInfo;
 use super::cache::content_sha256;
 use super::capabilities::check_imports;
 use super::error::one_line;
 use super::extension::{Extension, Invoker};
 use super::network::NetworkPolicy;
+use super::process::ProcessCapability;
 use super::sidecar::{INFO_TIMEOUT_MS, Sidecar};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -103,13 +104,25 @@ pub(super) fn load(runtime: &Runtime, path: &Path) -> Result<Extension, String> 
         .linker
         .instantiate_pre(&component)
         .map_err(|error| format!("cannot link: {}", one_line(&format!("{error:#}"), 300)))?;
-    let pre = SandboxExtensionPre::new(instance_pre).map_err(|error| {
+    let pre = SelfHostedExtensionPre::new(instance_pre).map_err(|error| {
         format!(
             "not a sandbox-extension component: {}",
             one_line(&format!("{error:#}"), 300)
         )
     })?;
 
+    let process = if sidecar.grants.process.is_empty() {
+        None
+    } else {
+        let (sandboxes_dir, supervisor) = runtime.processes.clone().ok_or_else(|| {
+            "granted `process`, but this host runs without the process capability".to_string()
+        })?;
+        Some(Arc::new(ProcessCapability::new(
+            sandboxes_dir,
+            supervisor,
+            &sidecar.grants.process,
+        )))
+    };
     let invoker = Invoker {
         name: Arc::from(name.as_str()),
         engine: runtime.engine.clone(),
@@ -120,6 +133,7 @@ pub(super) fn load(runtime: &Runtime, path: &Path) -> Result<Extension, String> 
         limits: sidecar.limits.clone(),
         network: Arc::new(NetworkPolicy::from_grants(&sidecar.grants.network)),
         executor: runtime.executor.clone(),
+        process,
         _ticker: runtime.ticker.clone(),
     };
     let info_timeout = Duration::from_millis(INFO_TIMEOUT_MS.min(sidecar.limits.timeout_ms));

@@ -15,13 +15,16 @@ mod extension;
 pub mod kv;
 mod loader;
 mod network;
+pub mod process;
 pub mod sidecar;
 
 pub mod bindings {
     //! Host-side bindings generated from `wit/`.
     wasmtime::component::bindgen!({
         path: "../wit",
-        world: "sandbox-extension",
+        // The larger world: the contract plus the process capability, which
+        // only granted extensions may import.
+        world: "self-hosted-extension",
         // Exports are called asynchronously so that a call blocked in a host
         // call (a WASI sleep, a socket wait) can still be stopped at its
         // deadline; the `host` imports are quick and stay synchronous.
@@ -118,6 +121,9 @@ pub struct Runtime {
     ticker: Arc<engine::EpochTicker>,
     executor: Arc<tokio::runtime::Runtime>,
     on_compile: Option<CompileNotice>,
+    /// Where sandbox processes live and the supervisor that starts them;
+    /// without it, extensions granted `process` are refused.
+    processes: Option<(PathBuf, PathBuf)>,
 }
 
 /// Told the file name before a component is compiled (not found in the
@@ -132,7 +138,7 @@ impl Runtime {
         let engine = engine::new_engine().map_err(engine_error)?;
         let mut linker = Linker::<CallState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(engine_error)?;
-        bindings::SandboxExtension::add_to_linker::<CallState, HasSelf<CallState>>(
+        bindings::SelfHostedExtension::add_to_linker::<CallState, HasSelf<CallState>>(
             &mut linker,
             |state| state,
         )
@@ -149,7 +155,15 @@ impl Runtime {
             ticker,
             executor: Arc::new(executor),
             on_compile: None,
+            processes: None,
         })
+    }
+
+    /// Lets extensions granted `process` start programs: each sandbox gets a
+    /// directory under `sandboxes_dir`, and `supervisor` (the sandboxer-host
+    /// binary) watches each process.
+    pub fn enable_processes(&mut self, sandboxes_dir: PathBuf, supervisor: PathBuf) {
+        self.processes = Some((sandboxes_dir, supervisor));
     }
 
     /// Calls `notice` before each compile that the cache cannot spare.

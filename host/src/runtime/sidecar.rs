@@ -73,6 +73,9 @@ impl fmt::Display for NetworkGrant {
 pub struct Grants {
     /// Outbound TCP connections (`wasi:sockets`) to these addresses only.
     pub network: Vec<NetworkGrant>,
+    /// Programs the `process` capability may start (names on the host's
+    /// PATH, or paths).
+    pub process: Vec<String>,
 }
 
 /// What the operator tells routing about an instance.
@@ -131,6 +134,8 @@ struct LimitsFile {
 struct GrantsFile {
     #[serde(default)]
     network: Vec<String>,
+    #[serde(default)]
+    process: Vec<String>,
 }
 
 impl Sidecar {
@@ -214,9 +219,21 @@ impl Sidecar {
         let routing = RoutingHints {
             expected_latency_ms: file.routing.expected_latency_ms,
         };
+        if let Some(empty) = file
+            .grants
+            .process
+            .iter()
+            .find(|program| program.trim().is_empty())
+        {
+            return Err(error(format!("grants.process: {empty:?} is not a program")));
+        }
+        let grants = Grants {
+            network,
+            process: file.grants.process,
+        };
         Ok(Self {
             limits,
-            grants: Grants { network },
+            grants,
             routing,
             config,
         })
