@@ -20,7 +20,6 @@ const FIXTURES: &[&str] = &[
     "log-flood",
     "sleeper",
     "other-world",
-    "ungranted-network",
 ];
 
 struct Hostile {
@@ -35,6 +34,8 @@ impl Hostile {
         for name in FIXTURES {
             install(&fixtures, name, &home.extensions(), name);
         }
+        // A component importing the host's process capability, ungranted.
+        install(&fixtures, "spawner", &home.extensions(), "ungranted-import");
         let dir = home.extensions();
         std::fs::write(dir.join("random-bytes.wasm"), pseudo_random_bytes(4096)).unwrap();
         std::fs::write(dir.join("empty.wasm"), b"").unwrap();
@@ -120,7 +121,10 @@ fn every_bad_file_is_rejected_with_a_one_line_reason_and_the_rest_load() {
             "other-world",
             "not a sandbox-extension component: it exports wasi:cli/run",
         ),
-        ("ungranted-network", "which the operator has not granted"),
+        (
+            "ungranted-import",
+            "imports `sandboxer:extension/process@0.1.0` (starting programs on the host), which the operator has not granted",
+        ),
         (
             "trap-in-info",
             "info() failed: extension `trap-in-info` info: trapped",

@@ -140,13 +140,14 @@ fn the_network_grant_allows_only_the_granted_address() {
 
     let home = TestHome::new();
     let fixtures = built_fixtures();
-    install(
-        &fixtures,
-        "ungranted-network",
-        &home.extensions(),
-        "allowed",
-    );
-    install(&fixtures, "ungranted-network", &home.extensions(), "denied");
+    install(&fixtures, "connector", &home.extensions(), "allowed");
+    install(&fixtures, "connector", &home.extensions(), "denied");
+    install(&fixtures, "connector", &home.extensions(), "no-grant");
+    std::fs::write(
+        home.extensions().join("no-grant.toml"),
+        format!("[config]\ntarget = \"127.0.0.1:{granted_port}\"\n"),
+    )
+    .unwrap();
     std::fs::write(
         home.extensions().join("allowed.toml"),
         format!("[grants]\nnetwork = [\"127.0.0.1:{granted_port}\"]\n[config]\ntarget = \"127.0.0.1:{granted_port}\"\n"),

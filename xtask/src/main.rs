@@ -157,8 +157,8 @@ fn build_extensions(root: &Path) -> Result<()> {
         &fixtures.join("other-world.wasm"),
     )?;
     copy(
-        &built.join("ungranted_network.wasm"),
-        &fixtures.join("ungranted-network.wasm"),
+        &built.join("connector.wasm"),
+        &fixtures.join("connector.wasm"),
     )?;
     copy(&built.join("hostile.wasm"), &fixtures.join("hostile.wasm"))?;
     copy(&built.join("spawner.wasm"), &fixtures.join("spawner.wasm"))?;

@@ -4,9 +4,11 @@
 //! 0.1.x) is always provided. WASI's CLI, clock, I/O, random and filesystem
 //! interfaces are linked with an empty context (no environment, no
 //! preopened directories, no stdio), because every Rust guest imports them
-//! through std even when it uses none. Sockets are a capability: a component
-//! that imports `wasi:sockets` loads only when its sidecar grants `network`.
-//! Anything else is refused at load, with the interface named.
+//! through std even when it uses none. `wasi:sockets` is linked the same way
+//! (language runtimes such as Python's import it whole): without a `network`
+//! grant every socket operation is denied when it is tried. The host's own
+//! capabilities (`process`) load only with their grant. Anything else is
+//! refused at load, with the interface named.
 
 use super::sidecar::Grants;
 
@@ -75,9 +77,8 @@ fn classify(name: &str, grants: &Grants) -> Result<&'static str, String> {
     match wasi_package {
         "cli" | "clocks" | "io" | "random" | "filesystem" => Ok("wasi"),
         "sockets" if !grants.network.is_empty() => Ok("network"),
-        "sockets" => Err(format!(
-            "imports `{name}` (network access), which the operator has not granted: add `network = [\"host:port\"]` under [grants] in its sidecar"
-        )),
+        // Linked, and every use denied: no grant, no network.
+        "sockets" => Ok("wasi, network denied"),
         _ => Err(format!(
             "imports `{name}`, which this host does not provide"
         )),
@@ -102,12 +103,9 @@ mod tests {
     }
 
     #[test]
-    fn sockets_need_the_network_grant() {
-        let error = check_imports(["wasi:sockets/tcp@0.2.6"], &Grants::default()).unwrap_err();
-        assert!(
-            error.contains("not granted") && error.contains("network"),
-            "{error}"
-        );
+    fn sockets_are_denied_unless_the_network_is_granted() {
+        let accepted = check_imports(["wasi:sockets/tcp@0.2.6"], &Grants::default()).unwrap();
+        assert_eq!(accepted[0].provided_as, "wasi, network denied");
         let grants = Grants {
             network: vec![NetworkGrant {
                 host: "127.0.0.1".into(),
