@@ -35,6 +35,18 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 const CALLS: usize = 5_000;
 const WARMUP: usize = 500;
 
+/// One language's big guest: loading and calling it.
+#[derive(Serialize)]
+struct LanguageRow {
+    language: &'static str,
+    instance: &'static str,
+    size_bytes: u64,
+    first_load_ns: f64,
+    cached_load_ns: f64,
+    call_fresh_instance_ns: f64,
+    call_reused_instance_ns: f64,
+}
+
 #[derive(Serialize)]
 struct RuntimeReport {
     calls: usize,
@@ -50,6 +62,7 @@ struct RuntimeReport {
     warm_load_median_ns: f64,
     warm_load_goal_ns: f64,
     cold_over_warm: f64,
+    languages: Vec<LanguageRow>,
 }
 
 fn built_extensions() -> PathBuf {
@@ -269,6 +282,7 @@ pub fn run() -> Result<()> {
         assert_eq!(entry.extension().unwrap().cache, CacheOutcome::Hit);
     });
 
+    let languages = measure_languages(&spec)?;
     let report = RuntimeReport {
         calls: CALLS,
         host_call_median_ns: median(&host_samples),
@@ -283,6 +297,7 @@ pub fn run() -> Result<()> {
         warm_load_median_ns: median(&warm_samples),
         warm_load_goal_ns: 2_000_000.0,
         cold_over_warm: median(&cold_samples) / median(&warm_samples),
+        languages,
     };
     let verdict = |ok: bool| if ok { "meets goal" } else { "MISSES goal" };
     print_rows(
@@ -342,7 +357,103 @@ pub fn run() -> Result<()> {
             ),
         ],
     );
+    if report.languages.is_empty() {
+        println!(
+            "\n(no language rows: build the examples with `cargo xtask build-extensions --examples`)"
+        );
+    } else {
+        let mut rows = vec![(
+            "Rust (saas-stub)".to_string(),
+            show_ns(report.warm_load_median_ns),
+            format!(
+                "first load {}; call {} (fresh instance)",
+                show_ns(report.cold_load_median_ns),
+                show_ns(report.host_call_median_ns)
+            ),
+        )];
+        for row in &report.languages {
+            rows.push((
+                format!(
+                    "{} ({}, {:.1} MB)",
+                    row.language,
+                    row.instance,
+                    row.size_bytes as f64 / 1e6
+                ),
+                show_ns(row.cached_load_ns),
+                format!(
+                    "first load {}; call {} fresh, {} reused ({:.0}x)",
+                    show_ns(row.first_load_ns),
+                    show_ns(row.call_fresh_instance_ns),
+                    show_ns(row.call_reused_instance_ns),
+                    row.call_fresh_instance_ns / row.call_reused_instance_ns
+                ),
+            ));
+        }
+        print_rows(
+            "runtime: per language, cached load (median) / first load / estimate-cost call",
+            &rows,
+        );
+    }
     let path = write_report("runtime", &report)?;
     println!("\nwritten to {}", path.display());
     Ok(())
+}
+
+/// First load, cached load, and a call with and without instance reuse, for
+/// the Python and JavaScript examples (when they are built).
+fn measure_languages(spec: &SandboxSpec) -> Result<Vec<LanguageRow>> {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("bench/ is in the workspace")
+        .join("target/examples");
+    let mut rows = Vec::new();
+    for (language, instance) in [("Python", "minute-meter"), ("JavaScript", "reserved-meter")] {
+        let wasm = examples.join(format!("{instance}.wasm"));
+        if !wasm.is_file() {
+            continue;
+        }
+        let home = tempfile::tempdir()?;
+        let dir = home.path().join("extensions");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::copy(&wasm, dir.join(format!("{instance}.wasm")))?;
+        let sidecar = std::fs::read_to_string(examples.join(format!("{instance}.toml")))?;
+        std::fs::write(dir.join(format!("{instance}.toml")), &sidecar)?;
+        // The same component without reuse, under another name.
+        std::fs::copy(&wasm, dir.join("fresh.wasm"))?;
+        std::fs::write(
+            dir.join("fresh.toml"),
+            sidecar.replace("reuse_instances = true", "reuse_instances = false"),
+        )?;
+
+        let runtime = fresh_runtime(home.path())?;
+        let load = |file: &Path| runtime.load_file(file).status.map_err(anyhow::Error::msg);
+        let first = sample(0, 1, || {
+            load(&dir.join(format!("{instance}.wasm"))).expect("loads");
+        });
+        let cached = sample(1, 5, || {
+            load(&dir.join(format!("{instance}.wasm"))).expect("loads");
+        });
+        let reused = load(&dir.join(format!("{instance}.wasm")))?;
+        let fresh = load(&dir.join("fresh.wasm"))?;
+        anyhow::ensure!(
+            reused.limits.reuse_instances && !fresh.limits.reuse_instances,
+            "one reuses, one does not"
+        );
+        let call_reused = sample(20, 500, || {
+            black_box(reused.estimate_cost(spec).unwrap());
+        });
+        let call_fresh = sample(3, 40, || {
+            black_box(fresh.estimate_cost(spec).unwrap());
+        });
+        rows.push(LanguageRow {
+            language,
+            instance,
+            size_bytes: std::fs::metadata(&wasm)?.len(),
+            first_load_ns: median(&first),
+            cached_load_ns: median(&cached),
+            call_fresh_instance_ns: median(&call_fresh),
+            call_reused_instance_ns: median(&call_reused),
+        });
+    }
+    Ok(rows)
 }

@@ -18,6 +18,7 @@ pub mod paths;
 pub mod profile;
 pub mod router;
 pub mod runtime;
+pub mod scaffold;
 pub mod state_db;
 pub mod supervisor;
 pub mod toml_file;

@@ -134,8 +134,9 @@ fn ext_info_shows_declaration_grants_limits_and_config() {
 
     let text = home.run(&["ext", "info", "saas-stub"]).ok();
     assert!(
-        text.stdout
-            .contains("limits:  10000 ms per call, 64 MiB memory, fuel unlimited"),
+        text.stdout.contains(
+            "limits:  10000 ms per call, 64 MiB memory, fuel unlimited, a fresh instance per call"
+        ),
         "{}",
         text.stdout
     );

@@ -6,6 +6,7 @@
 
 mod cli_credits;
 mod cli_ext;
+mod languages;
 mod ledger_concurrency;
 mod ledger_crash;
 mod ledger_model;

@@ -251,6 +251,33 @@ fn a_trap_in_each_function_is_a_failed_call_naming_the_function() {
 }
 
 #[test]
+fn a_reused_instance_that_traps_is_never_reused() {
+    let home = TestHome::new();
+    install(&built_fixtures(), "hostile", &home.extensions(), "reused");
+    std::fs::write(
+        home.extensions().join("reused.toml"),
+        "[limits]\nreuse_instances = true\n[config]\nmisbehave = \"trap\"\nin = \"create\"\n",
+    )
+    .unwrap();
+    let set = home.runtime().load_dir(&home.extensions()).unwrap();
+    let reused = set.get("reused").unwrap();
+    assert!(reused.limits.reuse_instances);
+    for round in 0..3 {
+        // Estimates run on a kept instance; each trap throws its instance
+        // away, and the next call works on another.
+        for _ in 0..5 {
+            assert_eq!(
+                reused.estimate_cost(&spec("sbx-reuse")).unwrap().amount,
+                1_000,
+                "round {round}"
+            );
+        }
+        let error = reused.create(&spec("sbx-reuse")).unwrap_err();
+        assert!(matches!(error, CallError::Trap { .. }), "{error}");
+    }
+}
+
+#[test]
 fn an_oversized_string_is_refused() {
     let hostile = Hostile::load();
     let error = hostile.call_error("oversized-string", "create");

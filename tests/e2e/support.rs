@@ -34,6 +34,17 @@ pub fn built_extensions() -> PathBuf {
     built("extensions")
 }
 
+/// target/examples: the Python and JavaScript examples.
+pub fn built_examples() -> PathBuf {
+    let path = repo_root().join("target/examples");
+    assert!(
+        path.join("minute-meter.wasm").is_file() && path.join("reserved-meter.wasm").is_file(),
+        "{} has no built examples: run `cargo xtask build-extensions --examples` (or `cargo xtask test`) first",
+        path.display()
+    );
+    path
+}
+
 /// target/fixtures: the hostile fixtures and their sidecars.
 pub fn built_fixtures() -> PathBuf {
     built("fixtures")
@@ -88,6 +99,16 @@ impl TestHome {
             &self.extensions(),
             "saas-stub",
         );
+        self
+    }
+
+    /// Shares one precompiled cache across tests: big guests (an 18 MB
+    /// Python component) then compile once per test run, not once per test.
+    /// Safe: entries are keyed by content and engine and written atomically.
+    pub fn with_shared_cache(self) -> Self {
+        let shared = repo_root().join("target/e2e-cache");
+        std::fs::create_dir_all(&shared).unwrap();
+        std::os::unix::fs::symlink(&shared, self.path().join("cache")).unwrap();
         self
     }
 

@@ -26,6 +26,7 @@ fn docs_mention_every_cli_command() {
         "sandbox show",
         "sandbox destroy",
         "events tail",
+        "ext new",
     ] {
         assert!(
             docs.contains(command),

@@ -1,11 +1,13 @@
 //! Project automation, run as `cargo xtask <command>`:
 //!
-//! - `build-extensions`: installs the wasm32-wasip2 target if missing, builds
-//!   every shipped extension and every test fixture in release, and copies
-//!   them (with their sidecars) into `target/extensions/` and
-//!   `target/fixtures/`;
-//! - `test`: build-extensions, then fmt check, clippy with `-D warnings`, and
-//!   `cargo test --workspace`: the gate CI runs;
+//! - `build-extensions [--examples]`: installs the wasm32-wasip2 target if
+//!   missing, builds every shipped extension and every test fixture in
+//!   release, and copies them (with their sidecars) into `target/extensions/`
+//!   and `target/fixtures/`; with `--examples`, also the Python and
+//!   JavaScript examples into `target/examples/` (their toolchains install
+//!   on demand into `target/tools/`);
+//! - `test`: build-extensions --examples, then fmt check, clippy with
+//!   `-D warnings`, and `cargo test --workspace`: the gate CI runs;
 //! - `demo`: builds everything and runs the main job against a fresh home;
 //! - `bench [SUITE]`: runs a benchmark suite (runtime, routing, ledger, lifecycle, all) and writes
 //!   `target/bench/<suite>.json`.
@@ -31,18 +33,27 @@ fn run_command() -> Result<()> {
     let root = workspace_root();
     std::env::set_current_dir(&root)?;
     match args.first().map(String::as_str) {
-        Some("build-extensions") => build_extensions(&root),
+        Some("build-extensions") => {
+            build_extensions(&root)?;
+            if args.iter().any(|arg| arg == "--examples") {
+                build_examples(&root)?;
+            }
+            Ok(())
+        }
         Some("test") => test(&root),
         Some("demo") => demo(&root),
         Some("bench") => bench(&root, args.get(1).map(String::as_str).unwrap_or("all")),
         _ => {
             eprintln!(
-                "usage: cargo xtask <command>\n\n\
-                 commands:\n  \
-                 build-extensions   build every extension and test fixture into target/\n  \
-                 test               build-extensions, fmt check, clippy -D warnings, cargo test --workspace\n  \
-                 demo               build and run the main job against a fresh home\n  \
-                 bench [SUITE]      run benchmarks: runtime, routing, ledger, lifecycle or all (default)"
+                "usage: cargo xtask <command>
+
+commands:
+  build-extensions [--examples]
+                     build every extension and test fixture into target/
+                     (--examples: also the Python and JavaScript examples)
+  test               all of that, then fmt check, clippy -D warnings, cargo test --workspace
+  demo               build and run the main job against a fresh home
+  bench [SUITE]      benchmarks: runtime, routing, ledger, lifecycle or all (default)"
             );
             std::process::exit(2);
         }
@@ -187,6 +198,7 @@ fn build_extensions(root: &Path) -> Result<()> {
 
 fn test(root: &Path) -> Result<()> {
     build_extensions(root)?;
+    build_examples(root)?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     for workspace in [EXTENSIONS_WORKSPACE, FIXTURES_WORKSPACE] {
         run(cargo()
@@ -214,6 +226,117 @@ fn test(root: &Path) -> Result<()> {
         "warnings",
     ]))?;
     run(cargo().args(["test", "--workspace"]))
+}
+
+/// Whether `output` exists and is newer than every input.
+fn is_fresh(output: &Path, inputs: &[PathBuf]) -> bool {
+    let modified = |path: &Path| {
+        std::fs::metadata(path)
+            .and_then(|metadata| metadata.modified())
+            .ok()
+    };
+    let Some(built) = modified(output) else {
+        return false;
+    };
+    inputs
+        .iter()
+        .all(|input| modified(input).is_some_and(|time| time <= built))
+}
+
+/// The Python and JavaScript examples, built with their own toolchains,
+/// which are installed on demand inside target/tools/ (nothing global).
+fn build_examples(root: &Path) -> Result<()> {
+    let examples = root.join("extensions/examples");
+    let tools = root.join("target/tools");
+    let out = root.join("target/examples");
+    std::fs::create_dir_all(&out)?;
+    let wit = root.join("wit/sandbox-extension.wit");
+
+    // Python: componentize-py from PyPI.
+    let python_tools = tools.join("python");
+    let componentize_py = python_tools.join("bin/componentize-py");
+    let requirements = examples.join("python/requirements.txt");
+    if !is_fresh(&componentize_py, std::slice::from_ref(&requirements)) {
+        run(Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--upgrade",
+                "--target",
+            ])
+            .arg(&python_tools)
+            .arg("-r")
+            .arg(&requirements))?;
+    }
+    let python_out = out.join("minute-meter.wasm");
+    let python_sources = vec![
+        examples.join("python/app.py"),
+        wit.clone(),
+        componentize_py.clone(),
+    ];
+    if !is_fresh(&python_out, &python_sources) {
+        run(Command::new(&componentize_py)
+            .env("PYTHONPATH", &python_tools)
+            .env("RUST_BACKTRACE", "0")
+            .arg("-d")
+            .arg(root.join("wit"))
+            .args(["-w", "sandbox-extension", "componentize", "app", "-p"])
+            .arg(examples.join("python"))
+            .arg("-o")
+            .arg(&python_out))?;
+    }
+    copy(
+        &examples.join("python/minute-meter.toml"),
+        &out.join("minute-meter.toml"),
+    )?;
+
+    // JavaScript: jco and componentize-js from npm, pinned by the example's lock file.
+    let js_tools = tools.join("js");
+    std::fs::create_dir_all(&js_tools)?;
+    let jco = js_tools.join("node_modules/.bin/jco");
+    let lock = examples.join("js/package-lock.json");
+    if !is_fresh(&jco, std::slice::from_ref(&lock)) {
+        copy(
+            &examples.join("js/package.json"),
+            &js_tools.join("package.json"),
+        )?;
+        copy(&lock, &js_tools.join("package-lock.json"))?;
+        run(Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(&js_tools))?;
+    }
+    // jco wants the WIT package inside the project it builds.
+    let js_wit = js_tools.join("wit");
+    std::fs::create_dir_all(&js_wit)?;
+    copy(&wit, &js_wit.join("sandbox-extension.wit"))?;
+    let js_out = out.join("reserved-meter.wasm");
+    let js_sources = vec![examples.join("js/backend.js"), wit.clone(), jco.clone()];
+    if !is_fresh(&js_out, &js_sources) {
+        run(Command::new(&jco)
+            .arg("componentize")
+            .arg(examples.join("js/backend.js"))
+            .arg("--wit")
+            .arg(&js_wit)
+            .args([
+                "--world-name",
+                "sandbox-extension",
+                "--disable",
+                "http",
+                "--disable",
+                "fetch-event",
+                "--out",
+            ])
+            .arg(&js_out))?;
+    }
+    copy(
+        &examples.join("js/reserved-meter.toml"),
+        &out.join("reserved-meter.toml"),
+    )?;
+    eprintln!("examples in {}", out.display());
+    Ok(())
 }
 
 fn host_binary(root: &Path) -> Result<PathBuf> {

@@ -192,6 +192,18 @@ pub enum ExtCommand {
         json: bool,
     },
 
+    /// Start a new extension project (Rust, Python or JavaScript) that builds and passes `ext check`
+    New {
+        /// The extension's name (also its directory and instance name)
+        name: String,
+        /// rust, python or js
+        #[arg(long, default_value = "rust")]
+        lang: String,
+        /// Where to create it [default: ./NAME]
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+
     /// Ask an extension what a sandbox of a given size would cost
     Estimate {
         /// Instance name: the file stem of its .wasm

@@ -7,14 +7,41 @@ use anyhow::{Context, Result, anyhow, bail};
 use sandboxer_credits::format_credits;
 use sandboxer_host::paths::HostPaths;
 use sandboxer_host::runtime::{Extension, ExtensionEntry, Runtime, SandboxSpec, kind_name};
+use sandboxer_host::scaffold;
 use sandboxer_host::state_db::StateDb;
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 pub fn run(command: ExtCommand, paths: &HostPaths) -> Result<()> {
+    if let ExtCommand::New { name, lang, dir } = &command {
+        let language = scaffold::Language::parse(lang).map_err(anyhow::Error::msg)?;
+        let dir = dir.clone().unwrap_or_else(|| PathBuf::from(name));
+        let written = scaffold::create(&dir, name, language).map_err(anyhow::Error::msg)?;
+        println!(
+            "created {} ({lang}): {}",
+            dir.display(),
+            written
+                .iter()
+                .map(|path| path.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let (steps, output) = language.build_steps(name);
+        println!("build it (in {}):", dir.display());
+        for step in steps {
+            println!("  {}", step.replace("NAME", name));
+        }
+        println!(
+            "then: sandboxer-host ext check {}",
+            dir.join(output).display()
+        );
+        return Ok(());
+    }
     let runtime = open_runtime(paths)?;
     match command {
+        ExtCommand::New { .. } => unreachable!("handled above"),
         ExtCommand::List { json } => list(&runtime, paths, json),
         ExtCommand::Check { file, json } => {
             if !file.is_file() {
@@ -253,8 +280,14 @@ fn print_details(details: &ExtensionDetails) {
         .fuel
         .map_or_else(|| "unlimited".to_string(), |fuel| fuel.to_string());
     println!(
-        "limits:  {} ms per call, {} MiB memory, fuel {fuel}",
-        details.limits.timeout_ms, details.limits.memory_mb
+        "limits:  {} ms per call, {} MiB memory, fuel {fuel}, {}",
+        details.limits.timeout_ms,
+        details.limits.memory_mb,
+        if details.limits.reuse_instances {
+            "instances reused between calls"
+        } else {
+            "a fresh instance per call"
+        }
     );
     let network: Vec<String> = details
         .grants

@@ -69,6 +69,15 @@ impl CallState {
         }
     }
 
+    /// Readies a reused instance's state for its next call: a new key-value
+    /// session and fresh counters. Its memory (and what is accounted of it)
+    /// stays.
+    pub fn start_call(&mut self, kv: KvSession) {
+        self.kv = Some(kv);
+        self.memory_limit_hit = false;
+        self.log_lines = 0;
+    }
+
     /// The call's key-value writes, to commit once the call has returned.
     pub fn take_kv(&mut self) -> Option<KvSession> {
         self.kv.take()

@@ -6,10 +6,10 @@
 //! memory cap. Whatever happens inside, the host gets back a value or a
 //! typed [`CallError`]; a trap kills only that call's instance.
 
-use super::bindings::SelfHostedExtensionPre;
 use super::bindings::sandboxer::extension::types::{
     CostEstimate, ExtError, ExtensionInfo, MicroCredits, SandboxHandle, SandboxSpec, Usage,
 };
+use super::bindings::{SelfHostedExtension, SelfHostedExtensionPre};
 use super::cache::CacheOutcome;
 use super::call_state::{CallState, HostFault};
 use super::capabilities::ImportedInterface;
@@ -21,10 +21,16 @@ use super::sidecar::{Grants, Limits, RoutingHints};
 use crate::state_db::StateDb;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use wasmtime::component::Component;
 use wasmtime::{Engine, Store, Trap};
+
+/// An instance kept for reuse, with its store.
+pub(crate) type IdleInstance = (Store<CallState>, SelfHostedExtension);
+
+/// Idle instances kept per extension that opted into reuse.
+pub const MAX_IDLE_INSTANCES: usize = 4;
 
 /// Longest `backend-ref` an extension may return: the host stores it.
 pub const MAX_BACKEND_REF_BYTES: usize = 1024;
@@ -45,6 +51,8 @@ pub(crate) struct Invoker {
     pub network: Arc<NetworkPolicy>,
     pub executor: Arc<tokio::runtime::Runtime>,
     pub process: Option<Arc<super::process::ProcessCapability>>,
+    /// Instances kept for the next call, when the extension opts into reuse.
+    pub idle: Option<Mutex<Vec<IdleInstance>>>,
     /// Keeps deadlines ticking for as long as any extension can be called.
     pub _ticker: Arc<super::engine::EpochTicker>,
 }
@@ -83,26 +91,46 @@ impl Invoker {
         ) -> wasmtime::Result<R>,
     ) -> Result<(R, KvSession), CallError> {
         let kv = KvSession::new(self.state.clone(), self.name.to_string());
-        let wasi = self.network.wasi_context();
-        let data = CallState::new(
-            self.name.clone(),
-            self.config.clone(),
-            wasi,
-            kv,
-            self.limits.memory_bytes(),
-            self.process.clone(),
-        );
-        let mut store = Store::new(&self.engine, data);
-        store.limiter(|state| state);
+        // A reused instance keeps its memory between calls (the extension
+        // asked for it); everything else about the call starts afresh.
+        let reused = self.idle.as_ref().and_then(|idle| {
+            idle.lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .pop()
+        });
+        let (mut store, instance) = match reused {
+            Some((mut store, instance)) => {
+                store.data_mut().start_call(kv);
+                (store, Some(instance))
+            }
+            None => {
+                let wasi = self.network.wasi_context();
+                let data = CallState::new(
+                    self.name.clone(),
+                    self.config.clone(),
+                    wasi,
+                    kv,
+                    self.limits.memory_bytes(),
+                    self.process.clone(),
+                );
+                let mut store = Store::new(&self.engine, data);
+                store.limiter(|state| state);
+                store.epoch_deadline_trap();
+                (store, None)
+            }
+        };
         store.set_epoch_deadline(deadline_ticks(timeout));
-        store.epoch_deadline_trap();
         store
             .set_fuel(self.limits.fuel.unwrap_or(u64::MAX))
             .expect("fuel is enabled on the engine");
 
         let work = async {
-            let instance = self.pre.instantiate_async(&mut store).await?;
-            body(&instance, &mut store).await
+            let instance = match instance {
+                Some(instance) => instance,
+                None => self.pre.instantiate_async(&mut store).await?,
+            };
+            let value = body(&instance, &mut store).await?;
+            Ok::<_, wasmtime::Error>((value, instance))
         };
         // Guest code is stopped by the epoch deadline; a call blocked in a
         // host call is dropped here when the same deadline passes.
@@ -120,13 +148,20 @@ impl Invoker {
             }
         };
         match outcome {
-            Ok(value) => {
+            Ok((value, instance)) => {
                 let kv = store
                     .data_mut()
                     .take_kv()
                     .expect("the call's key-value session is taken once");
+                if let Some(idle) = &self.idle {
+                    let mut idle = idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    if idle.len() < MAX_IDLE_INSTANCES {
+                        idle.push((store, instance));
+                    }
+                }
                 Ok((value, kv))
             }
+            // A failed call's instance is never reused: after a trap it is dead.
             Err(error) => Err(self.classify(function, timeout, &error, store.data())),
         }
     }

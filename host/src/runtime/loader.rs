@@ -134,6 +134,10 @@ pub(super) fn load(runtime: &Runtime, path: &Path) -> Result<Extension, String> 
         network: Arc::new(NetworkPolicy::from_grants(&sidecar.grants.network)),
         executor: runtime.executor.clone(),
         process,
+        idle: sidecar
+            .limits
+            .reuse_instances
+            .then(|| std::sync::Mutex::new(Vec::new())),
         _ticker: runtime.ticker.clone(),
     };
     let info_timeout = Duration::from_millis(INFO_TIMEOUT_MS.min(sidecar.limits.timeout_ms));

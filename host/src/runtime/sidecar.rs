@@ -29,6 +29,10 @@ pub struct Limits {
     /// Fuel (roughly, WebAssembly instructions) one call may burn; none means
     /// only the wall-clock deadline bounds a call.
     pub fuel: Option<u64>,
+    /// Keep instances between calls instead of a fresh one per call. Fast
+    /// for big guests (Python, JavaScript); the guest's memory, statics
+    /// included, then survives from one call to the next.
+    pub reuse_instances: bool,
 }
 
 impl Default for Limits {
@@ -37,6 +41,7 @@ impl Default for Limits {
             timeout_ms: DEFAULT_TIMEOUT_MS,
             memory_mb: DEFAULT_MEMORY_MB,
             fuel: None,
+            reuse_instances: false,
         }
     }
 }
@@ -127,6 +132,7 @@ struct LimitsFile {
     timeout_ms: Option<u64>,
     memory_mb: Option<u64>,
     fuel: Option<u64>,
+    reuse_instances: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -185,6 +191,7 @@ impl Sidecar {
             }
             limits.fuel = Some(fuel);
         }
+        limits.reuse_instances = file.limits.reuse_instances.unwrap_or(false);
 
         let network = file
             .grants
@@ -278,7 +285,8 @@ mod tests {
             Limits {
                 timeout_ms: 10_000,
                 memory_mb: 64,
-                fuel: None
+                fuel: None,
+                reuse_instances: false,
             }
         );
         assert!(sidecar.grants.network.is_empty());
@@ -293,6 +301,7 @@ mod tests {
             timeout_ms = 250
             memory_mb = 16
             fuel = 1000000
+            reuse_instances = true
             [grants]
             network = ["127.0.0.1:8080", "api.example.com:*", "[::1]:443"]
             [routing]
@@ -310,7 +319,8 @@ mod tests {
             Limits {
                 timeout_ms: 250,
                 memory_mb: 16,
-                fuel: Some(1_000_000)
+                fuel: Some(1_000_000),
+                reuse_instances: true,
             }
         );
         let grants: Vec<String> = sidecar
