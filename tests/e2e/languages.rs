@@ -7,40 +7,24 @@ use crate::support::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn home_with_examples() -> (TestHome, PathBuf) {
+fn home_with_examples() -> TestHome {
     let home = TestHome::new().with_saas_stub().with_shared_cache();
     let examples = built_examples();
     for name in ["minute-meter", "reserved-meter"] {
         install(&examples, name, &home.extensions(), name);
-    }
-    let profiles = home.path().join("profiles");
-    std::fs::create_dir_all(&profiles).unwrap();
-    for name in ["minute-meter", "reserved-meter"] {
         std::fs::write(
-            profiles.join(format!("{name}.toml")),
+            home.profiles().join(format!("{name}.toml")),
             format!("description = \"{name}\"\n[route]\nstrategy = \"explicit\"\nextension = \"{name}\"\n"),
         )
         .unwrap();
     }
-    (home, profiles)
-}
-
-fn host(home: &TestHome, profiles: &Path, args: &[&str]) -> Run {
-    Run::from(
-        home.command()
-            .env("SANDBOXER_PROFILES_DIR", profiles)
-            .args(args)
-            .output()
-            .unwrap(),
-    )
+    home
 }
 
 #[test]
 fn the_python_and_javascript_examples_bill_exactly_their_pricing() {
-    let (home, profiles) = home_with_examples();
-    let listed = host(&home, &profiles, &["ext", "list", "--json"])
-        .ok()
-        .json();
+    let home = home_with_examples();
+    let listed = home.run(&["ext", "list", "--json"]).ok().json();
     for name in ["minute-meter", "reserved-meter"] {
         let entry = listed
             .as_array()
@@ -50,7 +34,7 @@ fn the_python_and_javascript_examples_bill_exactly_their_pricing() {
             .unwrap();
         assert_eq!(entry["status"], "loaded", "{entry}");
         let file = home.extensions().join(format!("{name}.wasm"));
-        host(&home, &profiles, &["ext", "check", file.to_str().unwrap()]).ok();
+        home.run(&["ext", "check", file.to_str().unwrap()]).ok();
     }
 
     // (instance, estimate for 90 s, actual of a 2 s run)
@@ -63,36 +47,24 @@ fn the_python_and_javascript_examples_bill_exactly_their_pricing() {
         // minimum, 334 + 84 (each rounded up).
         ("reserved-meter", "0.000625", "0.000418"),
     ];
-    host(
-        &home,
-        &profiles,
-        &["credits", "add", "1", "--tenant", "polyglot"],
-    )
-    .ok();
+    home.run(&["credits", "add", "1", "--tenant", "polyglot"])
+        .ok();
     let mut expected_balance = 1_000_000u64;
     for (name, estimate_90s, actual_2s) in cases {
-        let estimate = host(
-            &home,
-            &profiles,
-            &["ext", "estimate", name, "--ttl-secs", "90", "--json"],
-        )
-        .ok()
-        .json();
+        let estimate = home
+            .run(&["ext", "estimate", name, "--ttl-secs", "90", "--json"])
+            .ok()
+            .json();
         assert_eq!(estimate["estimate"], estimate_90s, "{name}");
 
-        let decision = host(
-            &home,
-            &profiles,
-            &["route", "explain", "--profile", name, "--json"],
-        )
-        .ok()
-        .json();
+        let decision = home
+            .run(&["route", "explain", "--profile", name, "--json"])
+            .ok()
+            .json();
         assert_eq!(decision["chosen"], name);
 
-        let run = host(
-            &home,
-            &profiles,
-            &[
+        let run = home
+            .run(&[
                 "run",
                 "--profile",
                 name,
@@ -101,44 +73,37 @@ fn the_python_and_javascript_examples_bill_exactly_their_pricing() {
                 "--ttl",
                 "2",
                 "--json",
-            ],
-        )
-        .ok()
-        .json();
+            ])
+            .ok()
+            .json();
         assert_eq!(run["state"], "destroyed", "{name}");
         assert_eq!(run["extension"], name);
         assert_eq!(run["actual"], actual_2s, "{name}");
         expected_balance -= sandboxer_credits::parse_credits(actual_2s).unwrap();
     }
-    let shown = host(
-        &home,
-        &profiles,
-        &["credits", "show", "--tenant", "polyglot", "--json"],
-    )
-    .ok()
-    .json();
+    let shown = home
+        .run(&["credits", "show", "--tenant", "polyglot", "--json"])
+        .ok()
+        .json();
     assert_eq!(
         shown["available"],
         sandboxer_credits::format_credits(expected_balance)
     );
-    host(&home, &profiles, &["ledger", "verify"]).ok();
+    home.run(&["ledger", "verify"]).ok();
 }
 
 #[test]
 fn the_cheapest_language_wins_a_lowest_cost_route() {
-    let (home, profiles) = home_with_examples();
+    let home = home_with_examples();
     std::fs::write(
-        profiles.join("cheapest.toml"),
+        home.profiles().join("cheapest.toml"),
         "description = \"any language\"\n[sandbox]\nttl_secs = 3600\n[route]\nstrategy = \"lowest-cost\"\ncandidates = [\"minute-meter\", \"reserved-meter\", \"saas-stub\"]\n",
     )
     .unwrap();
-    let decision = host(
-        &home,
-        &profiles,
-        &["route", "explain", "--profile", "cheapest", "--json"],
-    )
-    .ok()
-    .json();
+    let decision = home
+        .run(&["route", "explain", "--profile", "cheapest", "--json"])
+        .ok()
+        .json();
     let ranked: Vec<&str> = decision["candidates"]
         .as_array()
         .unwrap()

@@ -6,30 +6,12 @@ use crate::support::*;
 use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// A home with saas-stub, the shipped profiles, and a profiles dir of its own.
-fn lifecycle_home() -> (TestHome, PathBuf) {
-    let home = TestHome::new().with_saas_stub();
-    let profiles = home.path().join("profiles");
-    std::fs::create_dir_all(&profiles).unwrap();
-    for entry in std::fs::read_dir(repo_root().join("profiles")).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, profiles.join(path.file_name().unwrap())).unwrap();
-    }
-    (home, profiles)
-}
-
-fn host(home: &TestHome, profiles: &PathBuf, args: &[&str]) -> Run {
-    Run::from(
-        home.command()
-            .env("SANDBOXER_PROFILES_DIR", profiles)
-            .args(args)
-            .output()
-            .unwrap(),
-    )
+/// A home with saas-stub and the shipped profiles.
+fn lifecycle_home() -> TestHome {
+    TestHome::new().with_saas_stub().with_shipped_profiles()
 }
 
 fn events(home: &TestHome) -> Vec<serde_json::Value> {
@@ -42,17 +24,10 @@ fn events(home: &TestHome) -> Vec<serde_json::Value> {
 
 #[test]
 fn run_bills_the_tenant_exactly_the_actual() {
-    let (home, profiles) = lifecycle_home();
-    host(
-        &home,
-        &profiles,
-        &["credits", "add", "10", "--tenant", "t1"],
-    )
-    .ok();
-    let summary = host(
-        &home,
-        &profiles,
-        &[
+    let home = lifecycle_home();
+    home.run(&["credits", "add", "10", "--tenant", "t1"]).ok();
+    let summary = home
+        .run(&[
             "run",
             "--profile",
             "saas-stub",
@@ -61,10 +36,9 @@ fn run_bills_the_tenant_exactly_the_actual() {
             "--ttl",
             "2",
             "--json",
-        ],
-    )
-    .ok()
-    .json();
+        ])
+        .ok()
+        .json();
     assert_eq!(summary["state"], "destroyed");
     assert_eq!(summary["extension"], "saas-stub");
     assert_eq!(summary["kind"], "saas");
@@ -74,22 +48,20 @@ fn run_bills_the_tenant_exactly_the_actual() {
     assert_eq!(summary["estimate"], "0.000037");
     assert_eq!(summary["actual"], "0.000037");
 
-    let shown = host(
-        &home,
-        &profiles,
-        &["credits", "show", "--tenant", "t1", "--json"],
-    )
-    .ok()
-    .json();
+    let shown = home
+        .run(&["credits", "show", "--tenant", "t1", "--json"])
+        .ok()
+        .json();
     let expected = sandboxer_credits::format_credits(10_000_000 - actual);
     assert_eq!(shown["available"], expected);
     assert_eq!(shown["balance"], expected);
     assert_eq!(summary["balance_after"], expected);
     assert_eq!(shown["held"], "0.000000");
-    host(&home, &profiles, &["ledger", "verify"]).ok();
+    home.run(&["ledger", "verify"]).ok();
 
     let sandbox_id = summary["sandbox_id"].as_str().unwrap();
-    let record = host(&home, &profiles, &["sandbox", "show", sandbox_id, "--json"])
+    let record = home
+        .run(&["sandbox", "show", sandbox_id, "--json"])
         .ok()
         .json();
     assert_eq!(record["state"], "destroyed");
@@ -127,23 +99,17 @@ fn run_bills_the_tenant_exactly_the_actual() {
         .map(|event| event["id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(ids.len(), types.len(), "every event once in the file");
-    let tail = host(&home, &profiles, &["events", "tail", "--limit", "2"]).ok();
+    let tail = home.run(&["events", "tail", "--limit", "2"]).ok();
     assert_eq!(tail.stdout.lines().count(), 2);
 }
 
 #[test]
 fn insufficient_credits_create_nothing_and_change_nothing() {
-    let (home, profiles) = lifecycle_home();
-    host(
-        &home,
-        &profiles,
-        &["credits", "add", "0.000001", "--tenant", "poor"],
-    )
-    .ok();
-    let run = host(
-        &home,
-        &profiles,
-        &[
+    let home = lifecycle_home();
+    home.run(&["credits", "add", "0.000001", "--tenant", "poor"])
+        .ok();
+    let run = home
+        .run(&[
             "run",
             "--profile",
             "saas-stub",
@@ -151,9 +117,8 @@ fn insufficient_credits_create_nothing_and_change_nothing() {
             "poor",
             "--ttl",
             "2",
-        ],
-    )
-    .fails(1);
+        ])
+        .fails(1);
     assert!(
         run.stderr.contains(
             "insufficient credits: tenant `poor` has 0.000001 available, 0.000037 needed"
@@ -161,22 +126,18 @@ fn insufficient_credits_create_nothing_and_change_nothing() {
         "{}",
         run.stderr
     );
-    let shown = host(
-        &home,
-        &profiles,
-        &["credits", "show", "--tenant", "poor", "--json"],
-    )
-    .ok()
-    .json();
+    let shown = home
+        .run(&["credits", "show", "--tenant", "poor", "--json"])
+        .ok()
+        .json();
     assert_eq!(
         (shown["balance"].as_str(), shown["held"].as_str()),
         (Some("0.000001"), Some("0.000000"))
     );
-    let live = host(&home, &profiles, &["sandbox", "list", "--json"])
-        .ok()
-        .json();
+    let live = home.run(&["sandbox", "list", "--json"]).ok().json();
     assert_eq!(live, serde_json::json!([]), "no live record");
-    let all = host(&home, &profiles, &["sandbox", "list", "--all", "--json"])
+    let all = home
+        .run(&["sandbox", "list", "--all", "--json"])
         .ok()
         .json();
     assert_eq!(all[0]["state"], "failed");
@@ -184,24 +145,21 @@ fn insufficient_credits_create_nothing_and_change_nothing() {
         all[0]["handle"].is_null(),
         "the extension's create was never called"
     );
-    let history = host(
-        &home,
-        &profiles,
-        &["credits", "history", "--tenant", "poor", "--json"],
-    )
-    .ok()
-    .json();
+    let history = home
+        .run(&["credits", "history", "--tenant", "poor", "--json"])
+        .ok()
+        .json();
     assert_eq!(
         history.as_array().unwrap().len(),
         1,
         "only the grant: no hold was written"
     );
-    host(&home, &profiles, &["ledger", "verify"]).ok();
+    home.run(&["ledger", "verify"]).ok();
 }
 
 #[test]
 fn an_unavailable_backend_falls_back_to_the_next_candidate() {
-    let (home, profiles) = lifecycle_home();
+    let home = lifecycle_home();
     install(&built_fixtures(), "hostile", &home.extensions(), "down");
     std::fs::write(
         home.extensions().join("down.toml"),
@@ -209,17 +167,14 @@ fn an_unavailable_backend_falls_back_to_the_next_candidate() {
     )
     .unwrap();
     std::fs::write(
-        profiles.join("fallback.toml"),
+        home.profiles().join("fallback.toml"),
         "description = \"cheapest first\"\n[route]\nstrategy = \"lowest-cost\"\ncandidates = [\"saas-stub\", \"down\"]\n",
     )
     .unwrap();
-    let record = host(
-        &home,
-        &profiles,
-        &["sandbox", "create", "--profile", "fallback", "--json"],
-    )
-    .ok()
-    .json();
+    let record = home
+        .run(&["sandbox", "create", "--profile", "fallback", "--json"])
+        .ok()
+        .json();
     assert_eq!(record["state"], "ready");
     assert_eq!(record["extension"], "saas-stub");
     let attempts = record["attempts"].as_array().unwrap();
@@ -234,13 +189,9 @@ fn an_unavailable_backend_falls_back_to_the_next_candidate() {
     assert_eq!(attempts[1]["outcome"], "ready");
 
     let id = record["id"].as_str().unwrap();
-    let destroyed = host(&home, &profiles, &["sandbox", "destroy", id, "--json"])
-        .ok()
-        .json();
+    let destroyed = home.run(&["sandbox", "destroy", id, "--json"]).ok().json();
     assert_eq!(destroyed["state"], "destroyed");
-    let history = host(&home, &profiles, &["credits", "history", "--json"])
-        .ok()
-        .json();
+    let history = home.run(&["credits", "history", "--json"]).ok().json();
     let kinds: Vec<(&str, &str)> = history
         .as_array()
         .unwrap()
@@ -254,12 +205,12 @@ fn an_unavailable_backend_falls_back_to_the_next_candidate() {
         kinds.contains(&("charge", second_hold.as_str())),
         "{kinds:?}"
     );
-    host(&home, &profiles, &["ledger", "verify"]).ok();
+    home.run(&["ledger", "verify"]).ok();
 }
 
 #[test]
 fn a_trap_during_destroy_keeps_the_hold_until_retried_or_forced() {
-    let (home, profiles) = lifecycle_home();
+    let home = lifecycle_home();
     install(
         &built_fixtures(),
         "trap-in-destroy",
@@ -267,20 +218,17 @@ fn a_trap_during_destroy_keeps_the_hold_until_retried_or_forced() {
         "trap-in-destroy",
     );
     std::fs::write(
-        profiles.join("trappy.toml"),
+        home.profiles().join("trappy.toml"),
         "description = \"x\"\n[route]\nstrategy = \"explicit\"\nextension = \"trap-in-destroy\"\n",
     )
     .unwrap();
-    let record = host(
-        &home,
-        &profiles,
-        &["sandbox", "create", "--profile", "trappy", "--json"],
-    )
-    .ok()
-    .json();
+    let record = home
+        .run(&["sandbox", "create", "--profile", "trappy", "--json"])
+        .ok()
+        .json();
     let id = record["id"].as_str().unwrap().to_string();
 
-    let failed = host(&home, &profiles, &["sandbox", "destroy", &id]).fails(1);
+    let failed = home.run(&["sandbox", "destroy", &id]).fails(1);
     assert!(
         failed.stderr.contains("trapped")
             && failed
@@ -289,23 +237,16 @@ fn a_trap_during_destroy_keeps_the_hold_until_retried_or_forced() {
         "{}",
         failed.stderr
     );
-    let shown = host(&home, &profiles, &["credits", "show", "--json"])
-        .ok()
-        .json();
+    let shown = home.run(&["credits", "show", "--json"]).ok().json();
     assert_eq!(shown["held"], "0.001000", "the hold stays");
-    host(&home, &profiles, &["ledger", "verify"]).ok();
-    let record = host(&home, &profiles, &["sandbox", "show", &id, "--json"])
-        .ok()
-        .json();
+    home.run(&["ledger", "verify"]).ok();
+    let record = home.run(&["sandbox", "show", &id, "--json"]).ok().json();
     assert_eq!(record["state"], "destroying");
 
-    let forced = host(
-        &home,
-        &profiles,
-        &["sandbox", "destroy", &id, "--force", "--json"],
-    )
-    .ok()
-    .json();
+    let forced = home
+        .run(&["sandbox", "destroy", &id, "--force", "--json"])
+        .ok()
+        .json();
     assert_eq!(forced["state"], "destroyed");
     assert_eq!(forced["meter"]["actual"], "0.000000");
     assert!(
@@ -314,55 +255,45 @@ fn a_trap_during_destroy_keeps_the_hold_until_retried_or_forced() {
             .unwrap()
             .starts_with("forced after: extension `trap-in-destroy` destroy: trapped")
     );
-    let shown = host(&home, &profiles, &["credits", "show", "--json"])
-        .ok()
-        .json();
+    let shown = home.run(&["credits", "show", "--json"]).ok().json();
     assert_eq!(
         (shown["held"].as_str(), shown["balance"].as_str()),
         (Some("0.000000"), Some("10.000000"))
     );
-    host(&home, &profiles, &["ledger", "verify"]).ok();
+    home.run(&["ledger", "verify"]).ok();
 }
 
 #[test]
 fn a_missing_extension_keeps_the_sandbox_until_forced() {
-    let (home, profiles) = lifecycle_home();
-    let record = host(
-        &home,
-        &profiles,
-        &["sandbox", "create", "--profile", "saas-stub", "--json"],
-    )
-    .ok()
-    .json();
+    let home = lifecycle_home();
+    let record = home
+        .run(&["sandbox", "create", "--profile", "saas-stub", "--json"])
+        .ok()
+        .json();
     let id = record["id"].as_str().unwrap().to_string();
     std::fs::remove_file(home.extensions().join("saas-stub.wasm")).unwrap();
-    let refused = host(&home, &profiles, &["sandbox", "destroy", &id]).fails(1);
+    let refused = home.run(&["sandbox", "destroy", &id]).fails(1);
     assert!(
         refused.stderr.contains("which is not loaded") && refused.stderr.contains("--force"),
         "{}",
         refused.stderr
     );
     assert_eq!(
-        host(&home, &profiles, &["sandbox", "show", &id, "--json"])
-            .ok()
-            .json()["state"],
+        home.run(&["sandbox", "show", &id, "--json"]).ok().json()["state"],
         "ready"
     );
-    let forced = host(
-        &home,
-        &profiles,
-        &["sandbox", "destroy", &id, "--force", "--json"],
-    )
-    .ok()
-    .json();
+    let forced = home
+        .run(&["sandbox", "destroy", &id, "--force", "--json"])
+        .ok()
+        .json();
     assert!(forced["note"].as_str().unwrap().contains("is not loaded"));
-    host(&home, &profiles, &["ledger", "verify"]).ok();
+    home.run(&["ledger", "verify"]).ok();
 }
 
 #[test]
 fn sigkill_during_run_is_reconciled_and_settled_exactly_once() {
-    let (home, profiles) = lifecycle_home();
-    host(&home, &profiles, &["credits", "add", "50", "--tenant", "k"]).ok();
+    let home = lifecycle_home();
+    home.run(&["credits", "add", "50", "--tenant", "k"]).ok();
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -370,7 +301,6 @@ fn sigkill_during_run_is_reconciled_and_settled_exactly_once() {
     for round in 0..6u64 {
         let mut child = home
             .command()
-            .env("SANDBOXER_PROFILES_DIR", &profiles)
             .args([
                 "run",
                 "--profile",
@@ -391,7 +321,7 @@ fn sigkill_during_run_is_reconciled_and_settled_exactly_once() {
         child.wait().unwrap();
     }
     std::thread::sleep(Duration::from_millis(1200)); // every ttl has passed
-    let listed = host(&home, &profiles, &["sandbox", "list", "--all", "--json"]).ok();
+    let listed = home.run(&["sandbox", "list", "--all", "--json"]).ok();
     let records = listed.json();
     for record in records.as_array().unwrap() {
         let state = record["state"].as_str().unwrap();
@@ -400,20 +330,15 @@ fn sigkill_during_run_is_reconciled_and_settled_exactly_once() {
             "seed {seed}: {record}"
         );
     }
-    let verify = host(&home, &profiles, &["ledger", "verify", "--json"])
-        .ok()
-        .json();
+    let verify = home.run(&["ledger", "verify", "--json"]).ok().json();
     assert_eq!(verify["open_holds"], 0, "seed {seed}");
 
-    let history = host(
-        &home,
-        &profiles,
-        &[
+    let history = home
+        .run(&[
             "credits", "history", "--tenant", "k", "--limit", "1000", "--json",
-        ],
-    )
-    .ok()
-    .json();
+        ])
+        .ok()
+        .json();
     let mut charges: HashMap<String, usize> = HashMap::new();
     for entry in history.as_array().unwrap() {
         if entry["kind"] == "charge" {
@@ -480,16 +405,14 @@ fn flaky_hub(failures: usize) -> (String, Arc<Mutex<Vec<String>>>) {
 
 #[test]
 fn the_webhook_gets_every_event_despite_failures_and_downtime() {
-    let (home, profiles) = lifecycle_home();
+    let home = lifecycle_home();
     // The hub is down: nothing is lost, events wait.
     let closed = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
-    let down = host(
-        &home,
-        &profiles,
-        &[
+    let down = home
+        .run(&[
             "--hub-url",
             &format!("http://{closed}/events"),
             "credits",
@@ -497,9 +420,8 @@ fn the_webhook_gets_every_event_despite_failures_and_downtime() {
             "1",
             "--tenant",
             "w",
-        ],
-    )
-    .ok();
+        ])
+        .ok();
     assert!(
         down.stderr.contains("events could not reach the hub"),
         "{}",
@@ -507,7 +429,6 @@ fn the_webhook_gets_every_event_despite_failures_and_downtime() {
     );
     let run = Run::from(
         home.command()
-            .env("SANDBOXER_PROFILES_DIR", &profiles)
             .env("SANDBOXER_HUB_URL", format!("http://{closed}/events"))
             .args([
                 "sandbox",
@@ -531,18 +452,10 @@ fn the_webhook_gets_every_event_despite_failures_and_downtime() {
 
     // The hub is back but fails its first three posts.
     let (url, accepted) = flaky_hub(3);
-    host(
-        &home,
-        &profiles,
-        &["--hub-url", &url, "sandbox", "destroy", &id],
-    )
-    .ok();
-    host(
-        &home,
-        &profiles,
-        &["--hub-url", &url, "credits", "show", "--tenant", "w"],
-    )
-    .ok();
+    home.run(&["--hub-url", &url, "sandbox", "destroy", &id])
+        .ok();
+    home.run(&["--hub-url", &url, "credits", "show", "--tenant", "w"])
+        .ok();
 
     let in_file: BTreeSet<String> = events(&home)
         .iter()

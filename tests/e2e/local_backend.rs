@@ -8,60 +8,36 @@
 
 use crate::support::*;
 use std::net::TcpListener;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// A home with the local and saas-stub backends and the shipped profiles;
 /// `config` adds lines to the local instance's `[config]`.
-fn home_with_local(config: &str) -> (TestHome, PathBuf) {
-    let home = TestHome::new().with_saas_stub();
+fn home_with_local(config: &str) -> TestHome {
+    let home = TestHome::new().with_saas_stub().with_shipped_profiles();
     install(&built_extensions(), "local", &home.extensions(), "local");
     std::fs::write(
         home.extensions().join("local.toml"),
         format!("[grants]\nprocess = [\"bwrap\"]\n[config]\n{config}\n"),
     )
     .unwrap();
-    let profiles = home.path().join("profiles");
-    std::fs::create_dir_all(&profiles).unwrap();
-    for entry in std::fs::read_dir(repo_root().join("profiles")).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, profiles.join(path.file_name().unwrap())).unwrap();
-    }
-    (home, profiles)
-}
-
-fn host(home: &TestHome, profiles: &PathBuf, args: &[&str]) -> Run {
-    Run::from(
-        home.command()
-            .env("SANDBOXER_PROFILES_DIR", profiles)
-            .args(args)
-            .output()
-            .unwrap(),
-    )
+    home
 }
 
 /// `run --profile local --json -- CMD...`: the summary and the command's stderr.
-fn run_in_sandbox(
-    home: &TestHome,
-    profiles: &PathBuf,
-    extra: &[&str],
-    command: &[&str],
-) -> (serde_json::Value, Run) {
+fn run_in_sandbox(home: &TestHome, extra: &[&str], command: &[&str]) -> (serde_json::Value, Run) {
     let mut args = vec!["run", "--profile", "local", "--json"];
     args.extend(extra);
     args.push("--");
     args.extend(command);
-    let run = host(home, profiles, &args).ok();
+    let run = home.run(&args).ok();
     (run.json(), run)
 }
 
 #[test]
 fn run_prints_the_commands_output_and_bills_at_the_local_rate() {
-    let (home, profiles) = home_with_local("rate_per_vcpu_hour = \"0.36\"");
-    let run = host(
-        &home,
-        &profiles,
-        &[
+    let home = home_with_local("rate_per_vcpu_hour = \"0.36\"");
+    let run = home
+        .run(&[
             "run",
             "--profile",
             "local",
@@ -69,9 +45,8 @@ fn run_prints_the_commands_output_and_bills_at_the_local_rate() {
             "python3",
             "-c",
             "print(6*7)",
-        ],
-    )
-    .ok();
+        ])
+        .ok();
     assert_eq!(
         run.stdout.lines().next(),
         Some("42"),
@@ -81,43 +56,36 @@ fn run_prints_the_commands_output_and_bills_at_the_local_rate() {
     );
     assert!(run.stdout.contains("on local: destroyed"), "{}", run.stdout);
 
-    let (summary, _) = run_in_sandbox(
-        &home,
-        &profiles,
-        &[],
-        &["sh", "-c", "echo to-stderr >&2; exit 3"],
-    );
+    let (summary, _) = run_in_sandbox(&home, &[], &["sh", "-c", "echo to-stderr >&2; exit 3"]);
     assert_eq!(summary["exit_code"], 3);
     assert_eq!(summary["kind"], "self-hosted");
     // 0.36 credits per vCPU-hour is 0.0001 per second; a short command
     // starts one second.
     assert_eq!(summary["actual"], "0.000100");
-    let shown = host(&home, &profiles, &["credits", "show", "--json"])
-        .ok()
-        .json();
+    let shown = home.run(&["credits", "show", "--json"]).ok().json();
     assert_eq!(shown["held"], "0.000000");
-    host(&home, &profiles, &["ledger", "verify"]).ok();
+    home.run(&["ledger", "verify"]).ok();
 }
 
 #[test]
 fn a_host_file_outside_the_binds_cannot_be_read() {
-    let (home, profiles) = home_with_local("");
-    host(&home, &profiles, &["credits", "show"]).ok(); // the ledger file exists
+    let home = home_with_local("");
+    home.run(&["credits", "show"]).ok(); // the ledger file exists
     let ledger = home.ledger_file();
     assert!(ledger.is_file());
-    let (summary, run) = run_in_sandbox(&home, &profiles, &[], &["cat", ledger.to_str().unwrap()]);
+    let (summary, run) = run_in_sandbox(&home, &[], &["cat", ledger.to_str().unwrap()]);
     assert_ne!(summary["exit_code"], 0, "{}", run.stderr);
 }
 
 #[test]
 fn the_hosts_loopback_is_out_of_reach() {
-    let (home, profiles) = home_with_local("");
+    let home = home_with_local("");
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let script = format!(
         "import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2); print('connected')"
     );
-    let (summary, _) = run_in_sandbox(&home, &profiles, &[], &["python3", "-c", &script]);
+    let (summary, _) = run_in_sandbox(&home, &[], &["python3", "-c", &script]);
     assert_ne!(summary["exit_code"], 0, "the connection must fail");
     listener.set_nonblocking(true).unwrap();
     assert!(
@@ -128,21 +96,21 @@ fn the_hosts_loopback_is_out_of_reach() {
 
 #[test]
 fn host_processes_are_invisible() {
-    let (home, profiles) = home_with_local("");
+    let home = home_with_local("");
     let script = format!(
         "import os; pids = [int(p) for p in os.listdir('/proc') if p.isdigit()]; print(len(pids)); assert {} not in pids; assert len(pids) < 10",
         std::process::id()
     );
-    let (summary, run) = run_in_sandbox(&home, &profiles, &[], &["python3", "-c", &script]);
+    let (summary, run) = run_in_sandbox(&home, &[], &["python3", "-c", &script]);
     assert_eq!(summary["exit_code"], 0, "{}", run.stderr);
 }
 
 #[test]
 fn a_fork_bomb_stops_at_the_process_limit() {
-    let (home, profiles) = home_with_local("max_processes = \"20\"");
+    let home = home_with_local("max_processes = \"20\"");
     let script = "import os, time\nn = 0\ntry:\n    for i in range(200):\n        if os.fork() == 0:\n            time.sleep(5); os._exit(0)\n        n += 1\nexcept OSError:\n    pass\nprint(n)\nassert n < 20, n";
     let started = Instant::now();
-    let (summary, run) = run_in_sandbox(&home, &profiles, &[], &["python3", "-c", script]);
+    let (summary, run) = run_in_sandbox(&home, &[], &["python3", "-c", script]);
     assert_eq!(
         summary["exit_code"], 0,
         "forks stopped below the limit: {}",
@@ -153,16 +121,14 @@ fn a_fork_bomb_stops_at_the_process_limit() {
 
 #[test]
 fn a_memory_hog_is_stopped_at_its_limit() {
-    let (home, profiles) = home_with_local("");
+    let home = home_with_local("");
     std::fs::write(
-        profiles.join("small.toml"),
+        home.profiles().join("small.toml"),
         "description = \"64 MiB\"\n[sandbox]\nmemory_mb = 64\nttl_secs = 30\n[route]\nstrategy = \"explicit\"\nextension = \"local\"\n",
     )
     .unwrap();
-    let run = host(
-        &home,
-        &profiles,
-        &[
+    let run = home
+        .run(&[
             "run",
             "--profile",
             "small",
@@ -171,9 +137,8 @@ fn a_memory_hog_is_stopped_at_its_limit() {
             "python3",
             "-c",
             "x = bytearray(512 * 1024 * 1024); print('allocated')",
-        ],
-    )
-    .ok();
+        ])
+        .ok();
     let summary = run.json();
     assert_ne!(
         summary["exit_code"], 0,
@@ -184,9 +149,9 @@ fn a_memory_hog_is_stopped_at_its_limit() {
 
 #[test]
 fn the_ttl_kills_a_sleeper() {
-    let (home, profiles) = home_with_local("");
+    let home = home_with_local("");
     let started = Instant::now();
-    let (summary, _) = run_in_sandbox(&home, &profiles, &["--ttl", "2"], &["sleep", "60"]);
+    let (summary, _) = run_in_sandbox(&home, &["--ttl", "2"], &["sleep", "60"]);
     let elapsed = started.elapsed();
     assert_eq!(summary["state"], "destroyed");
     assert_eq!(summary["exit_code"], 137, "killed by SIGKILL at the ttl");
@@ -195,68 +160,55 @@ fn the_ttl_kills_a_sleeper() {
 
 #[test]
 fn a_busy_loop_reports_cpu_time_and_an_exited_command_destroys_cleanly() {
-    let (home, profiles) = home_with_local("");
+    let home = home_with_local("");
     std::fs::write(
-        profiles.join("busy.toml"),
+        home.profiles().join("busy.toml"),
         "description = \"spin\"\n[sandbox]\nttl_secs = 30\ncommand = [\"python3\", \"-c\", \"while True: pass\"]\n[route]\nstrategy = \"explicit\"\nextension = \"local\"\n",
     )
     .unwrap();
     std::fs::write(
-        profiles.join("quick.toml"),
+        home.profiles().join("quick.toml"),
         "description = \"done at once\"\n[sandbox]\nttl_secs = 30\ncommand = [\"true\"]\n[route]\nstrategy = \"explicit\"\nextension = \"local\"\n",
     )
     .unwrap();
-    let busy = host(
-        &home,
-        &profiles,
-        &["sandbox", "create", "--profile", "busy", "--json"],
-    )
-    .ok()
-    .json();
-    let quick = host(
-        &home,
-        &profiles,
-        &["sandbox", "create", "--profile", "quick", "--json"],
-    )
-    .ok()
-    .json();
+    let busy = home
+        .run(&["sandbox", "create", "--profile", "busy", "--json"])
+        .ok()
+        .json();
+    let quick = home
+        .run(&["sandbox", "create", "--profile", "quick", "--json"])
+        .ok()
+        .json();
     std::thread::sleep(Duration::from_millis(1500));
 
-    let destroyed = host(
-        &home,
-        &profiles,
-        &["sandbox", "destroy", busy["id"].as_str().unwrap(), "--json"],
-    )
-    .ok()
-    .json();
+    let destroyed = home
+        .run(&["sandbox", "destroy", busy["id"].as_str().unwrap(), "--json"])
+        .ok()
+        .json();
     let usage = &destroyed["meter"]["reported_usage"];
     assert!(usage["cpu_ms"].as_u64().unwrap() > 0, "{usage}");
     assert!(usage["wall_ms"].as_u64().unwrap() >= 1000, "{usage}");
 
-    let destroyed = host(
-        &home,
-        &profiles,
-        &[
+    let destroyed = home
+        .run(&[
             "sandbox",
             "destroy",
             quick["id"].as_str().unwrap(),
             "--json",
-        ],
-    )
-    .ok()
-    .json();
+        ])
+        .ok()
+        .json();
     assert_eq!(destroyed["state"], "destroyed");
-    host(&home, &profiles, &["ledger", "verify"]).ok();
+    home.run(&["ledger", "verify"]).ok();
 }
 
 #[test]
 fn without_bubblewrap_burst_sandbox_falls_back_to_the_saas_stub() {
-    let (home, profiles) = home_with_local("");
+    let home = home_with_local("");
     // A PATH without bubblewrap is a machine without bubblewrap.
     let without = |args: &[&str]| {
         Run::from(
             home.command()
-                .env("SANDBOXER_PROFILES_DIR", &profiles)
                 .env("PATH", "/nonexistent")
                 .args(args)
                 .output()
@@ -285,13 +237,10 @@ fn without_bubblewrap_burst_sandbox_falls_back_to_the_saas_stub() {
         .json();
     assert_eq!(run["extension"], "saas-stub");
 
-    let with = host(
-        &home,
-        &profiles,
-        &["route", "explain", "--profile", "burst-sandbox", "--json"],
-    )
-    .ok()
-    .json();
+    let with = home
+        .run(&["route", "explain", "--profile", "burst-sandbox", "--json"])
+        .ok()
+        .json();
     assert_eq!(
         with["chosen"], "local",
         "with bubblewrap, this machine comes first"

@@ -76,7 +76,22 @@ impl TestHome {
             dir: tempfile::tempdir().unwrap(),
         };
         std::fs::create_dir_all(home.extensions()).unwrap();
+        std::fs::create_dir_all(home.profiles()).unwrap();
         home
+    }
+
+    /// `<home>/profiles`, the profiles directory the binary is given.
+    pub fn profiles(&self) -> PathBuf {
+        self.path().join("profiles")
+    }
+
+    /// Copies the shipped profiles (profiles/*.toml) into this home's.
+    pub fn with_shipped_profiles(self) -> Self {
+        for entry in std::fs::read_dir(repo_root().join("profiles")).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, self.profiles().join(path.file_name().unwrap())).unwrap();
+        }
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -128,6 +143,8 @@ impl TestHome {
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("SANDBOXER_HOME", self.path())
             .env("SANDBOXER_EXTENSIONS_DIR", self.extensions())
+            .env("SANDBOXER_PROFILES_DIR", self.profiles())
+            .env("SANDBOXER_PROFILES_DIR", self.profiles())
             .env("RUST_BACKTRACE", "1");
         command
     }
