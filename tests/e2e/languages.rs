@@ -1,5 +1,5 @@
-//! Extensions in other languages, end to end: the Python and JavaScript
-//! examples load, pass `ext check`, are chosen by a profile and bill exactly
+//! Extensions in other languages, end to end: the Python, JavaScript and
+//! hand-written WAT examples load, pass `ext check`, are chosen by a profile and bill exactly
 //! what their pricing says; `ext new` scaffolds build and pass `ext check`
 //! in Rust, Python and JavaScript.
 
@@ -10,7 +10,7 @@ use std::process::Command;
 fn home_with_examples() -> TestHome {
     let home = TestHome::new().with_saas_stub().with_shared_cache();
     let examples = built_examples();
-    for name in ["minute-meter", "reserved-meter"] {
+    for name in ["minute-meter", "reserved-meter", "flat-fee"] {
         install(&examples, name, &home.extensions(), name);
         std::fs::write(
             home.profiles().join(format!("{name}.toml")),
@@ -25,7 +25,7 @@ fn home_with_examples() -> TestHome {
 fn the_python_and_javascript_examples_bill_exactly_their_pricing() {
     let home = home_with_examples();
     let listed = home.run(&["ext", "list", "--json"]).ok().json();
-    for name in ["minute-meter", "reserved-meter"] {
+    for name in ["minute-meter", "reserved-meter", "flat-fee"] {
         let entry = listed
             .as_array()
             .unwrap()
@@ -46,6 +46,8 @@ fn the_python_and_javascript_examples_bill_exactly_their_pricing() {
         // 0.005 per GiB-hour: 90 s is 500 + 125; a 2 s run pays the 60 s
         // minimum, 334 + 84 (each rounded up).
         ("reserved-meter", "0.000625", "0.000418"),
+        // WAT, by hand: 0.005 per sandbox, whatever it does.
+        ("flat-fee", "0.005000", "0.005000"),
     ];
     home.run(&["credits", "add", "1", "--tenant", "polyglot"])
         .ok();

@@ -38,7 +38,9 @@ pub fn built_extensions() -> PathBuf {
 pub fn built_examples() -> PathBuf {
     let path = repo_root().join("target/examples");
     assert!(
-        path.join("minute-meter.wasm").is_file() && path.join("reserved-meter.wasm").is_file(),
+        ["minute-meter", "reserved-meter", "flat-fee"]
+            .iter()
+            .all(|name| path.join(format!("{name}.wasm")).is_file()),
         "{} has no built examples: run `cargo xtask build-extensions --examples` (or `cargo xtask test`) first",
         path.display()
     );

@@ -3,9 +3,9 @@
 //! - `build-extensions [--examples]`: installs the wasm32-wasip2 target if
 //!   missing, builds every shipped extension and every test fixture in
 //!   release, and copies them (with their sidecars) into `target/extensions/`
-//!   and `target/fixtures/`; with `--examples`, also the Python and
-//!   JavaScript examples into `target/examples/` (their toolchains install
-//!   on demand into `target/tools/`);
+//!   and `target/fixtures/`; with `--examples`, also the Python, JavaScript
+//!   and WAT examples into `target/examples/` (their toolchains install on
+//!   demand into `target/tools/`);
 //! - `test`: build-extensions --examples, then fmt check, clippy with
 //!   `-D warnings`, and `cargo test --workspace`: the gate CI runs;
 //! - `demo`: builds everything and runs the main job against a fresh home;
@@ -50,7 +50,7 @@ fn run_command() -> Result<()> {
 commands:
   build-extensions [--examples]
                      build every extension and test fixture into target/
-                     (--examples: also the Python and JavaScript examples)
+                     (--examples: also the Python, JavaScript and WAT examples)
   test               all of that, then fmt check, clippy -D warnings, cargo test --workspace
   demo               build and run the main job against a fresh home
   bench [SUITE]      benchmarks: runtime, routing, ledger, lifecycle or all (default)"
@@ -243,7 +243,7 @@ fn is_fresh(output: &Path, inputs: &[PathBuf]) -> bool {
         .all(|input| modified(input).is_some_and(|time| time <= built))
 }
 
-/// The Python and JavaScript examples, built with their own toolchains,
+/// The Python, JavaScript and WAT examples, built with their own toolchains,
 /// which are installed on demand inside target/tools/ (nothing global).
 fn build_examples(root: &Path) -> Result<()> {
     let examples = root.join("extensions/examples");
@@ -335,6 +335,14 @@ fn build_examples(root: &Path) -> Result<()> {
         &examples.join("js/reserved-meter.toml"),
         &out.join("reserved-meter.toml"),
     )?;
+
+    // WebAssembly text, written by hand: no toolchain but a WAT parser.
+    let wat_source = examples.join("wat/flat-fee.wat");
+    let wat_out = out.join("flat-fee.wasm");
+    if !is_fresh(&wat_out, std::slice::from_ref(&wat_source)) {
+        let binary = wat::parse_file(&wat_source).map_err(|error| anyhow::anyhow!("{error}"))?;
+        std::fs::write(&wat_out, binary)?;
+    }
     eprintln!("examples in {}", out.display());
     Ok(())
 }
