@@ -75,10 +75,20 @@ impl Ledger {
             writer,
             stats,
         };
-        if options.expire_on_open {
-            ledger.expire_due(writer::now_ms())?;
+        let now = writer::now_ms();
+        // Only a due hold is worth a write: a read-only command (`credits
+        // show`) should not pay a durable commit on every open.
+        if options.expire_on_open && ledger.any_hold_due(now)? {
+            ledger.expire_due(now)?;
         }
         Ok(ledger)
+    }
+
+    fn any_hold_due(&self, now_ms: u64) -> Result<bool, LedgerError> {
+        let read = self.database.begin_read().map_err(storage)?;
+        let expiry = read.open_table(store::HOLD_EXPIRY).map_err(storage)?;
+        let mut due = expiry.range(..=(now_ms, "\u{10ffff}")).map_err(storage)?;
+        Ok(due.next().transpose().map_err(storage)?.is_some())
     }
 
     pub fn path(&self) -> &Path {
