@@ -6,8 +6,10 @@
 //!   and `target/fixtures/`; with `--examples`, also the Python, JavaScript
 //!   and WAT examples into `target/examples/` (their toolchains install on
 //!   demand into `target/tools/`);
-//! - `test`: build-extensions --examples, then fmt check, clippy with
-//!   `-D warnings`, and `cargo test --workspace`: the gate CI runs;
+//! - `install-e2b-sdks`: installs the official E2B Python and JavaScript SDKs,
+//!   pinned by `tests/e2b/`, into `target/tools/e2b-python` and `target/tools/e2b-js`;
+//! - `test`: build-extensions --examples, install-e2b-sdks, then fmt check, clippy
+//!   with `-D warnings`, and `cargo test --workspace`: the gate CI runs;
 //! - `demo`: builds everything and runs the main job against a fresh home;
 //! - `bench [SUITE]`: runs a benchmark suite (runtime, routing, ledger, lifecycle, all) and writes
 //!   `target/bench/<suite>.json`.
@@ -40,6 +42,7 @@ fn run_command() -> Result<()> {
             }
             Ok(())
         }
+        Some("install-e2b-sdks") => install_e2b_sdks(&root),
         Some("test") => test(&root),
         Some("demo") => demo(&root),
         Some("bench") => bench(&root, args.get(1).map(String::as_str).unwrap_or("all")),
@@ -51,6 +54,7 @@ commands:
   build-extensions [--examples]
                      build every extension and test fixture into target/
                      (--examples: also the Python, JavaScript and WAT examples)
+  install-e2b-sdks   the pinned E2B Python and JavaScript SDKs into target/tools/
   test               all of that, then fmt check, clippy -D warnings, cargo test --workspace
   demo               build and run the main job against a fresh home
   bench [SUITE]      benchmarks: runtime, routing, ledger, lifecycle or all (default)"
@@ -199,6 +203,7 @@ fn build_extensions(root: &Path) -> Result<()> {
 fn test(root: &Path) -> Result<()> {
     build_extensions(root)?;
     build_examples(root)?;
+    install_e2b_sdks(root)?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     for workspace in [EXTENSIONS_WORKSPACE, FIXTURES_WORKSPACE] {
         run(cargo()
@@ -344,6 +349,62 @@ fn build_examples(root: &Path) -> Result<()> {
         std::fs::write(&wat_out, binary)?;
     }
     eprintln!("examples in {}", out.display());
+    Ok(())
+}
+
+/// The official E2B SDKs that the server's end-to-end tests drive (tests/e2b/),
+/// pinned by a requirements file and an npm lock file and installed inside
+/// target/tools/ (nothing global); each is skipped while its install is newer
+/// than its pins.
+fn install_e2b_sdks(root: &Path) -> Result<()> {
+    let pins = root.join("tests/e2b");
+    let tools = root.join("target/tools");
+
+    // Python: pip --target, from scratch so a changed pin leaves no stale package.
+    let python_sdk = tools.join("e2b-python");
+    let requirements = pins.join("python/requirements.txt");
+    let python_stamp = python_sdk.join("requirements.txt");
+    if !is_fresh(&python_stamp, std::slice::from_ref(&requirements)) {
+        if python_sdk.exists() {
+            std::fs::remove_dir_all(&python_sdk)?;
+        }
+        run(Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                // The conflict check looks at the system's packages, which the
+                // tests never import beside these.
+                "--no-warn-conflicts",
+                "--target",
+            ])
+            .arg(&python_sdk)
+            .arg("-r")
+            .arg(&requirements))?;
+        copy(&requirements, &python_stamp)?;
+    }
+
+    // JavaScript: npm ci from the committed lock file.
+    let js_sdk = tools.join("e2b-js");
+    let lock = pins.join("js/package-lock.json");
+    // npm writes this file on every install; the packages' own files keep
+    // their tarballs' old timestamps.
+    let js_stamp = js_sdk.join("node_modules/.package-lock.json");
+    if !is_fresh(&js_stamp, std::slice::from_ref(&lock)) {
+        std::fs::create_dir_all(&js_sdk)?;
+        copy(&pins.join("js/package.json"), &js_sdk.join("package.json"))?;
+        copy(&lock, &js_sdk.join("package-lock.json"))?;
+        run(Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(&js_sdk))?;
+    }
+    eprintln!(
+        "E2B SDKs in {} and {}",
+        python_sdk.display(),
+        js_sdk.display()
+    );
     Ok(())
 }
 
