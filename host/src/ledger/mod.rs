@@ -292,6 +292,23 @@ impl Ledger {
             .transpose()
     }
 
+    /// The first answer of the settle of `sandbox_id`'s hold, when it was
+    /// settled: what a caller that lost track of it (a crash) adopts.
+    pub fn settle_receipt(&self, sandbox_id: &str) -> Result<Option<SettleReceipt>, LedgerError> {
+        let read = self.database.begin_read().map_err(storage)?;
+        let keys = read.open_table(KEYS).map_err(storage)?;
+        let Some(json) = keys
+            .get(format!("settle/{sandbox_id}").as_str())
+            .map_err(storage)?
+        else {
+            return Ok(None);
+        };
+        match store::stored_receipt(json.value())? {
+            Receipt::Settle(receipt) => Ok(Some(receipt)),
+            other => Err(unexpected(other)),
+        }
+    }
+
     pub fn open_holds(&self) -> Result<Vec<HoldRecord>, LedgerError> {
         let read = self.database.begin_read().map_err(storage)?;
         let holds = read.open_table(HOLDS).map_err(storage)?;

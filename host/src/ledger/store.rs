@@ -66,6 +66,13 @@ struct StoredReceipt {
     receipt: Receipt,
 }
 
+/// The receipt kept under an idempotency key.
+pub(crate) fn stored_receipt(json: &str) -> Result<Receipt, LedgerError> {
+    Ok(serde_json::from_str::<StoredReceipt>(json)
+        .map_err(storage)?
+        .receipt)
+}
+
 /// Why an operation did not apply.
 pub(crate) enum ApplyError {
     /// Refused by a check; nothing was written.
@@ -209,12 +216,21 @@ impl<'txn> Batch<'txn> {
 
     /// The first result of `key` when `operation` repeats it; an error when
     /// the key was used for something else.
+    ///
+    /// A step of a hold (`hold/`, `settle/`, `void/` + hold id) is the same
+    /// step whatever else the replay carries: a void with another reason or
+    /// a settle at a re-measured amount gets the first answer, so a caller
+    /// recovering from a crash learns what was done instead of being told
+    /// its key is taken. A caller's own key (a grant) must repeat the same
+    /// operation exactly.
     fn replay(&self, key: &str, operation: &Operation) -> Result<Option<Receipt>, ApplyError> {
         let Some(stored) = self.keys.get(key)? else {
             return Ok(None);
         };
         let stored: StoredReceipt = serde_json::from_str(stored.value()).map_err(fatal)?;
-        if &stored.operation == operation {
+        let same_step = !matches!(operation, Operation::Grant { .. })
+            && std::mem::discriminant(&stored.operation) == std::mem::discriminant(operation);
+        if same_step || &stored.operation == operation {
             Ok(Some(stored.receipt.mark_replayed()))
         } else {
             // A caller's grant key is shown as the caller wrote it.
