@@ -228,12 +228,14 @@ fn a_trap_during_destroy_keeps_the_hold_until_retried_or_forced() {
         .json();
     let id = record["id"].as_str().unwrap().to_string();
 
+    // Lived a little, so the host has wall time to bill.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     let failed = home.run(&["sandbox", "destroy", &id]).fails(1);
     assert!(
         failed.stderr.contains("trapped")
             && failed
                 .stderr
-                .contains("stays destroying with its hold open"),
+                .contains("stays destroying with its hold open and is retried in 30 s"),
         "{}",
         failed.stderr
     );
@@ -248,17 +250,29 @@ fn a_trap_during_destroy_keeps_the_hold_until_retried_or_forced() {
         .ok()
         .json();
     assert_eq!(forced["state"], "destroyed");
-    assert_eq!(forced["meter"]["actual"], "0.000000");
+    let note = forced["note"].as_str().unwrap();
     assert!(
-        forced["note"]
-            .as_str()
-            .unwrap()
-            .starts_with("forced after: extension `trap-in-destroy` destroy: trapped")
+        note.starts_with("forced after: extension `trap-in-destroy` destroy: trapped")
+            && note.ends_with("billed the host-measured wall time"),
+        "{note}"
+    );
+    // The backend could not report: the host bills what it measured, at
+    // the estimate's rate (0.001 credits an hour), rounded up.
+    assert_eq!(forced["meter"]["basis"], "host-measured");
+    let wall_ms = forced["meter"]["host_wall_ms"].as_u64().unwrap();
+    assert!(wall_ms >= 1100, "{wall_ms}");
+    let expected = (1_000 * u128::from(wall_ms)).div_ceil(3_600_000) as u64;
+    assert_eq!(
+        forced["meter"]["actual"],
+        sandboxer_credits::format_credits(expected)
     );
     let shown = home.run(&["credits", "show", "--json"]).ok().json();
     assert_eq!(
         (shown["held"].as_str(), shown["balance"].as_str()),
-        (Some("0.000000"), Some("10.000000"))
+        (
+            Some("0.000000"),
+            Some(sandboxer_credits::format_credits(10_000_000 - expected).as_str())
+        )
     );
     home.run(&["ledger", "verify"]).ok();
 }

@@ -6,15 +6,18 @@
 
 mod cli_credits;
 mod cli_ext;
+mod crash_points;
 mod languages;
 mod ledger_concurrency;
 mod ledger_crash;
 mod ledger_model;
 mod lifecycle;
+mod lifecycle_hostile;
 mod local_backend;
 mod profiles;
 mod routing;
 mod runtime_hostile;
 mod runtime_state;
+mod soak;
 mod support;
 mod tidy;

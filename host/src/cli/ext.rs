@@ -5,6 +5,7 @@ use super::args::ExtCommand;
 use super::output::{print_json, print_table};
 use anyhow::{Context, Result, anyhow, bail};
 use sandboxer_credits::format_credits;
+use sandboxer_host::manager::disputes::{self, DisputeTally};
 use sandboxer_host::paths::HostPaths;
 use sandboxer_host::runtime::{Extension, ExtensionEntry, Runtime, SandboxSpec, kind_name};
 use sandboxer_host::scaffold;
@@ -75,7 +76,12 @@ pub fn run(command: ExtCommand, paths: &HostPaths) -> Result<()> {
         }
         ExtCommand::Info { name, json } => {
             let extension = find(&runtime, paths, &name)?;
-            let details = ExtensionDetails::from(extension.as_ref());
+            let mut details = ExtensionDetails::from(extension.as_ref());
+            // Only a home that has recorded sandboxes has disputes to show.
+            if paths.state_file().is_file() {
+                let state = StateDb::new(paths.state_file());
+                details.disputes = disputes::tally(&state, &name)?;
+            }
             if json {
                 return print_json(&details);
             }
@@ -247,6 +253,9 @@ struct ExtensionDetails {
     grants: sandboxer_host::runtime::Grants,
     config: BTreeMap<String, String>,
     imports: Vec<sandboxer_host::runtime::ImportedInterface>,
+    billing: sandboxer_host::runtime::BillingPolicy,
+    /// What meter-actual asked above the charge policy's ceiling, so far.
+    disputes: DisputeTally,
 }
 
 impl From<&Extension> for ExtensionDetails {
@@ -263,6 +272,8 @@ impl From<&Extension> for ExtensionDetails {
             grants: extension.grants.clone(),
             config: extension.config.clone(),
             imports: extension.imports.clone(),
+            billing: extension.billing,
+            disputes: DisputeTally::default(),
         }
     }
 }
@@ -323,6 +334,12 @@ fn print_details(details: &ExtensionDetails) {
             println!("  {key} = {value:?}");
         }
     }
+    println!(
+        "billing: charges at most {} times what the host can justify (charge_tolerance); {} disputed over {} sandbox(es)",
+        format_credits(details.billing.charge_tolerance_ppm),
+        format_credits(details.disputes.disputed),
+        details.disputes.sandboxes
+    );
     println!("imports:");
     for import in &details.imports {
         println!("  {} ({})", import.name, import.provided_as);

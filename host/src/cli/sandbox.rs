@@ -12,13 +12,15 @@ use super::output::{print_json, print_table};
 use anyhow::{Context, Result, bail};
 use sandboxer_credits::{format_credits, format_micros};
 use sandboxer_host::delivery::{self, Sinks};
-use sandboxer_host::ledger::{Ledger, LedgerError};
-use sandboxer_host::manager::{CreateRequest, SandboxManager, SandboxState, SandboxStatus, now_ms};
+use sandboxer_host::ledger::Ledger;
+use sandboxer_host::manager::{
+    CreateRequest, Retries, SandboxManager, SandboxState, SandboxStatus, now_ms,
+};
 use sandboxer_host::paths::HostPaths;
 use sandboxer_host::profile::{MAX_TTL_SECS, Profile};
 use sandboxer_host::runtime::process::{self, ProcessState};
 use sandboxer_host::runtime::{ExtensionSet, Runtime};
-use sandboxer_host::state_db::{StateDb, StateDbError};
+use sandboxer_host::state_db::StateDb;
 use serde_json::json;
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -27,8 +29,6 @@ use std::time::{Duration, Instant};
 
 /// How often a waiting `run` sweeps expired sandboxes and delivers events.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
-/// How long a command waits for another process to release the files.
-const LOCK_PATIENCE: Duration = Duration::from_secs(120);
 
 /// The long-lived part of a command: the runtime and the loaded extensions.
 struct Host {
@@ -69,46 +69,28 @@ impl Host {
         }
     }
 
-    /// Opens the ledger and the state store (waiting for another process to
-    /// release them when `wait`), then reconciles.
-    fn open(&self, wait: bool) -> Result<SandboxManager> {
-        let manager = self.open_only(wait)?;
+    /// Opens the ledger and the state store (waiting, bounded, for another
+    /// process to release them), then reconciles.
+    fn open(&self) -> Result<SandboxManager> {
+        let manager = self.open_only()?;
         self.reconcile(&manager)?;
         Ok(manager)
     }
 
     fn reconcile(&self, manager: &SandboxManager) -> Result<()> {
-        let report = manager.reconcile(now_ms())?;
+        let report = manager.reconcile(now_ms(), Retries::Skip)?;
         for action in &report.actions {
             eprintln!("reconciled {action}");
         }
         Ok(())
     }
 
-    fn open_only(&self, wait: bool) -> Result<SandboxManager> {
-        let started = Instant::now();
-        let mut announced = false;
-        let ledger = loop {
-            let outcome = Ledger::open(&self.paths.ledger_file(), ledger_options()?)
-                .map_err(anyhow::Error::from)
-                .and_then(|ledger| match self.state.database() {
-                    Ok(_) => Ok(ledger),
-                    Err(error) => Err(error.into()),
-                });
-            match outcome {
-                Ok(ledger) => break ledger,
-                Err(error) if wait && is_in_use(&error) && started.elapsed() < LOCK_PATIENCE => {
-                    if !announced {
-                        self.say(format!(
-                            "waiting for another sandboxer-host process ({error:#})"
-                        ));
-                        announced = true;
-                    }
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                Err(error) => return Err(error),
-            }
-        };
+    fn open_only(&self) -> Result<SandboxManager> {
+        let ledger = super::wait_for_home(|| {
+            let ledger = Ledger::open(&self.paths.ledger_file(), ledger_options()?)?;
+            self.state.database()?;
+            Ok(ledger)
+        })?;
         Ok(SandboxManager::new(
             ledger,
             self.state.clone(),
@@ -147,16 +129,6 @@ pub fn deliver(sinks: &Sinks, ledger: &Ledger, state: &StateDb) {
     }
 }
 
-fn is_in_use(error: &anyhow::Error) -> bool {
-    matches!(
-        error.downcast_ref::<LedgerError>(),
-        Some(LedgerError::InUse { .. })
-    ) || matches!(
-        error.downcast_ref::<StateDbError>(),
-        Some(StateDbError::InUse { .. })
-    )
-}
-
 fn request(paths: &HostPaths, target: &CreateArgs, command: Vec<String>) -> Result<CreateRequest> {
     if let Some(ttl) = target.ttl
         && !(1..=MAX_TTL_SECS).contains(&ttl)
@@ -181,7 +153,7 @@ pub fn run(
 ) -> Result<()> {
     let request = request(paths, &target, command)?;
     let host = Host::start(paths, hub_url, json)?;
-    let manager = host.open(false)?;
+    let manager = host.open()?;
     let created = manager.create(&request);
     host.close(manager);
     let created = created?;
@@ -220,7 +192,7 @@ pub fn run(
         }
         if last_sweep.elapsed() >= SWEEP_EVERY {
             last_sweep = Instant::now();
-            let manager = host.open(true)?;
+            let manager = host.open()?;
             let still_ready = manager
                 .get(&created.id)
                 .map(|record| record.state == SandboxState::Ready);
@@ -240,7 +212,7 @@ pub fn run(
     }
 
     // Its own sandbox first (a sweep would call it expired), then the rest.
-    let manager = host.open_only(true)?;
+    let manager = host.open_only()?;
     let destroyed = manager.destroy(&created.id, false);
     let balance = manager
         .ledger()
@@ -303,7 +275,7 @@ pub fn run_sandbox(
         | SandboxCommand::Destroy { json, .. } => *json,
     };
     let host = Host::start(paths, hub_url, json)?;
-    let manager = host.open(false)?;
+    let manager = host.open()?;
     let outcome = sandbox_command(&manager, paths, command);
     host.close(manager);
     outcome
@@ -536,7 +508,16 @@ pub fn record_json(record: &SandboxStatus) -> serde_json::Value {
             "reported_usage": record.meter.reported_usage,
             "actual": credits(record.meter.actual),
             "drift": record.meter.drift.map(format_micros),
+            "basis": record.meter.basis,
+            "charge": record.meter.charge.map(|charge| json!({
+                "asked": format_credits(charge.asked),
+                "ceiling": format_credits(charge.ceiling),
+                "charged": format_credits(charge.charged),
+                "disputed": format_credits(charge.disputed),
+            })),
         },
+        "destroy_failures": record.destroy_failures,
+        "retry_at": record.retry_at_ms.map(sandboxer_host::ledger::rfc3339_millis),
         "note": record.note,
     })
 }
@@ -580,6 +561,26 @@ fn print_record(record: &SandboxStatus) {
             meter
                 .host_wall_ms
                 .map_or_else(|| "-".to_string(), |wall| wall.to_string())
+        );
+    }
+    if let Some(charge) = &meter.charge
+        && charge.disputed > 0
+    {
+        println!(
+            "  disputed: meter-actual asked {}, the policy's ceiling is {}: {} not charged",
+            format_credits(charge.asked),
+            format_credits(charge.ceiling),
+            format_credits(charge.disputed)
+        );
+    }
+    if let Some(basis) = &meter.basis {
+        println!("  billed on: {basis}");
+    }
+    if let Some(retry_at) = record.retry_at_ms {
+        println!(
+            "  destroy failed {} time(s); next try in {} s",
+            record.destroy_failures,
+            retry_at.saturating_sub(now_ms()).div_ceil(1000)
         );
     }
     if let Some(note) = &record.note {

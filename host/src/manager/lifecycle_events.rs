@@ -23,10 +23,61 @@ pub fn event_type(state: SandboxState) -> String {
     format!("sandboxer.sandbox.{}", state.name())
 }
 
+/// The CloudEvents `type` of a charge the policy cut (see `charge.rs`).
+pub const CHARGE_DISPUTED: &str = "sandboxer.sandbox.charge_disputed";
+
 /// Appends the event of `record` entering its current state.
 pub fn append(
     write: &WriteTransaction,
     record: &SandboxStatus,
+    now_ms: u64,
+) -> Result<u64, RecordError> {
+    let mut data = serde_json::json!({
+        "sandbox_id": record.id,
+        "state": record.state.name(),
+        "tenant": record.tenant,
+        "profile": record.profile,
+        "extension": record.extension,
+        "kind": record.kind,
+    });
+    let object = data.as_object_mut().expect("a JSON object");
+    if let Some(estimate) = record.meter.estimate {
+        object.insert("estimate".into(), format_credits(estimate).into());
+    }
+    if let Some(actual) = record.meter.actual {
+        object.insert("actual".into(), format_credits(actual).into());
+    }
+    if let Some(note) = &record.note {
+        object.insert("note".into(), note.clone().into());
+    }
+    append_event(write, &record.id, event_type(record.state), data, now_ms)
+}
+
+/// Appends the event saying `record`'s extension asked more than the
+/// charge policy let stand.
+pub fn append_dispute(
+    write: &WriteTransaction,
+    record: &SandboxStatus,
+    decision: &super::charge::ChargeDecision,
+    now_ms: u64,
+) -> Result<u64, RecordError> {
+    let data = serde_json::json!({
+        "sandbox_id": record.id,
+        "tenant": record.tenant,
+        "extension": record.extension,
+        "asked": format_credits(decision.asked),
+        "ceiling": format_credits(decision.ceiling),
+        "charged": format_credits(decision.charged),
+        "disputed": format_credits(decision.disputed),
+    });
+    append_event(write, &record.id, CHARGE_DISPUTED.into(), data, now_ms)
+}
+
+fn append_event(
+    write: &WriteTransaction,
+    sandbox_id: &str,
+    event_type: String,
+    data: serde_json::Value,
     now_ms: u64,
 ) -> Result<u64, RecordError> {
     let mut meta = write.open_table(META).map_err(storage)?;
@@ -48,31 +99,13 @@ pub fn append(
             id
         }
     };
-    let mut data = serde_json::json!({
-        "sandbox_id": record.id,
-        "state": record.state.name(),
-        "tenant": record.tenant,
-        "profile": record.profile,
-        "extension": record.extension,
-        "kind": record.kind,
-    });
-    let object = data.as_object_mut().expect("a JSON object");
-    if let Some(estimate) = record.meter.estimate {
-        object.insert("estimate".into(), format_credits(estimate).into());
-    }
-    if let Some(actual) = record.meter.actual {
-        object.insert("actual".into(), format_credits(actual).into());
-    }
-    if let Some(note) = &record.note {
-        object.insert("note".into(), note.clone().into());
-    }
     let event = MeterEvent {
         specversion: "1.0".into(),
         id: format!("{host_id}-L{seq}"),
         source: LIFECYCLE_SOURCE.into(),
-        event_type: event_type(record.state),
+        event_type,
         time: rfc3339_millis(now_ms),
-        subject: format!("sandbox/{}", record.id),
+        subject: format!("sandbox/{sandbox_id}"),
         datacontenttype: "application/json".into(),
         data,
     };

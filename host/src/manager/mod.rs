@@ -7,17 +7,21 @@
 //! so a crash at any point can be reconciled: no sandbox without a record,
 //! no hold without a live sandbox, no charge twice.
 
+pub mod charge;
+mod destroy;
+pub mod disputes;
 pub mod lifecycle_events;
+mod reconcile;
 pub mod record;
 
 use crate::ledger::{Ledger, LedgerError};
 use crate::profile::Profile;
 use crate::router::health::{self, HealthError, RouteHealth};
 use crate::router::{RouteDecision, Router, RouterError};
-use crate::runtime::{CallError, ExtError, ExtensionSet, Usage};
+use crate::runtime::ExtensionSet;
 use crate::state_db::StateDb;
+pub use reconcile::{ReconcileReport, Retries};
 pub use record::{Attempt, Meter, RecordError, RecordStore, SandboxState, SandboxStatus};
-use sandboxer_credits::format_credits;
 use std::collections::HashSet;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -25,6 +29,18 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 /// A hold outlives its sandbox's ttl by this much, so a sandbox destroyed a
 /// little late (a slow backend, a host restarting) still settles against it.
 pub const HOLD_GRACE_MS: u64 = 10 * 60 * 1000;
+/// A failed destroy is tried again after this long, doubled after each
+/// further failure up to [`DESTROY_RETRY_MAX_MS`].
+pub const DESTROY_RETRY_BASE_MS: u64 = 30_000;
+pub const DESTROY_RETRY_MAX_MS: u64 = 30 * 60 * 1000;
+
+/// How long to wait before the next try after `failures` failed destroys.
+pub fn destroy_retry_delay_ms(failures: u32) -> u64 {
+    let doublings = failures.saturating_sub(1).min(20);
+    DESTROY_RETRY_BASE_MS
+        .saturating_mul(1 << doublings)
+        .min(DESTROY_RETRY_MAX_MS)
+}
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -56,9 +72,14 @@ pub enum ManagerError {
         state: &'static str,
     },
     #[error(
-        "sandbox {id}: {error}; it stays destroying with its hold open: retry `sandbox destroy {id}`, or add --force to void the hold"
+        "sandbox {id}: {error}; it stays {state} with its hold open and is retried in {retry_in_secs} s: retry now with `sandbox destroy {id}`, or add --force to bill the host-measured time and close it"
     )]
-    DestroyFailed { id: String, error: String },
+    DestroyFailed {
+        id: String,
+        error: String,
+        state: &'static str,
+        retry_in_secs: u64,
+    },
     #[error(transparent)]
     Ledger(#[from] LedgerError),
     #[error(transparent)]
@@ -77,12 +98,6 @@ pub struct CreateRequest {
     pub ttl_secs: Option<u32>,
     /// Replaces the profile's command when given.
     pub command: Option<Vec<String>>,
-}
-
-/// What a reconcile pass did, one line per action.
-#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct ReconcileReport {
-    pub actions: Vec<String>,
 }
 
 pub struct SandboxManager {
@@ -199,10 +214,16 @@ impl SandboxManager {
         Ok(())
     }
 
-    /// Writes `record` without an event (a detail of the current state).
-    fn save_quietly(&self, record: &mut SandboxStatus) -> Result<(), ManagerError> {
+    /// Writes `record` durably without an event (a detail of the current
+    /// state), with whatever `also` writes in the same transaction.
+    fn save_quietly_with(
+        &self,
+        record: &mut SandboxStatus,
+        also: impl FnOnce(&redb::WriteTransaction) -> Result<(), String> + Send + 'static,
+    ) -> Result<(), ManagerError> {
         record.updated_at_ms = now_ms();
-        self.records.put(record, |_| Ok(()))?;
+        self.records
+            .put(record, move |write| also(write).map_err(record::storage))?;
         Ok(())
     }
 
@@ -233,6 +254,8 @@ impl SandboxManager {
             attempts: Vec::new(),
             meter: Meter::default(),
             note: None,
+            destroy_failures: 0,
+            retry_at_ms: None,
         };
         crate::ledger::check_name("tenant", &request.tenant).map_err(ManagerError::Refused)?;
         self.save(&mut record)?;
@@ -259,12 +282,14 @@ impl SandboxManager {
             let estimate = candidate
                 .estimate
                 .expect("eligible candidates have an estimate");
+            let rate_per_hour = candidate.rate_per_hour;
             let hold_id = format!("{id}.{}", record.attempts.len() + 1);
             record.state = SandboxState::Provisioning;
             record.extension = Some(candidate.name.clone());
             record.kind = candidate.kind.map(str::to_string);
             record.meter = Meter {
                 estimate: Some(estimate),
+                rate_per_hour,
                 hold_id: Some(hold_id.clone()),
                 ..Meter::default()
             };
@@ -272,6 +297,7 @@ impl SandboxManager {
                 extension: candidate.name.clone(),
                 hold_id: hold_id.clone(),
                 estimate,
+                rate_per_hour,
                 started_at_ms: now_ms(),
                 outcome: None,
             });
@@ -316,8 +342,7 @@ impl SandboxManager {
                 }
                 Err(error) => {
                     let message = error.to_string();
-                    self.ledger
-                        .void(&hold_id, &format!("create failed: {message}"))?;
+                    self.void_hold(&hold_id, &format!("create failed: {message}"))?;
                     record.meter.hold = None;
                     set_outcome(&mut record, message);
                     if error.is_retryable() {
@@ -350,268 +375,19 @@ impl SandboxManager {
         record.state = SandboxState::Failed;
         record.note = Some(note);
         record.finished_at_ms = Some(now_ms());
+        record.retry_at_ms = None;
         self.save(record)
     }
 
-    /// Destroys a sandbox, meters it and settles its hold. Idempotent. With
-    /// `force`, a sandbox that cannot be destroyed (its extension is gone,
-    /// or destroy fails) has its hold voided instead, with the reason.
-    pub fn destroy(&self, id: &str, force: bool) -> Result<SandboxStatus, ManagerError> {
-        let _guard = self.lock(id);
-        let mut record = self.get(id)?;
-        match record.state {
-            SandboxState::Destroyed | SandboxState::Failed => return Ok(record),
-            SandboxState::Requested | SandboxState::Provisioning => {
-                // Only a crash leaves these behind (this process holds the
-                // sandbox while creating it): nothing was handed out.
-                self.void_current_hold(&record, "create was interrupted")?;
-                record.meter.hold = None;
-                self.fail(
-                    &mut record,
-                    "create was interrupted; its hold was voided".into(),
-                )?;
-                return Ok(record);
-            }
-            SandboxState::Ready | SandboxState::Expired | SandboxState::Destroying => {}
-        }
-        let extension_name = record.extension.clone().unwrap_or_default();
-        let extension = match self.extensions.entry(&extension_name) {
-            Some(entry) => match &entry.status {
-                Ok(extension) => extension.clone(),
-                Err(reason) => {
-                    return self.cannot_destroy(record, force, format!("rejected: {reason}"));
-                }
-            },
-            None => {
-                return self.cannot_destroy(
-                    record,
-                    force,
-                    "no such file in the extensions directory".into(),
-                );
-            }
-        };
-        let handle = record.handle.clone().expect("a ready sandbox has a handle");
-
-        let usage = match record.meter.reported_usage {
-            Some(usage) => usage,
-            None => {
-                if record.state != SandboxState::Destroying {
-                    record.state = SandboxState::Destroying;
-                    self.save(&mut record)?;
-                }
-                let host_wall_ms =
-                    now_ms().saturating_sub(record.ready_at_ms.unwrap_or(record.created_at_ms));
-                record.meter.host_wall_ms = Some(host_wall_ms);
-                let usage = match extension.destroy(&record.spec, &handle) {
-                    Ok(usage) => usage,
-                    Err(CallError::Backend {
-                        error: ExtError::NotFound(message),
-                        ..
-                    }) => {
-                        // Already gone on the backend: bill what the host saw.
-                        record.note = Some(format!(
-                            "the backend no longer knew it ({message}); billed the host-measured wall time"
-                        ));
-                        Usage {
-                            wall_ms: host_wall_ms,
-                            cpu_ms: 0,
-                            memory_mb_ms: 0,
-                            egress_bytes: 0,
-                        }
-                    }
-                    Err(error) => return self.destroy_failed(record, force, error),
-                };
-                // Kept in memory until the sandbox is settled: a crash before
-                // then destroys again, and a backend that no longer knows the
-                // sandbox is billed the host-measured wall time.
-                record.meter.reported_usage = Some(usage);
-                usage
-            }
-        };
-
-        let actual = match extension.meter_actual(&record.spec, usage) {
-            Ok(actual) => actual,
-            Err(error) => return self.destroy_failed(record, force, error),
-        };
-        let hold_id = record
-            .meter
-            .hold_id
-            .clone()
-            .expect("a ready sandbox has a hold");
-        self.ledger.settle(&hold_id, actual)?;
-        record.meter.actual = Some(actual);
-        record.meter.drift = record
-            .meter
-            .estimate
-            .map(|estimate| i128::from(actual) - i128::from(estimate));
-        record.state = SandboxState::Destroyed;
-        record.finished_at_ms = Some(now_ms());
-        self.save(&mut record)?;
-        Ok(record)
-    }
-
-    fn destroy_failed(
-        &self,
-        mut record: SandboxStatus,
-        force: bool,
-        error: CallError,
-    ) -> Result<SandboxStatus, ManagerError> {
-        if force {
-            return self.force_void(record, format!("forced after: {error}"));
-        }
-        record.state = SandboxState::Destroying;
-        record.note = Some(error.to_string());
-        self.save_quietly(&mut record)?;
-        Err(ManagerError::DestroyFailed {
-            id: record.id,
-            error: error.to_string(),
-        })
-    }
-
-    fn cannot_destroy(
-        &self,
-        record: SandboxStatus,
-        force: bool,
-        why: String,
-    ) -> Result<SandboxStatus, ManagerError> {
-        if force {
-            let extension = record.extension.clone().unwrap_or_default();
-            return self.force_void(
-                record,
-                format!("forced: extension `{extension}` is not loaded ({why})"),
-            );
-        }
-        Err(ManagerError::ExtensionNotLoaded {
-            id: record.id.clone(),
-            extension: record.extension.clone().unwrap_or_default(),
-            why,
-            state: record.state.name(),
-        })
-    }
-
-    /// Gives up on destroying: voids the hold, nothing is charged.
-    fn force_void(
-        &self,
-        mut record: SandboxStatus,
-        reason: String,
-    ) -> Result<SandboxStatus, ManagerError> {
-        self.void_current_hold(&record, &reason)?;
-        record.meter.hold = None;
-        record.meter.actual = Some(0);
-        record.state = SandboxState::Destroyed;
-        record.note = Some(reason);
-        record.finished_at_ms = Some(now_ms());
-        self.save(&mut record)?;
-        Ok(record)
-    }
-
-    fn void_current_hold(&self, record: &SandboxStatus, reason: &str) -> Result<(), ManagerError> {
-        let Some(hold_id) = &record.meter.hold_id else {
-            return Ok(());
-        };
+    /// Voids a hold, accepting that it may already be closed: a replay
+    /// answers its first void; an expired or missing hold has nothing left
+    /// to void. Only a settled hold (which never happens before ready) or a
+    /// storage failure is an error.
+    fn void_hold(&self, hold_id: &str, reason: &str) -> Result<(), ManagerError> {
         match self.ledger.void(hold_id, reason) {
             Ok(_) | Err(LedgerError::NoHold { .. }) => Ok(()),
             Err(error) => Err(error.into()),
         }
-    }
-
-    /// Destroys and settles every ready sandbox whose ttl has passed.
-    pub fn sweep_expired(&self, now: u64) -> Result<Vec<SandboxStatus>, ManagerError> {
-        let mut swept = Vec::new();
-        for record in self.records.all()? {
-            let due = record.state == SandboxState::Ready
-                && record.expires_at_ms.is_some_and(|at| at <= now);
-            if due || record.state == SandboxState::Expired {
-                if record.state == SandboxState::Ready {
-                    let _guard = self.lock(&record.id);
-                    let mut current = self.get(&record.id)?;
-                    if current.state != SandboxState::Ready {
-                        continue;
-                    }
-                    current.state = SandboxState::Expired;
-                    self.save(&mut current)?;
-                }
-                match self.destroy(&record.id, false) {
-                    Ok(destroyed) => swept.push(destroyed),
-                    Err(error) => tracing::warn!(
-                        "expired sandbox {} could not be destroyed yet: {error}",
-                        record.id
-                    ),
-                }
-            }
-        }
-        Ok(swept)
-    }
-
-    /// Recovery after a crash: records left mid-create are voided (or
-    /// destroyed when a handle exists), interrupted destroys are finished,
-    /// expired sandboxes are destroyed, and holds without a live sandbox are
-    /// voided. Safe to run at any start: a healthy host has nothing to do.
-    pub fn reconcile(&self, now: u64) -> Result<ReconcileReport, ManagerError> {
-        let mut report = ReconcileReport::default();
-        for record in self.records.all()? {
-            match record.state {
-                SandboxState::Requested | SandboxState::Provisioning if record.handle.is_none() => {
-                    let mut record = record;
-                    let _guard = self.lock(&record.id);
-                    self.void_current_hold(&record, "reconciled: create was interrupted")?;
-                    record.meter.hold = None;
-                    self.fail(
-                        &mut record,
-                        "reconciled: create was interrupted; its hold was voided".into(),
-                    )?;
-                    report.actions.push(format!(
-                        "{}: create was interrupted; hold voided, marked failed",
-                        record.id
-                    ));
-                }
-                SandboxState::Requested | SandboxState::Provisioning | SandboxState::Destroying => {
-                    match self.destroy(&record.id, false) {
-                        Ok(done) => report.actions.push(format!(
-                            "{}: interrupted {}; destroyed and settled at {}",
-                            record.id,
-                            record.state.name(),
-                            format_credits(done.meter.actual.unwrap_or(0))
-                        )),
-                        Err(error) => report
-                            .actions
-                            .push(format!("{}: still cannot be destroyed: {error}", record.id)),
-                    }
-                }
-                _ => {}
-            }
-        }
-        for swept in self.sweep_expired(now)? {
-            report.actions.push(format!(
-                "{}: ttl passed; destroyed and settled at {}",
-                swept.id,
-                format_credits(swept.meter.actual.unwrap_or(0))
-            ));
-        }
-        for hold in self.ledger.open_holds()? {
-            let sandbox_id = hold
-                .sandbox_id
-                .rsplit_once('.')
-                .map_or(hold.sandbox_id.as_str(), |(id, _)| id);
-            let live = self.records.get(sandbox_id)?.is_some_and(|record| {
-                record.state.is_live()
-                    && record.meter.hold.is_some()
-                    && record.meter.hold_id.as_deref() == Some(hold.sandbox_id.as_str())
-            });
-            if !live {
-                self.ledger
-                    .void(&hold.sandbox_id, "reconciled: no live sandbox holds it")?;
-                report.actions.push(format!(
-                    "hold {}: no live sandbox; voided {}",
-                    hold.sandbox_id,
-                    format_credits(hold.amount)
-                ));
-            }
-        }
-        for action in &report.actions {
-            tracing::info!("reconciled: {action}");
-        }
-        Ok(report)
     }
 }
 

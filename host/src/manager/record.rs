@@ -55,6 +55,9 @@ pub struct Attempt {
     /// The ledger's id for this attempt's hold: `<sandbox id>.<n>`.
     pub hold_id: String,
     pub estimate: u64,
+    /// The estimate's price per hour of the requested size.
+    #[serde(default)]
+    pub rate_per_hour: Option<u64>,
     pub started_at_ms: u64,
     /// `ready`, or why it failed.
     pub outcome: Option<String>,
@@ -65,6 +68,10 @@ pub struct Attempt {
 pub struct Meter {
     /// What the chosen backend estimated for the whole ttl.
     pub estimate: Option<u64>,
+    /// The estimate's price per hour: what the host bills its own wall-time
+    /// measurement at when the backend cannot report.
+    #[serde(default)]
+    pub rate_per_hour: Option<u64>,
     /// What was held from the tenant (the estimate).
     pub hold: Option<u64>,
     /// The ledger id of the hold that is (or was) open.
@@ -73,10 +80,19 @@ pub struct Meter {
     pub host_wall_ms: Option<u64>,
     /// What the backend reported on destroy.
     pub reported_usage: Option<Usage>,
-    /// What meter-actual priced that usage at: the charge.
+    /// What was charged (after the charge policy).
     pub actual: Option<u64>,
     /// actual − estimate, in micro-credits.
     pub drift: Option<i128>,
+    /// `metered` (the backend's report, priced by meter-actual) or
+    /// `host-measured` (the backend could not report; the estimate's rate
+    /// over the wall time the host measured).
+    #[serde(default)]
+    pub basis: Option<String>,
+    /// What meter-actual asked, the ceiling the policy set, and what of it
+    /// was disputed instead of charged.
+    #[serde(default)]
+    pub charge: Option<super::charge::ChargeDecision>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +116,13 @@ pub struct SandboxStatus {
     pub meter: Meter,
     /// Why it failed, was forced, or last could not be destroyed.
     pub note: Option<String>,
+    /// Destroy attempts that failed in a row; reset by none (the sandbox is
+    /// destroyed once one succeeds).
+    #[serde(default)]
+    pub destroy_failures: u32,
+    /// When a failed destroy is due to be tried again (backoff).
+    #[serde(default)]
+    pub retry_at_ms: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -36,6 +36,8 @@ pub struct Candidate {
     pub reason: Option<String>,
     /// The estimate for the whole ttl, in micro-credits.
     pub estimate: Option<u64>,
+    /// The estimate's price per hour of the requested size.
+    pub rate_per_hour: Option<u64>,
     /// The observed (or assumed) time to ready.
     pub latency_ms: Option<u64>,
     /// How many creates the latency average is made of.
@@ -127,6 +129,7 @@ impl<'a> Router<'a> {
                 eligible: false,
                 reason: None,
                 estimate: None,
+                rate_per_hour: None,
                 latency_ms: None,
                 latency_samples: 0,
                 rank: None,
@@ -180,6 +183,7 @@ impl<'a> Router<'a> {
             match outcome {
                 Ok(estimate) => {
                     candidate.estimate = Some(estimate.amount);
+                    candidate.rate_per_hour = Some(estimate.rate_per_hour);
                     match route.max_cost {
                         Some(max_cost) if estimate.amount > max_cost => {
                             candidate.reason = Some(format!(

@@ -17,7 +17,7 @@ use super::engine::deadline_ticks;
 use super::error::{CallError, one_line};
 use super::kv::KvSession;
 use super::network::NetworkPolicy;
-use super::sidecar::{Grants, Limits, RoutingHints};
+use super::sidecar::{BillingPolicy, Grants, Limits, RoutingHints};
 use crate::state_db::StateDb;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -261,6 +261,7 @@ pub struct Extension {
     pub limits: Limits,
     pub grants: Grants,
     pub routing: RoutingHints,
+    pub billing: BillingPolicy,
     pub config: BTreeMap<String, String>,
     pub imports: Vec<ImportedInterface>,
     pub content_sha256: String,
@@ -350,15 +351,35 @@ impl Extension {
     }
 
     pub fn destroy(&self, spec: &SandboxSpec, handle: &SandboxHandle) -> Result<Usage, CallError> {
+        let (usage, kv) = self.destroy_keeping_kv(spec, handle)?;
+        kv.commit().map_err(|error| CallError::Host {
+            extension: self.name.clone(),
+            function: "destroy",
+            message: error.to_string(),
+        })?;
+        Ok(usage)
+    }
+
+    /// [`Extension::destroy`], handing back the extension's key-value
+    /// writes so the caller can make them durable in the same commit as the
+    /// usage it records: a crash then loses both (destroy runs again and
+    /// reports the same) or neither.
+    pub fn destroy_keeping_kv(
+        &self,
+        spec: &SandboxSpec,
+        handle: &SandboxHandle,
+    ) -> Result<(Usage, PendingKv), CallError> {
         const FUNCTION: &str = "destroy";
-        self.invoker
-            .call(FUNCTION, self.timeout(), async |instance, store| {
-                instance
-                    .sandboxer_extension_backend()
-                    .call_destroy(store, spec, handle)
-                    .await
-            })?
-            .map_err(|error| self.invoker.backend_error(FUNCTION, error))
+        let (answer, kv) =
+            self.invoker
+                .call_keeping_kv(FUNCTION, self.timeout(), async |instance, store| {
+                    instance
+                        .sandboxer_extension_backend()
+                        .call_destroy(store, spec, handle)
+                        .await
+                })?;
+        let usage = answer.map_err(|error| self.invoker.backend_error(FUNCTION, error))?;
+        Ok((usage, PendingKv(kv)))
     }
 
     pub fn meter_actual(

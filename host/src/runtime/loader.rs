@@ -153,6 +153,7 @@ pub(super) fn load(runtime: &Runtime, path: &Path) -> Result<Extension, String> 
         limits: sidecar.limits,
         grants: sidecar.grants,
         routing: sidecar.routing,
+        billing: sidecar.billing,
         config: sidecar.config,
         imports,
         content_sha256: sha256,

@@ -44,7 +44,7 @@ pub use engine::EPOCH_TICK;
 pub use error::{CallError, describe_ext_error};
 pub use extension::{Extension, PendingKv};
 pub use loader::{MAX_COMPONENT_BYTES, instance_name, sidecar_path};
-pub use sidecar::{Grants, Limits, NetworkGrant, RoutingHints, Sidecar};
+pub use sidecar::{BillingPolicy, Grants, Limits, NetworkGrant, RoutingHints, Sidecar};
 
 use crate::state_db::StateDb;
 use call_state::CallState;

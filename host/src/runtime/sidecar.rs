@@ -90,12 +90,34 @@ pub struct RoutingHints {
     pub expected_latency_ms: Option<u64>,
 }
 
+/// How far the host lets an instance's own price stand (see docs/payments.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct BillingPolicy {
+    /// The most an instance may charge, in millionths of what the host can
+    /// justify (the hold, or the estimate's rate over the wall time the host
+    /// measured when that is more): 1_000_000 charges at most that. The rest
+    /// of what `meter-actual` asks is recorded as disputed, never charged.
+    pub charge_tolerance_ppm: u64,
+}
+
+impl Default for BillingPolicy {
+    fn default() -> Self {
+        Self {
+            charge_tolerance_ppm: 1_000_000,
+        }
+    }
+}
+
+/// Largest `billing.charge_tolerance`: ten times what the host can justify.
+pub const MAX_CHARGE_TOLERANCE_PPM: u64 = 10_000_000;
+
 /// A parsed sidecar, with defaults filled in.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Sidecar {
     pub limits: Limits,
     pub grants: Grants,
     pub routing: RoutingHints,
+    pub billing: BillingPolicy,
     /// `[config]` values as text, read by the extension through `config-get`.
     pub config: BTreeMap<String, String>,
 }
@@ -117,7 +139,16 @@ struct SidecarFile {
     #[serde(default)]
     routing: RoutingFile,
     #[serde(default)]
+    billing: BillingFile,
+    #[serde(default)]
     config: toml::Table,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct BillingFile {
+    /// Decimal text such as "1.25"; a string so no float is involved.
+    charge_tolerance: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -226,6 +257,18 @@ impl Sidecar {
         let routing = RoutingHints {
             expected_latency_ms: file.routing.expected_latency_ms,
         };
+        let mut billing = BillingPolicy::default();
+        if let Some(text) = &file.billing.charge_tolerance {
+            let ppm = sandboxer_credits::parse_credits(text)
+                .ok()
+                .filter(|ppm| (1_000_000..=MAX_CHARGE_TOLERANCE_PPM).contains(ppm))
+                .ok_or_else(|| {
+                    error(format!(
+                        "billing.charge_tolerance must be a decimal between \"1\" and \"10\" (at most 6 places), got {text:?}"
+                    ))
+                })?;
+            billing.charge_tolerance_ppm = ppm;
+        }
         if let Some(empty) = file
             .grants
             .process
@@ -242,6 +285,7 @@ impl Sidecar {
             limits,
             grants,
             routing,
+            billing,
             config,
         })
     }
@@ -335,6 +379,9 @@ mod tests {
         assert_eq!(sidecar.config["count"], "3");
         assert_eq!(sidecar.config["on"], "true");
         assert_eq!(sidecar.routing.expected_latency_ms, Some(750));
+        assert_eq!(sidecar.billing.charge_tolerance_ppm, 1_000_000);
+        let tolerant = parse("[billing]\ncharge_tolerance = \"1.25\"").unwrap();
+        assert_eq!(tolerant.billing.charge_tolerance_ppm, 1_250_000);
     }
 
     #[test]
@@ -362,6 +409,12 @@ mod tests {
             ("[grants]\nnetwork = [\"nohost\"]", "host:port"),
             ("[grants]\nnetwork = [\"h:99999\"]", "invalid port"),
             ("[config]\nrates = [1, 2]", "config.rates"),
+            (
+                "[billing]\ncharge_tolerance = \"0.5\"",
+                "between \"1\" and \"10\"",
+            ),
+            ("[billing]\ncharge_tolerance = \"11\"", "charge_tolerance"),
+            ("[billing]\ncharge_tolerance = 1.5", "line 2"),
         ] {
             let error = parse(text).unwrap_err().to_string();
             assert!(error.contains(needle), "{text:?} gave {error}");

@@ -1,0 +1,408 @@
+//! Destroy: the backend's destroy, its usage made durable, priced, capped by
+//! the charge policy, settled; and recovery of a create a crash cut short.
+//!
+//! Order matters for crashes (each step is persisted before the next acts):
+//! `destroying` → destroy call → usage (with the extension's key-value
+//! writes) durable → meter-actual → charge policy → settle → `destroyed`.
+//! A crash before the usage is durable destroys again (an idempotent destroy
+//! reports the same); after it, the same usage is priced again, and the
+//! ledger answers a repeated settle of the hold with its first result,
+//! whatever amount the repeat carries.
+
+use super::charge::{self, ChargeDecision, UNIT_TOLERANCE_PPM};
+use super::{
+    ManagerError, SandboxManager, SandboxState, SandboxStatus, destroy_retry_delay_ms, disputes,
+    lifecycle_events, now_ms,
+};
+use crate::ledger::{HoldState, LedgerError};
+use crate::runtime::{CallError, ExtError, Extension, Usage};
+use std::sync::Arc;
+
+/// How a charge was arrived at, as the record's `meter.basis` says.
+const METERED: &str = "metered";
+const HOST_MEASURED: &str = "host-measured";
+
+impl SandboxManager {
+    /// Destroys a sandbox, meters it and settles its hold. Idempotent. A
+    /// failed destroy is retried with a backoff (the record says when);
+    /// calling this again tries at once. With `force`, a sandbox that cannot
+    /// be destroyed (its extension is gone, or destroy keeps failing) is
+    /// closed and billed the wall time the host measured, at its estimate's
+    /// rate.
+    pub fn destroy(&self, id: &str, force: bool) -> Result<SandboxStatus, ManagerError> {
+        let _guard = self.lock(id);
+        let record = self.get(id)?;
+        self.destroy_locked(record, force)
+    }
+
+    pub(super) fn destroy_locked(
+        &self,
+        mut record: SandboxStatus,
+        force: bool,
+    ) -> Result<SandboxStatus, ManagerError> {
+        match record.state {
+            SandboxState::Destroyed | SandboxState::Failed => return Ok(record),
+            SandboxState::Requested => {
+                // Nothing was held or created before a backend was chosen.
+                self.fail(&mut record, "create was interrupted before it began".into())?;
+                return Ok(record);
+            }
+            SandboxState::Provisioning => return self.recover_create(record, force),
+            SandboxState::Ready | SandboxState::Expired | SandboxState::Destroying => {}
+        }
+        let extension = match self.loaded_extension(&record) {
+            Ok(extension) => extension,
+            Err(why) => return self.cannot_destroy(record, force, why),
+        };
+
+        if record.meter.reported_usage.is_none() {
+            if record.state != SandboxState::Destroying {
+                record.state = SandboxState::Destroying;
+                self.save(&mut record)?;
+            }
+            let host_wall_ms = host_wall_ms(&record);
+            let outcome = match &record.handle {
+                Some(handle) => extension.destroy_keeping_kv(&record.spec, handle),
+                None => Err(CallError::Backend {
+                    extension: extension.name.clone(),
+                    function: "destroy",
+                    error: ExtError::NotFound("the host never learned its handle".into()),
+                }),
+            };
+            match outcome {
+                Ok((usage, pending_kv)) => {
+                    record.meter.host_wall_ms = Some(host_wall_ms);
+                    record.meter.reported_usage = Some(usage);
+                    record.meter.basis = Some(METERED.into());
+                    // The usage is durable before it is billed, together
+                    // with what the extension wrote while destroying.
+                    self.save_quietly_with(&mut record, move |write| pending_kv.apply(write))?;
+                }
+                Err(CallError::Backend {
+                    error: ExtError::NotFound(message),
+                    ..
+                }) => {
+                    // Already gone on the backend: bill what the host saw.
+                    record.meter.host_wall_ms = Some(host_wall_ms);
+                    record.meter.reported_usage = Some(wall_only(host_wall_ms));
+                    record.meter.basis = Some(HOST_MEASURED.into());
+                    record.note = Some(format!(
+                        "the backend no longer knew it ({message}); billed the host-measured wall time"
+                    ));
+                    self.save_quietly_with(&mut record, |_| Ok(()))?;
+                }
+                Err(error) => return self.destroy_failed(record, force, error),
+            }
+        }
+
+        let usage = record.meter.reported_usage.expect("usage was recorded");
+        let host_wall_ms = record.meter.host_wall_ms.unwrap_or(usage.wall_ms);
+        let asked = if record.meter.basis.as_deref() == Some(HOST_MEASURED) {
+            charge::prorated(rate_per_hour(&record), host_wall_ms)
+        } else {
+            match extension.meter_actual(&record.spec, usage) {
+                Ok(asked) => asked,
+                Err(error) => return self.destroy_failed(record, force, error),
+            }
+        };
+        let decision = charge::decide(
+            asked,
+            record.meter.hold.or(record.meter.estimate).unwrap_or(0),
+            rate_per_hour(&record),
+            host_wall_ms,
+            extension.billing.charge_tolerance_ppm,
+        );
+        self.settle_and_finish(record, decision)
+    }
+
+    /// The loaded extension a record runs on, or why there is none.
+    fn loaded_extension(&self, record: &SandboxStatus) -> Result<Arc<Extension>, String> {
+        let name = record.extension.clone().unwrap_or_default();
+        match self.extensions.entry(&name) {
+            Some(entry) => match &entry.status {
+                Ok(extension) => Ok(extension.clone()),
+                Err(reason) => Err(format!("rejected: {reason}")),
+            },
+            None => Err("no such file in the extensions directory".into()),
+        }
+    }
+
+    /// Settles the hold at the decided charge and records the end. A hold
+    /// already settled answers with its first charge (adopted here); a hold
+    /// already voided (an operator, or reconcile) charges nothing.
+    fn settle_and_finish(
+        &self,
+        mut record: SandboxStatus,
+        mut decision: ChargeDecision,
+    ) -> Result<SandboxStatus, ManagerError> {
+        if let Some(hold_id) = record.meter.hold_id.clone() {
+            match self.ledger.settle(&hold_id, decision.charged) {
+                Ok(receipt) => decision.charged = receipt.charged,
+                Err(LedgerError::HoldClosed { state, .. }) => {
+                    decision.charged = 0;
+                    add_note(
+                        &mut record,
+                        format!("its hold was already {state}; nothing was charged"),
+                    );
+                }
+                Err(LedgerError::NoHold { .. }) => {
+                    decision.charged = 0;
+                    add_note(&mut record, "it had no hold; nothing was charged".into());
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        decision.disputed = decision.asked.saturating_sub(decision.charged);
+        if decision.disputed > 0 && decision.charged == decision.ceiling {
+            add_note(
+                &mut record,
+                format!(
+                    "meter-actual asked {}; charged the policy's ceiling, {} disputed",
+                    sandboxer_credits::format_credits(decision.asked),
+                    sandboxer_credits::format_credits(decision.disputed)
+                ),
+            );
+        }
+        record.meter.actual = Some(decision.charged);
+        record.meter.drift = record
+            .meter
+            .estimate
+            .map(|estimate| i128::from(decision.charged) - i128::from(estimate));
+        record.meter.charge = Some(decision);
+        record.state = SandboxState::Destroyed;
+        record.finished_at_ms = Some(now_ms());
+        record.retry_at_ms = None;
+        let disputed = (decision.disputed > 0 && decision.charged == decision.ceiling)
+            .then(|| (record.clone(), record.extension.clone().unwrap_or_default()));
+        let now = now_ms();
+        self.save_with(&mut record, move |write| {
+            if let Some((record, instance)) = disputed {
+                let decision = record.meter.charge.expect("decided");
+                disputes::add(write, &instance, decision.disputed)
+                    .map_err(|error| error.to_string())?;
+                lifecycle_events::append_dispute(write, &record, &decision, now)
+                    .map_err(|error| error.to_string())?;
+            }
+            Ok(())
+        })?;
+        Ok(record)
+    }
+
+    /// A destroy (or meter-actual) call failed: try again later, or with
+    /// `force` bill the host's own measurement and close the sandbox.
+    fn destroy_failed(
+        &self,
+        mut record: SandboxStatus,
+        force: bool,
+        error: CallError,
+    ) -> Result<SandboxStatus, ManagerError> {
+        if force {
+            return self.bill_host_measured(record, format!("forced after: {error}"));
+        }
+        let state = if record.state == SandboxState::Provisioning {
+            SandboxState::Provisioning
+        } else {
+            SandboxState::Destroying
+        };
+        record.state = state;
+        record.destroy_failures = record.destroy_failures.saturating_add(1);
+        let delay = destroy_retry_delay_ms(record.destroy_failures);
+        record.retry_at_ms = Some(now_ms().saturating_add(delay));
+        record.note = Some(error.to_string());
+        self.save_quietly_with(&mut record, |_| Ok(()))?;
+        Err(ManagerError::DestroyFailed {
+            id: record.id,
+            error: error.to_string(),
+            state: state.name(),
+            retry_in_secs: delay.div_ceil(1000),
+        })
+    }
+
+    fn cannot_destroy(
+        &self,
+        record: SandboxStatus,
+        force: bool,
+        why: String,
+    ) -> Result<SandboxStatus, ManagerError> {
+        let extension = record.extension.clone().unwrap_or_default();
+        if force {
+            return self.bill_host_measured(
+                record,
+                format!("forced: extension `{extension}` is not loaded ({why})"),
+            );
+        }
+        Err(ManagerError::ExtensionNotLoaded {
+            id: record.id.clone(),
+            extension,
+            why,
+            state: record.state.name(),
+        })
+    }
+
+    /// Closes a sandbox whose backend cannot report: the charge is the
+    /// estimate's rate over the wall time the host measured (from ready, or
+    /// from the create attempt when it never became ready, until now).
+    fn bill_host_measured(
+        &self,
+        mut record: SandboxStatus,
+        note: String,
+    ) -> Result<SandboxStatus, ManagerError> {
+        let wall_ms = record
+            .meter
+            .host_wall_ms
+            .unwrap_or_else(|| host_wall_ms(&record));
+        record.meter.host_wall_ms = Some(wall_ms);
+        record.meter.basis = Some(HOST_MEASURED.into());
+        record.note = Some(format!("{note}; billed the host-measured wall time"));
+        let asked = charge::prorated(rate_per_hour(&record), wall_ms);
+        let decision = charge::decide(
+            asked,
+            record.meter.hold.or(record.meter.estimate).unwrap_or(0),
+            rate_per_hour(&record),
+            wall_ms,
+            UNIT_TOLERANCE_PPM,
+        );
+        self.settle_and_finish(record, decision)
+    }
+
+    /// A record left in `provisioning`: the create may or may not have
+    /// happened. The ledger says how far it got: no hold or a voided one,
+    /// nothing is live; a settled one, it was finished and only the record
+    /// lags; an open (or expired) one, create may have run, so the handle is
+    /// recovered by calling create again (idempotent by sandbox id) and the
+    /// sandbox destroyed and billed.
+    pub(super) fn recover_create(
+        &self,
+        mut record: SandboxStatus,
+        force: bool,
+    ) -> Result<SandboxStatus, ManagerError> {
+        let Some(hold_id) = record.meter.hold_id.clone() else {
+            self.fail(&mut record, "create was interrupted before it began".into())?;
+            return Ok(record);
+        };
+        let hold = self.ledger.hold_record(&hold_id)?;
+        match hold.map(|hold| hold.state) {
+            None => {
+                self.fail(
+                    &mut record,
+                    "create was interrupted before its credits were held; nothing was created"
+                        .into(),
+                )?;
+                Ok(record)
+            }
+            Some(HoldState::Voided) => {
+                record.meter.hold = None;
+                self.fail(
+                    &mut record,
+                    "create was interrupted after its attempt ended; its hold was voided".into(),
+                )?;
+                Ok(record)
+            }
+            Some(HoldState::Settled) => {
+                let charged = self
+                    .ledger
+                    .settle_receipt(&hold_id)?
+                    .map_or(0, |receipt| receipt.charged);
+                record.meter.hold = Some(record.meter.estimate.unwrap_or(0));
+                let decision = ChargeDecision {
+                    asked: charged,
+                    ceiling: charged,
+                    charged,
+                    disputed: 0,
+                };
+                self.settle_and_finish(record, decision)
+            }
+            Some(HoldState::Open | HoldState::Expired) => {
+                record.meter.hold = Some(record.meter.estimate.unwrap_or(0));
+                let extension = match self.loaded_extension(&record) {
+                    Ok(extension) => extension,
+                    Err(why) if force => {
+                        self.void_hold(&hold_id, "forced: create was interrupted")?;
+                        record.meter.hold = None;
+                        self.fail(
+                            &mut record,
+                            format!("forced: create was interrupted and its extension is not loaded ({why}); hold voided"),
+                        )?;
+                        return Ok(record);
+                    }
+                    Err(why) => return self.cannot_destroy(record, false, why),
+                };
+                match extension.create_keeping_kv(&record.spec) {
+                    Ok((handle, pending_kv)) => {
+                        let started = record
+                            .attempts
+                            .last()
+                            .map_or(record.created_at_ms, |attempt| attempt.started_at_ms);
+                        record.handle = Some(handle);
+                        record.ready_at_ms = Some(started);
+                        record.state = SandboxState::Destroying;
+                        record.note = Some(
+                            "create was interrupted; recovered its handle to destroy it".into(),
+                        );
+                        self.save_with(&mut record, move |write| pending_kv.apply(write))?;
+                        self.destroy_locked(record, force)
+                    }
+                    Err(CallError::Backend { error, .. }) => {
+                        // The backend answered: it has no such sandbox.
+                        let message = crate::runtime::describe_ext_error(&error);
+                        self.void_hold(&hold_id, "create was interrupted; nothing was created")?;
+                        record.meter.hold = None;
+                        self.fail(
+                            &mut record,
+                            format!("create was interrupted; the backend has nothing to destroy ({message}); hold voided"),
+                        )?;
+                        Ok(record)
+                    }
+                    Err(error) if force => {
+                        self.void_hold(&hold_id, "forced: create was interrupted")?;
+                        record.meter.hold = None;
+                        self.fail(
+                            &mut record,
+                            format!("forced after: {error}; create was interrupted; hold voided"),
+                        )?;
+                        Ok(record)
+                    }
+                    Err(error) => self.destroy_failed(record, false, error),
+                }
+            }
+        }
+    }
+}
+
+/// Wall time the host measured: from ready (or the create attempt, when the
+/// host never saw it ready) until now.
+fn host_wall_ms(record: &SandboxStatus) -> u64 {
+    let since = record.ready_at_ms.unwrap_or_else(|| {
+        record
+            .attempts
+            .last()
+            .map_or(record.created_at_ms, |attempt| attempt.started_at_ms)
+    });
+    now_ms().saturating_sub(since)
+}
+
+/// The estimate's hourly rate; for records written before it was kept,
+/// derived from the estimate over the ttl.
+fn rate_per_hour(record: &SandboxStatus) -> u64 {
+    record.meter.rate_per_hour.unwrap_or_else(|| {
+        let estimate = u128::from(record.meter.estimate.unwrap_or(0));
+        let ttl = u128::from(record.spec.ttl_secs.max(1));
+        u64::try_from(estimate * 3600 / ttl).unwrap_or(u64::MAX)
+    })
+}
+
+fn wall_only(wall_ms: u64) -> Usage {
+    Usage {
+        wall_ms,
+        cpu_ms: 0,
+        memory_mb_ms: 0,
+        egress_bytes: 0,
+    }
+}
+
+fn add_note(record: &mut SandboxStatus, note: String) {
+    record.note = Some(match record.note.take() {
+        Some(existing) => format!("{existing}; {note}"),
+        None => note,
+    });
+}

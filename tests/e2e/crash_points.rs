@@ -1,0 +1,341 @@
+//! Crash consistency of the lifecycle, at every durable write.
+//!
+//! The failure this guards against: the manager commits to two stores (the
+//! ledger, then the sandbox record), so a crash between two commits leaves
+//! them disagreeing. Random kills rarely land in those windows; this test
+//! lands in each one. A preloaded library (`tests/crashpoint/crashpoint.c`)
+//! counts the process's fsync/fdatasync calls and SIGKILLs it at the Nth,
+//! before or after the call reaches the disk. For every command below
+//! (create, create with fallback, destroy and settle, run, the reconcile of
+//! an expired sandbox) and every N it can reach, on a fresh copy of a
+//! prepared home, the command is killed at N, then the host is started
+//! twice, and the invariants are checked:
+//!
+//! - every sandbox is terminal (destroyed, failed) or live and held;
+//! - at most one charge per sandbox, equal to its record's `actual`;
+//! - balance + charges = grants, and nothing is held for a finished sandbox;
+//! - `ledger verify` passes;
+//! - the second start finds nothing left to do (one pass converges).
+
+use crate::support::*;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+const GRANTED_MICROS: i128 = 10_000_000;
+
+/// Builds the preload library once per test run.
+fn crashpoint_library() -> &'static Path {
+    static LIBRARY: OnceLock<PathBuf> = OnceLock::new();
+    LIBRARY.get_or_init(|| {
+        let out_dir = repo_root().join("target/crashpoint");
+        std::fs::create_dir_all(&out_dir).unwrap();
+        let out = out_dir.join(format!("crashpoint-{}.so", std::process::id()));
+        let source = repo_root().join("tests/crashpoint/crashpoint.c");
+        let status = std::process::Command::new("cc")
+            .args(["-shared", "-fPIC", "-O2", "-o"])
+            .arg(&out)
+            .arg(&source)
+            .arg("-ldl")
+            .status()
+            .expect("a C compiler (cc) builds the crash-point library");
+        assert!(status.success(), "cc failed to build {}", source.display());
+        out
+    })
+}
+
+/// A command to crash, and the home it starts from.
+struct Scenario {
+    name: &'static str,
+    args: Vec<String>,
+    template: TestHome,
+}
+
+fn base_home() -> TestHome {
+    let home = TestHome::new()
+        .with_saas_stub()
+        .with_shipped_profiles()
+        .with_shared_cache();
+    install(
+        &built_fixtures(),
+        "always-unavailable",
+        &home.extensions(),
+        "always-unavailable",
+    );
+    // The cheapest candidate always answers `unavailable`: every create
+    // voids one hold and falls back to saas-stub under a second.
+    std::fs::write(
+        home.profiles().join("fallback.toml"),
+        "name = \"fallback\"\n[sandbox]\nttl_secs = 300\n\
+         [route]\nstrategy = \"lowest-cost\"\ncandidates = [\"always-unavailable\", \"saas-stub\"]\nfallback = true\n",
+    )
+    .unwrap();
+    home.run(&["credits", "add", "10", "--tenant", "t1"]).ok();
+    home
+}
+
+fn create(home: &TestHome, profile: &str, ttl: &str) -> String {
+    let created = home
+        .run(&[
+            "sandbox",
+            "create",
+            "--profile",
+            profile,
+            "--tenant",
+            "t1",
+            "--ttl",
+            ttl,
+            "--json",
+        ])
+        .ok()
+        .json();
+    created["id"].as_str().unwrap().to_string()
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|arg| arg.to_string()).collect()
+}
+
+fn scenarios() -> Vec<Scenario> {
+    let mut scenarios = vec![
+        Scenario {
+            name: "create",
+            args: strings(&[
+                "sandbox",
+                "create",
+                "--profile",
+                "saas-stub",
+                "--tenant",
+                "t1",
+            ]),
+            template: base_home(),
+        },
+        Scenario {
+            name: "fallback",
+            args: strings(&[
+                "sandbox",
+                "create",
+                "--profile",
+                "fallback",
+                "--tenant",
+                "t1",
+            ]),
+            template: base_home(),
+        },
+        Scenario {
+            name: "run",
+            args: strings(&[
+                "run",
+                "--profile",
+                "saas-stub",
+                "--tenant",
+                "t1",
+                "--ttl",
+                "1",
+            ]),
+            template: base_home(),
+        },
+    ];
+    let destroy_home = base_home();
+    let id = create(&destroy_home, "saas-stub", "300");
+    scenarios.push(Scenario {
+        name: "destroy",
+        args: strings(&["sandbox", "destroy", &id]),
+        template: destroy_home,
+    });
+    let expired_home = base_home();
+    create(&expired_home, "saas-stub", "1");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    scenarios.push(Scenario {
+        name: "reconcile",
+        // Any start reconciles: the expired sandbox is destroyed and settled.
+        args: strings(&["sandbox", "list"]),
+        template: expired_home,
+    });
+    scenarios
+}
+
+/// Copies a home (redb files are closed: the process that wrote them ended).
+fn copy_home(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        let kind = entry.file_type().unwrap();
+        if kind.is_symlink() {
+            let _ = std::fs::remove_file(&target);
+            std::os::unix::fs::symlink(std::fs::read_link(entry.path()).unwrap(), &target).unwrap();
+        } else if kind.is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            copy_home(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+fn fresh_copy(template: &TestHome) -> TestHome {
+    let home = TestHome::new();
+    copy_home(template.path(), home.path());
+    home
+}
+
+/// Runs the scenario's command under the preload; returns whether it was
+/// killed (false: it finished before reaching the crash point).
+fn run_crashing(home: &TestHome, args: &[String], at: u64, when: &str) -> bool {
+    let output = home
+        .command()
+        .args(args)
+        .env("LD_PRELOAD", crashpoint_library())
+        .env("SANDBOXER_CRASH_AT", at.to_string())
+        .env("SANDBOXER_CRASH_WHEN", when)
+        .output()
+        .unwrap();
+    output.status.signal() == Some(libc_sigkill())
+}
+
+fn libc_sigkill() -> i32 {
+    9
+}
+
+/// How many durable writes the command makes when nothing crashes.
+fn durable_writes(template: &TestHome, args: &[String]) -> u64 {
+    let home = fresh_copy(template);
+    let count_file = home.path().join("fsync-count");
+    let run = Run::from(
+        home.command()
+            .args(args)
+            .env("LD_PRELOAD", crashpoint_library())
+            .env("SANDBOXER_CRASH_COUNT", &count_file)
+            .output()
+            .unwrap(),
+    )
+    .ok();
+    drop(run);
+    std::fs::read_to_string(&count_file)
+        .map(|text| text.trim().parse().unwrap())
+        .unwrap_or(0)
+}
+
+fn micros(value: &Value) -> i128 {
+    let text = value
+        .as_str()
+        .unwrap_or_else(|| panic!("an amount: {value}"));
+    let negative = text.starts_with('-');
+    let amount =
+        i128::from(sandboxer_credits::parse_credits(text.trim_start_matches('-')).unwrap());
+    if negative { -amount } else { amount }
+}
+
+/// Starts the host twice and checks every invariant.
+fn check_invariants(home: &TestHome, context: &str) {
+    let first = home.run(&["sandbox", "list", "--all", "--json"]);
+    assert_eq!(first.code, 0, "{context}: first start: {}", first.stderr);
+    let second = home.run(&["sandbox", "list", "--all", "--json"]);
+    assert_eq!(second.code, 0, "{context}: second start: {}", second.stderr);
+    assert!(
+        !second.stderr.contains("reconciled"),
+        "{context}: the second start still had work: {}",
+        second.stderr
+    );
+    let records = second.json();
+    let records = records.as_array().unwrap();
+
+    let verify = home.run(&["ledger", "verify", "--json"]);
+    assert_eq!(verify.code, 0, "{context}: {}", verify.stdout);
+
+    let history = home
+        .run(&[
+            "credits", "history", "--tenant", "t1", "--limit", "10000", "--json",
+        ])
+        .ok()
+        .json();
+    let mut charges: BTreeMap<String, Vec<i128>> = BTreeMap::new();
+    let mut granted = 0;
+    for entry in history.as_array().unwrap() {
+        match entry["kind"].as_str().unwrap() {
+            "charge" => {
+                let hold = entry["sandbox_id"].as_str().unwrap();
+                let sandbox = hold.rsplit_once('.').map_or(hold, |(id, _)| id);
+                charges
+                    .entry(sandbox.to_string())
+                    .or_default()
+                    .push(micros(&entry["amount"]));
+            }
+            "grant" => granted += micros(&entry["amount"]),
+            _ => {}
+        }
+    }
+    assert_eq!(granted, GRANTED_MICROS, "{context}: grants");
+
+    let mut held_for_live = 0;
+    for record in records {
+        let id = record["id"].as_str().unwrap();
+        let state = record["state"].as_str().unwrap();
+        let charged = charges.get(id).cloned().unwrap_or_default();
+        assert!(
+            charged.len() <= 1,
+            "{context}: {id} was charged {} times: {charged:?}",
+            charged.len()
+        );
+        match state {
+            "ready" => {
+                assert!(charged.is_empty(), "{context}: live {id} was charged");
+                held_for_live += micros(&record["meter"]["hold"]);
+            }
+            "destroyed" => {
+                let actual = micros(&record["meter"]["actual"]);
+                let charge = charged.first().copied().unwrap_or(0);
+                assert_eq!(charge, actual, "{context}: {id} charged != its actual");
+            }
+            "failed" => assert!(charged.is_empty(), "{context}: failed {id} was charged"),
+            other => panic!("{context}: {id} is stuck in {other}: {record}"),
+        }
+    }
+    let shown = home
+        .run(&["credits", "show", "--tenant", "t1", "--json"])
+        .ok()
+        .json();
+    let total_charged: i128 = charges.values().flatten().sum();
+    assert_eq!(
+        micros(&shown["balance"]) + total_charged,
+        GRANTED_MICROS,
+        "{context}: balance + charges = grants"
+    );
+    assert_eq!(
+        micros(&shown["held"]),
+        held_for_live,
+        "{context}: held = the holds of live sandboxes"
+    );
+}
+
+#[test]
+fn every_durable_write_of_the_lifecycle_is_a_safe_place_to_crash() {
+    let mut points = 0;
+    for scenario in scenarios() {
+        let total = durable_writes(&scenario.template, &scenario.args);
+        assert!(
+            total >= 2,
+            "{}: expected durable writes to crash at, counted {total}",
+            scenario.name
+        );
+        for at in 1..=total {
+            for when in ["before", "after"] {
+                let context = format!(
+                    "{} crashed {when} durable write {at} of {total}",
+                    scenario.name
+                );
+                let home = fresh_copy(&scenario.template);
+                // A command may make fewer writes on another run (run's
+                // sweeps depend on timing): one that finished is checked too.
+                if run_crashing(&home, &scenario.args, at, when) {
+                    points += 1;
+                }
+                check_invariants(&home, &context);
+            }
+        }
+    }
+    eprintln!("crash points checked: {points}");
+    assert!(points >= 20, "only {points} crash points were reached");
+}
