@@ -158,14 +158,42 @@ fn the_default_tenant_starts_with_default_credits_once() {
 }
 
 #[test]
-fn a_ledger_held_by_another_process_is_named_plainly() {
+fn a_busy_home_is_waited_for_then_given_up_with_its_own_exit_code() {
     let home = TestHome::new();
-    let _held = Ledger::open(&home.ledger_file(), LedgerOptions::default()).unwrap();
-    let run = home.run(&["credits", "show"]).fails(1);
+    home.run(&["credits", "show"]).ok();
+    // Another process (this test) holds the ledger's lock.
+    let held = Ledger::open(&home.ledger_file(), LedgerOptions::default()).unwrap();
+    let run = Run::from(
+        home.command()
+            .args(["credits", "show"])
+            .env("SANDBOXER_LOCK_WAIT_SECS", "1")
+            .output()
+            .unwrap(),
+    )
+    .fails(75);
     assert!(
         run.stderr
-            .contains("is in use by another sandboxer-host process"),
+            .contains("waiting for another sandboxer-host process to finish"),
         "{}",
         run.stderr
     );
+    assert!(
+        run.stderr.contains("gave up after waiting 1 s")
+            && run
+                .stderr
+                .contains("is in use by another sandboxer-host process")
+            && run.stderr.contains("SANDBOXER_LOCK_WAIT_SECS"),
+        "{}",
+        run.stderr
+    );
+    // Released in time: the command waits and succeeds.
+    let waiter = std::thread::spawn({
+        let mut command = home.command();
+        command.args(["credits", "show", "--json"]);
+        move || Run::from(command.output().unwrap())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    drop(held);
+    let shown = waiter.join().unwrap().ok().json();
+    assert_eq!(shown["tenant"], "default");
 }

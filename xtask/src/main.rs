@@ -11,6 +11,7 @@
 //! - `test`: build-extensions --examples, install-e2b-sdks, then fmt check, clippy
 //!   with `-D warnings`, and `cargo test --workspace`: the gate CI runs;
 //! - `demo`: builds everything and runs the main job against a fresh home;
+//! - `soak [KILLS]`: the soak test with many kills (1000 by default);
 //! - `bench [SUITE]`: runs a benchmark suite (runtime, routing, ledger, lifecycle, all) and writes
 //!   `target/bench/<suite>.json`.
 
@@ -46,6 +47,7 @@ fn run_command() -> Result<()> {
         Some("test") => test(&root),
         Some("demo") => demo(&root),
         Some("bench") => bench(&root, args.get(1).map(String::as_str).unwrap_or("all")),
+        Some("soak") => soak(&root, args.get(1).map(String::as_str)),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>
@@ -57,7 +59,9 @@ commands:
   install-e2b-sdks   the pinned E2B Python and JavaScript SDKs into target/tools/
   test               all of that, then fmt check, clippy -D warnings, cargo test --workspace
   demo               build and run the main job against a fresh home
-  bench [SUITE]      benchmarks: runtime, routing, ledger, lifecycle or all (default)"
+  bench [SUITE]      benchmarks: runtime, routing, ledger, lifecycle or all (default)
+  soak [KILLS]       concurrent commands on one home under random SIGKILLs (default 1000
+                     kills), then prints kills, lost, doubled, stuck and verify"
             );
             std::process::exit(2);
         }
@@ -454,6 +458,27 @@ fn demo(root: &Path) -> Result<()> {
     host(&["events", "tail", "--limit", "3"])?;
     host(&["ledger", "verify"])?;
     Ok(())
+}
+
+/// The long soak: the e2e soak test with many more kills (CI runs 40).
+fn soak(root: &Path, kills: Option<&str>) -> Result<()> {
+    let kills = kills.unwrap_or("1000");
+    if kills.parse::<u64>().is_err() {
+        bail!("soak takes a number of kills, got `{kills}`");
+    }
+    build_extensions(root)?;
+    run(cargo()
+        .args([
+            "test",
+            "--package",
+            "sandboxer-host",
+            "--test",
+            "e2e",
+            "soak",
+            "--",
+            "--nocapture",
+        ])
+        .env("SANDBOXER_SOAK_KILLS", kills))
 }
 
 fn bench(root: &Path, suite: &str) -> Result<()> {

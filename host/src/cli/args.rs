@@ -10,7 +10,8 @@ use std::path::PathBuf;
     version,
     about = "Create and destroy code-execution sandboxes through WebAssembly backend extensions, and bill them in credits.",
     long_about = None,
-    after_help = "Exit codes: 0 success, 1 the operation failed, 2 usage error.\n\
+    after_help = "Exit codes: 0 success, 1 the operation failed, 2 usage error, 75 the home stayed\n\
+                  in use by another process for the whole wait (SANDBOXER_LOCK_WAIT_SECS, default 120).\n\
                   Logs go to stderr; set SANDBOXER_LOG (for example SANDBOXER_LOG=info) to see more."
 )]
 pub struct Cli {

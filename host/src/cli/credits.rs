@@ -25,8 +25,10 @@ pub fn ledger_options() -> Result<LedgerOptions> {
     })
 }
 
+/// Opens the ledger, waiting (bounded) while another process has it.
 pub fn open_ledger(paths: &HostPaths) -> Result<Ledger> {
-    Ok(Ledger::open(&paths.ledger_file(), ledger_options()?)?)
+    let options = ledger_options()?;
+    super::wait_for_home(|| Ok(Ledger::open(&paths.ledger_file(), options.clone())?))
 }
 
 /// Runs a credits command, then delivers the events it wrote.

@@ -23,6 +23,70 @@ use std::process::ExitCode;
 #[error("reported")]
 pub struct AlreadyReported;
 
+/// Exit status when another process kept the home busy past the wait.
+pub const EXIT_HOME_BUSY: u8 = 75;
+
+/// The home stayed in use by another process for the whole wait.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "gave up after waiting {waited_secs} s: {cause} (set SANDBOXER_LOCK_WAIT_SECS to wait longer)"
+)]
+pub struct HomeBusy {
+    pub waited_secs: u64,
+    pub cause: String,
+}
+
+/// How long a command waits for another process to release the home's
+/// files (SANDBOXER_LOCK_WAIT_SECS, default 120 s).
+fn lock_patience() -> std::time::Duration {
+    let secs = std::env::var("SANDBOXER_LOCK_WAIT_SECS")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(120);
+    std::time::Duration::from_secs(secs)
+}
+
+/// Calls `open` until the home's files are free (another process holds
+/// them), saying so once on stderr, for at most the lock patience.
+pub fn wait_for_home<T>(mut open: impl FnMut() -> Result<T>) -> Result<T> {
+    let started = std::time::Instant::now();
+    let patience = lock_patience();
+    let mut announced = false;
+    loop {
+        match open() {
+            Err(error) if is_in_use(&error) => {
+                if started.elapsed() >= patience {
+                    return Err(HomeBusy {
+                        waited_secs: started.elapsed().as_secs(),
+                        cause: format!("{error:#}"),
+                    }
+                    .into());
+                }
+                if !announced {
+                    eprintln!("waiting for another sandboxer-host process to finish ({error:#})");
+                    announced = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn is_in_use(error: &anyhow::Error) -> bool {
+    use sandboxer_host::ledger::LedgerError;
+    use sandboxer_host::state_db::StateDbError;
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<LedgerError>(),
+            Some(LedgerError::InUse { .. })
+        ) || matches!(
+            cause.downcast_ref::<StateDbError>(),
+            Some(StateDbError::InUse { .. })
+        )
+    })
+}
+
 pub fn main() -> ExitCode {
     // Die quietly on a closed pipe (`sandboxer-host events tail | head`),
     // as command-line tools do, instead of failing a print.
@@ -55,6 +119,10 @@ pub fn main() -> ExitCode {
     match run(cli.command, &paths, cli.global.hub_url) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) if error.is::<AlreadyReported>() => ExitCode::FAILURE,
+        Err(error) if error.is::<HomeBusy>() => {
+            eprintln!("error: {}", output::one_line_chain(&error));
+            ExitCode::from(EXIT_HOME_BUSY)
+        }
         Err(error) => {
             eprintln!("error: {}", output::one_line_chain(&error));
             ExitCode::FAILURE
