@@ -57,6 +57,17 @@ pub enum CallError {
         limit: usize,
     },
 
+    /// The extension handed the host a string or list larger than the host
+    /// copies for one host call or one answer.
+    #[error(
+        "extension `{extension}` {function}: passed the host more than {limit_bytes} bytes at once (in one answer or host call); the limit is {limit_bytes}"
+    )]
+    TooMuchData {
+        extension: String,
+        function: &'static str,
+        limit_bytes: usize,
+    },
+
     #[error("extension `{extension}` {function}: host error: {message}")]
     Host {
         extension: String,
@@ -77,6 +88,7 @@ impl CallError {
             Self::Timeout { .. }
             | Self::OutOfFuel { .. }
             | Self::MemoryLimit { .. }
+            | Self::TooMuchData { .. }
             | Self::Trap { .. } => true,
             Self::OutputTooLarge { .. } | Self::Host { .. } => false,
         }
