@@ -253,7 +253,10 @@ pub mod kv {
         get(key).and_then(|bytes| String::from_utf8(bytes).ok())
     }
 
-    /// Fails when the key or value is too large or the store is full.
+    /// Fails when the key or value is too large, when the store is full
+    /// (10 000 keys, or its quota of bytes), or when the writes the host
+    /// holds for this call would pass the call's memory limit; the message
+    /// names the limit.
     pub fn set(key: &str, value: &[u8]) -> Result<(), String> {
         wit_host::kv_set(key, value)
     }
@@ -262,7 +265,8 @@ pub mod kv {
         set(key, value.as_bytes())
     }
 
-    /// Removes `key`; true when it existed.
+    /// Removes `key`; true when it existed. Like a write, the removal is
+    /// held until the call returns and counts against its memory limit.
     pub fn delete(key: &str) -> bool {
         wit_host::kv_delete(key)
     }

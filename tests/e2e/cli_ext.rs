@@ -128,6 +128,7 @@ fn ext_info_shows_declaration_grants_limits_and_config() {
     assert_eq!(info["limits"]["timeout_ms"], 10_000);
     assert_eq!(info["limits"]["memory_mb"], 64);
     assert!(info["limits"]["fuel"].is_null());
+    assert_eq!(info["limits"]["kv_quota_mb"], 16);
     assert_eq!(info["grants"]["network"], serde_json::json!([]));
     assert_eq!(info["config"]["rate_per_vcpu_hour"], "0.0504");
     assert_eq!(info["sha256"].as_str().unwrap().len(), 64);
@@ -135,7 +136,7 @@ fn ext_info_shows_declaration_grants_limits_and_config() {
     let text = home.run(&["ext", "info", "saas-stub"]).ok();
     assert!(
         text.stdout.contains(
-            "limits:  10000 ms per call, 64 MiB memory, fuel unlimited, a fresh instance per call"
+            "limits:  10000 ms per call, 64 MiB memory, fuel unlimited, 16 MiB key-value quota, a fresh instance per call"
         ),
         "{}",
         text.stdout

@@ -1,6 +1,7 @@
 //! Hostile extensions: each fixture misbehaves in one way, the host names
 //! the extension and the limit, and in the same process the saas-stub keeps
-//! answering.
+//! answering. Those that try to make the host use memory run in the real
+//! binary, whose peak resident memory is checked against the guest's own.
 
 use crate::support::*;
 use sandboxer_host::runtime::{CallError, ExtError, ExtensionSet};
@@ -286,7 +287,7 @@ fn an_oversized_string_is_refused() {
             error,
             CallError::OutputTooLarge {
                 field: "backend-ref",
-                size: 8_388_608,
+                size: 1_048_576,
                 limit: 1024,
                 ..
             }
@@ -334,5 +335,154 @@ fn backend_errors_are_the_extensions_own_answer() {
     assert!(
         !invalid.is_retryable(),
         "a bad spec is never retried elsewhere"
+    );
+}
+
+/// What the host itself may take on top of what a guest holds: the binary,
+/// wasmtime, redb and compiling one component take about 30 MiB.
+const HOST_HEADROOM_MIB: u64 = 64;
+
+/// Runs the binary with `args` in a fresh home holding the fixtures `names`:
+/// what it did, and its peak resident memory in MiB.
+fn run_with_fixtures(names: &[&str], args: &[&str]) -> (Run, u64) {
+    let home = TestHome::new();
+    for name in names {
+        install(&built_fixtures(), name, &home.extensions(), name);
+    }
+    run_measuring_peak_memory(home.command().args(args))
+}
+
+#[test]
+fn deleting_keys_that_were_never_written_keeps_nothing_in_host_memory() {
+    // The host used to keep every deleted key until the call ended, however
+    // long: 1000 keys of 1 MiB took it to 1 GB, 500 000 short ones to 330 MiB.
+    for name in ["kv-delete-flood", "kv-delete-many"] {
+        let (run, peak_mib) = run_with_fixtures(&[name], &["ext", "estimate", name]);
+        let run = run.ok();
+        assert!(
+            run.stdout.starts_with(&format!("{name}: 0.001000 credits")),
+            "the call answers: {}",
+            run.stdout
+        );
+        assert!(
+            peak_mib < 64 + HOST_HEADROOM_MIB,
+            "{name}: the host peaked at {peak_mib} MiB for a guest capped at 64 MiB"
+        );
+    }
+}
+
+#[test]
+fn a_huge_error_message_is_refused_before_the_host_copies_it() {
+    // 100 MiB of "x " used to take the host to 1 GB: copies, and a list of
+    // its 50 million words.
+    let (run, peak_mib) = run_with_fixtures(&["huge-error"], &["ext", "estimate", "huge-error"]);
+    let run = run.fails(1);
+    assert_eq!(
+        run.stderr.trim_end(),
+        "error: extension `huge-error` estimate-cost: passed the host more than 2097152 bytes at once (in one answer or host call); the limit is 2097152"
+    );
+    assert!(
+        peak_mib < 2 * 100 + HOST_HEADROOM_MIB,
+        "the host peaked at {peak_mib} MiB beside the guest's 100 MiB message"
+    );
+
+    // Under the transfer limit the message is copied once and cut.
+    let home = TestHome::new();
+    install(
+        &built_fixtures(),
+        "hostile",
+        &home.extensions(),
+        "long-error",
+    );
+    std::fs::write(
+        home.extensions().join("long-error.toml"),
+        "[config]\nmisbehave = \"huge-error\"\nsize_mb = 1\nunit = \"x \"\n",
+    )
+    .unwrap();
+    let set = home.runtime().load_dir(&home.extensions()).unwrap();
+    let error = set
+        .get("long-error")
+        .unwrap()
+        .estimate_cost(&spec("sbx-long-error"))
+        .unwrap_err();
+    let Some(ExtError::Internal(message)) = error.ext_error() else {
+        panic!("{error}");
+    };
+    assert_eq!(message.chars().count(), 2001, "2000 characters and '…'");
+    assert!(message.starts_with("x x x") && message.ends_with('…'));
+}
+
+#[test]
+fn a_huge_info_field_rejects_the_extension_at_load_without_copying_it() {
+    // A 48 MiB id used to cost 510 MB on every command that loaded the
+    // directory.
+    let (run, peak_mib) = run_with_fixtures(&["huge-info-id"], &["ext", "list", "--json"]);
+    let listed = run.ok().json();
+    assert_eq!(listed[0]["status"], "rejected");
+    assert_eq!(
+        listed[0]["reason"],
+        "info() failed: extension `huge-info-id` info: passed the host more than 2097152 bytes at once (in one answer or host call); the limit is 2097152"
+    );
+    assert!(
+        peak_mib < 2 * 48 + HOST_HEADROOM_MIB,
+        "the host peaked at {peak_mib} MiB beside the guest's 48 MiB id"
+    );
+
+    // Under the transfer limit, each field is refused by its length.
+    let home = TestHome::new();
+    for field in ["id", "version", "description"] {
+        let name = format!("long-{field}");
+        install(&built_fixtures(), "hostile", &home.extensions(), &name);
+        std::fs::write(
+            home.extensions().join(format!("{name}.toml")),
+            format!("[config]\nmisbehave = \"huge-info\"\nfield = \"{field}\"\nsize_mb = 1\n"),
+        )
+        .unwrap();
+    }
+    let listed = home.run(&["ext", "list", "--json"]).ok().json();
+    let reasons: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| entry["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "info() returned a description of 1048576 bytes; the limit is 1000",
+            "info() returned an id of 1048576 bytes; the limit is 64",
+            "info() returned a version of 1048576 bytes; the limit is 64",
+        ]
+    );
+}
+
+#[test]
+fn buffered_key_value_writes_count_against_the_calls_memory_limit() {
+    // 1000 writes of 64 KiB in one call, under a 16 MiB memory limit: the
+    // host used to hold all 64 MiB until the call returned.
+    let (run, peak_mib) =
+        run_with_fixtures(&["kv-set-flood"], &["ext", "estimate", "kv-set-flood"]);
+    let run = run.fails(1);
+    let refused = run
+        .stderr
+        .strip_prefix(
+            "error: extension `kv-set-flood` estimate-cost: capacity: kv-set refused after ",
+        )
+        .unwrap_or_else(|| panic!("{}", run.stderr));
+    let (writes, message) = refused.split_once(" writes: ").unwrap();
+    let writes: u64 = writes.parse().unwrap();
+    assert!(
+        (100..250).contains(&writes),
+        "the guest's own memory and its buffered writes share 16 MiB: {writes} writes"
+    );
+    assert_eq!(
+        message.trim_end(),
+        "this call's writes would pass its memory limit of 16 MiB (the host holds a call's writes until it returns); return, and write the rest in another call"
+    );
+    // The guest's memory, the writes held for the call, and their commit
+    // (redb keeps a 64 KiB value in a 128 KiB page) each stay near 16 MiB.
+    assert!(
+        peak_mib < 4 * 16 + HOST_HEADROOM_MIB,
+        "the host peaked at {peak_mib} MiB for a call capped at 16 MiB"
     );
 }

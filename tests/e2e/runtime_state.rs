@@ -194,3 +194,69 @@ fn the_network_grant_allows_only_the_granted_address() {
         "nothing reached the address outside the grant"
     );
 }
+
+#[test]
+fn the_key_value_quota_refuses_the_write_past_it_and_names_it() {
+    let home = TestHome::new();
+    install(&built_fixtures(), "kv-fill", &home.extensions(), "kv-fill");
+    // Each value counts 65 549 bytes (a 13-byte key and 64 KiB): 15 fit in
+    // the 1 MiB quota, with the 11-byte key the fixture keeps its place in.
+    let quota_refusal = |writes: u64, would_hold: u64| {
+        format!(
+            "error: extension `kv-fill` estimate-cost: capacity: kv-set refused after {writes} writes: the store would hold {would_hold} bytes of keys and values, over its quota of 1048576 bytes (limits.kv_quota_mb); delete some first"
+        )
+    };
+    let first = home.run(&["ext", "estimate", "kv-fill"]).fails(1);
+    assert_eq!(first.stderr.trim_end(), quota_refusal(15, 1_048_784));
+    // Another process, the same store: the count was kept with the writes.
+    let second = home.run(&["ext", "estimate", "kv-fill"]).fails(1);
+    assert_eq!(second.stderr.trim_end(), quota_refusal(0, 1_048_795));
+
+    let state = sandboxer_host::state_db::StateDb::new(home.path().join("state.redb"));
+    assert_eq!(
+        sandboxer_host::runtime::kv_usage::stored_usage(&state, "kv-fill").unwrap(),
+        sandboxer_host::runtime::kv_usage::KvUsage {
+            keys: 16,
+            bytes: 15 * 65_549 + 11,
+        }
+    );
+}
+
+#[test]
+fn start_up_cost_does_not_grow_with_the_key_value_stores() {
+    // 8 instances filled to the default 16 MiB quota: 128 MiB of values, a
+    // state.redb of about 270 MB. Every command used to read all of it on
+    // start-up (redb's debug-build consistency walk), in time and memory.
+    let home = TestHome::new();
+    for instance in 0..8 {
+        let name = format!("kv-bulk-{instance}");
+        install(&built_fixtures(), "hostile", &home.extensions(), &name);
+        std::fs::write(
+            home.extensions().join(format!("{name}.toml")),
+            "[config]\nmisbehave = \"kv-fill\"\ncount = 250\nvalue_bytes = 65536\n",
+        )
+        .unwrap();
+    }
+    // Compiled once, so no measured command compiles.
+    home.run(&["ext", "list"]).ok();
+    let (empty, empty_peak_mib) =
+        run_measuring_peak_memory(home.command().args(["sandbox", "list"]));
+    empty.ok();
+    for instance in 0..8 {
+        home.run(&["ext", "estimate", &format!("kv-bulk-{instance}")])
+            .ok();
+    }
+    let state_bytes = std::fs::metadata(home.path().join("state.redb"))
+        .unwrap()
+        .len();
+    assert!(state_bytes > 128 << 20, "state.redb is {state_bytes} bytes");
+
+    for command in [&["sandbox", "list"][..], &["credits", "show"]] {
+        let (run, peak_mib) = run_measuring_peak_memory(home.command().args(command));
+        run.ok();
+        assert!(
+            peak_mib < empty_peak_mib + 32,
+            "{command:?} peaked at {peak_mib} MiB with {state_bytes} bytes of state, {empty_peak_mib} MiB with none"
+        );
+    }
+}

@@ -218,3 +218,48 @@ pub fn spec(sandbox_id: &str) -> SandboxSpec {
         network: false,
     }
 }
+
+/// Starts the command given after its first argument, waits for it, and
+/// writes its peak resident memory (KiB) to the file named by that argument.
+/// A probe of its own because the kernel counts in a child's peak the memory
+/// image it was started from, which for a child of this test process is the
+/// whole test process; a child of this small exec'd program starts small.
+const PEAK_MEMORY_PROBE: &str = r#"
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as out:
+    out.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"#;
+
+/// Runs `command` (one from [`TestHome::command`], which clears the
+/// environment) to its end, and returns what it did and its peak resident
+/// memory in MiB, measured by a `python3` probe.
+pub fn run_measuring_peak_memory(command: &Command) -> (Run, u64) {
+    let report = tempfile::NamedTempFile::new().unwrap();
+    let mut probe = Command::new("python3");
+    probe.env_clear();
+    for (name, value) in command.get_envs() {
+        if let Some(value) = value {
+            probe.env(name, value);
+        }
+    }
+    let output = probe
+        .arg("-c")
+        .arg(PEAK_MEMORY_PROBE)
+        .arg(report.path())
+        .arg(command.get_program())
+        .args(command.get_args())
+        .output()
+        .unwrap();
+    let run = Run::from(output);
+    let peak_kib: u64 = std::fs::read_to_string(report.path())
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap_or_else(|error| panic!("the probe's report ({error}): {}", run.stderr));
+    (run, peak_kib / 1024)
+}

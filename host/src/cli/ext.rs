@@ -291,9 +291,10 @@ fn print_details(details: &ExtensionDetails) {
         .fuel
         .map_or_else(|| "unlimited".to_string(), |fuel| fuel.to_string());
     println!(
-        "limits:  {} ms per call, {} MiB memory, fuel {fuel}, {}",
+        "limits:  {} ms per call, {} MiB memory, fuel {fuel}, {} MiB key-value quota, {}",
         details.limits.timeout_ms,
         details.limits.memory_mb,
+        details.limits.kv_quota_mb,
         if details.limits.reuse_instances {
             "instances reused between calls"
         } else {

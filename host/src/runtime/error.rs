@@ -57,6 +57,17 @@ pub enum CallError {
         limit: usize,
     },
 
+    /// The extension handed the host a string or list larger than the host
+    /// copies for one host call or one answer.
+    #[error(
+        "extension `{extension}` {function}: passed the host more than {limit_bytes} bytes at once (in one answer or host call); the limit is {limit_bytes}"
+    )]
+    TooMuchData {
+        extension: String,
+        function: &'static str,
+        limit_bytes: usize,
+    },
+
     #[error("extension `{extension}` {function}: host error: {message}")]
     Host {
         extension: String,
@@ -77,6 +88,7 @@ impl CallError {
             Self::Timeout { .. }
             | Self::OutOfFuel { .. }
             | Self::MemoryLimit { .. }
+            | Self::TooMuchData { .. }
             | Self::Trap { .. } => true,
             Self::OutputTooLarge { .. } | Self::Host { .. } => false,
         }
@@ -104,13 +116,31 @@ pub fn describe_ext_error(error: &ExtError) -> String {
 }
 
 /// Collapses whitespace runs (newlines included) and cuts at `max_chars`.
+///
+/// Reads only as much of `text` as it keeps: an extension's 100 MiB message
+/// costs no more than a short one.
 pub fn one_line(text: &str, max_chars: usize) -> String {
-    let collapsed = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    if collapsed.chars().count() <= max_chars {
-        return collapsed;
+    let mut line = String::new();
+    let mut chars = 0;
+    for word in text.split_whitespace() {
+        let separator = usize::from(chars > 0);
+        let word_chars = word.chars().take(max_chars + 1).count();
+        if chars + separator + word_chars > max_chars {
+            if separator == 1 && chars < max_chars {
+                line.push(' ');
+                chars += 1;
+            }
+            line.extend(word.chars().take(max_chars - chars));
+            line.push('…');
+            return line;
+        }
+        if separator == 1 {
+            line.push(' ');
+        }
+        line.push_str(word);
+        chars += separator + word_chars;
     }
-    let cut: String = collapsed.chars().take(max_chars).collect();
-    format!("{cut}…")
+    line
 }
 
 #[cfg(test)]
@@ -163,5 +193,19 @@ mod tests {
     fn one_line_cuts_long_text() {
         assert_eq!(one_line("a\n b\t c", 10), "a b c");
         assert_eq!(one_line(&"x".repeat(20), 5), "xxxxx…");
+        assert_eq!(one_line("ab cd ef", 5), "ab cd…");
+        assert_eq!(one_line("ab cd ef", 6), "ab cd …");
+        assert_eq!(one_line("ab cdef", 4), "ab c…");
+        assert_eq!(one_line("  ", 4), "");
+        assert_eq!(one_line("é è ê", 3), "é è…");
+    }
+
+    #[test]
+    fn one_line_reads_no_more_than_it_keeps() {
+        // Words counted past the cut would make this quadratic or huge.
+        let long = "w ".repeat(4 << 20);
+        assert_eq!(one_line(&long, 7), "w w w w…");
+        let word = "x".repeat(8 << 20);
+        assert_eq!(one_line(&word, 3), "xxx…");
     }
 }

@@ -11,7 +11,7 @@ use super::bindings::sandboxer::extension::types::{
 };
 use super::bindings::{SelfHostedExtension, SelfHostedExtensionPre};
 use super::cache::CacheOutcome;
-use super::call_state::{CallState, HostFault};
+use super::call_state::{CallState, HostFault, MAX_GUEST_TRANSFER_BYTES};
 use super::capabilities::ImportedInterface;
 use super::engine::deadline_ticks;
 use super::error::{CallError, one_line};
@@ -90,7 +90,11 @@ impl Invoker {
             &mut Store<CallState>,
         ) -> wasmtime::Result<R>,
     ) -> Result<(R, KvSession), CallError> {
-        let kv = KvSession::new(self.state.clone(), self.name.to_string());
+        let kv = KvSession::new(
+            self.state.clone(),
+            self.name.to_string(),
+            self.limits.kv_quota_bytes(),
+        );
         // A reused instance keeps its memory between calls (the extension
         // asked for it); everything else about the call starts afresh.
         let reused = self.idle.as_ref().and_then(|idle| {
@@ -115,6 +119,7 @@ impl Invoker {
                 );
                 let mut store = Store::new(&self.engine, data);
                 store.limiter(|state| state);
+                store.set_hostcall_fuel(MAX_GUEST_TRANSFER_BYTES);
                 store.epoch_deadline_trap();
                 (store, None)
             }
@@ -181,6 +186,13 @@ impl Invoker {
                 message: fault.0.clone(),
             };
         }
+        if is_transfer_limit(error) {
+            return CallError::TooMuchData {
+                extension,
+                function,
+                limit_bytes: MAX_GUEST_TRANSFER_BYTES,
+            };
+        }
         match error.downcast_ref::<Trap>() {
             Some(Trap::Interrupt) => CallError::Timeout {
                 extension,
@@ -235,6 +247,16 @@ impl Invoker {
                 .await
         })
     }
+}
+
+/// Whether wasmtime refused to copy more than the store's hostcall fuel out
+/// of guest memory. Its error type is private, so its sentence is matched.
+fn is_transfer_limit(error: &wasmtime::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .to_string()
+            .contains("fuel allocated for hostcalls has been exhausted")
+    })
 }
 
 /// Key-value writes of a call, not yet committed.

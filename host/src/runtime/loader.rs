@@ -186,27 +186,44 @@ fn check_header(bytes: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// Longest id `info()` may return.
+pub const MAX_INFO_ID_BYTES: usize = 64;
+/// Longest version `info()` may return.
+pub const MAX_INFO_VERSION_BYTES: usize = 64;
+/// Longest description `info()` may return.
+pub const MAX_INFO_DESCRIPTION_BYTES: usize = 1000;
+
+/// Sizes first, so a huge field is refused by its length, never copied into
+/// the reason.
 fn check_info(info: &ExtensionInfo) -> Result<(), String> {
-    let id_ok = (1..=64).contains(&info.id.len())
+    for (field, size, limit) in [
+        ("an id", info.id.len(), MAX_INFO_ID_BYTES),
+        ("a version", info.version.len(), MAX_INFO_VERSION_BYTES),
+        (
+            "a description",
+            info.description.len(),
+            MAX_INFO_DESCRIPTION_BYTES,
+        ),
+    ] {
+        if size > limit {
+            return Err(format!(
+                "info() returned {field} of {size} bytes; the limit is {limit}"
+            ));
+        }
+    }
+    let id_ok = !info.id.is_empty()
         && info.id.bytes().all(|byte| {
             byte.is_ascii_lowercase() || byte.is_ascii_digit() || b"-_.".contains(&byte)
         });
     if !id_ok {
         return Err(format!(
-            "info() returned an invalid id {:?}: use 1 to 64 characters of a-z, 0-9, '-', '_' or '.'",
-            one_line(&info.id, 80)
+            "info() returned an invalid id {:?}: use 1 to {MAX_INFO_ID_BYTES} characters of a-z, 0-9, '-', '_' or '.'",
+            info.id
         ));
     }
-    if !(1..=64).contains(&info.version.len()) {
+    if info.version.is_empty() {
         return Err(format!(
-            "info() returned a version of {} bytes; expected 1 to 64",
-            info.version.len()
-        ));
-    }
-    if info.description.len() > 1000 {
-        return Err(format!(
-            "info() returned a description of {} bytes; the limit is 1000",
-            info.description.len()
+            "info() returned an empty version; expected 1 to {MAX_INFO_VERSION_BYTES} bytes"
         ));
     }
     Ok(())
@@ -234,6 +251,40 @@ mod tests {
                 .unwrap_err()
                 .contains("not WebAssembly")
         );
+    }
+
+    #[test]
+    fn info_fields_are_refused_by_their_size_first() {
+        let info = |id: &str, version: &str, description: &str| ExtensionInfo {
+            id: id.into(),
+            version: version.into(),
+            kind: super::super::BackendKind::Saas,
+            description: description.into(),
+        };
+        assert!(check_info(&info("ok-1", "0.1.0", "fine")).is_ok());
+        for (bad, reason) in [
+            (
+                info(&"x ".repeat(1 << 20), "0.1.0", ""),
+                "info() returned an id of 2097152 bytes; the limit is 64",
+            ),
+            (
+                info("ok", &"1".repeat(65), ""),
+                "info() returned a version of 65 bytes; the limit is 64",
+            ),
+            (
+                info("ok", "1", &"d".repeat(1001)),
+                "info() returned a description of 1001 bytes; the limit is 1000",
+            ),
+            (
+                info("Bad Id", "1", ""),
+                "info() returned an invalid id \"Bad Id\": use 1 to 64 characters",
+            ),
+            (info("", "1", ""), "info() returned an invalid id \"\""),
+            (info("ok", "", ""), "info() returned an empty version"),
+        ] {
+            let error = check_info(&bad).unwrap_err();
+            assert!(error.starts_with(reason), "{error}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod engine;
 mod error;
 mod extension;
 pub mod kv;
+pub mod kv_usage;
 mod loader;
 mod network;
 pub mod process;

@@ -18,6 +18,10 @@ pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_MEMORY_MB: u64 = 64;
 /// Deadline of the `info` call made while loading.
 pub const INFO_TIMEOUT_MS: u64 = 1_000;
+/// Default quota of key and value bytes in an instance's key-value store.
+pub const DEFAULT_KV_QUOTA_MB: u64 = 16;
+/// Largest key-value quota a sidecar may set.
+pub const MAX_KV_QUOTA_MB: u64 = 1024;
 
 /// The limits each call of an instance runs under.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -33,6 +37,9 @@ pub struct Limits {
     /// for big guests (Python, JavaScript); the guest's memory, statics
     /// included, then survives from one call to the next.
     pub reuse_instances: bool,
+    /// Quota on the bytes of keys and values the instance's key-value store
+    /// holds, in MiB.
+    pub kv_quota_mb: u64,
 }
 
 impl Default for Limits {
@@ -42,6 +49,7 @@ impl Default for Limits {
             memory_mb: DEFAULT_MEMORY_MB,
             fuel: None,
             reuse_instances: false,
+            kv_quota_mb: DEFAULT_KV_QUOTA_MB,
         }
     }
 }
@@ -53,6 +61,10 @@ impl Limits {
 
     pub fn memory_bytes(&self) -> usize {
         usize::try_from(self.memory_mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX)
+    }
+
+    pub fn kv_quota_bytes(&self) -> u64 {
+        self.kv_quota_mb.saturating_mul(1024 * 1024)
     }
 }
 
@@ -164,6 +176,7 @@ struct LimitsFile {
     memory_mb: Option<u64>,
     fuel: Option<u64>,
     reuse_instances: Option<bool>,
+    kv_quota_mb: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -223,6 +236,14 @@ impl Sidecar {
             limits.fuel = Some(fuel);
         }
         limits.reuse_instances = file.limits.reuse_instances.unwrap_or(false);
+        if let Some(kv_quota_mb) = file.limits.kv_quota_mb {
+            if kv_quota_mb > MAX_KV_QUOTA_MB {
+                return Err(error(format!(
+                    "limits.kv_quota_mb must be between 0 and {MAX_KV_QUOTA_MB}, got {kv_quota_mb}"
+                )));
+            }
+            limits.kv_quota_mb = kv_quota_mb;
+        }
 
         let network = file
             .grants
@@ -331,6 +352,7 @@ mod tests {
                 memory_mb: 64,
                 fuel: None,
                 reuse_instances: false,
+                kv_quota_mb: 16,
             }
         );
         assert!(sidecar.grants.network.is_empty());
@@ -346,6 +368,7 @@ mod tests {
             memory_mb = 16
             fuel = 1000000
             reuse_instances = true
+            kv_quota_mb = 2
             [grants]
             network = ["127.0.0.1:8080", "api.example.com:*", "[::1]:443"]
             [routing]
@@ -365,8 +388,10 @@ mod tests {
                 memory_mb: 16,
                 fuel: Some(1_000_000),
                 reuse_instances: true,
+                kv_quota_mb: 2,
             }
         );
+        assert_eq!(sidecar.limits.kv_quota_bytes(), 2 * 1024 * 1024);
         let grants: Vec<String> = sidecar
             .grants
             .network
@@ -405,6 +430,10 @@ mod tests {
             ("[limits]\ntimeout_ms = 0", "timeout_ms"),
             ("[limits]\nmemory_mb = 100000", "memory_mb"),
             ("[limits]\nfuel = 0", "fuel"),
+            (
+                "[limits]\nkv_quota_mb = 5000",
+                "kv_quota_mb must be between 0 and 1024",
+            ),
             ("[limits]\ntimeout_ms = \"fast\"", "line 2"),
             ("[grants]\nnetwork = [\"nohost\"]", "host:port"),
             ("[grants]\nnetwork = [\"h:99999\"]", "invalid port"),
