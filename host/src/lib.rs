@@ -7,8 +7,11 @@
 //! - [`profile`] reads sandbox recipes; [`router`] picks the backend for one;
 //! - [`manager`] is the one place that joins router, runtime and ledger for a
 //!   sandbox's lifecycle; [`delivery`] sends the outboxes' events to sinks;
-//! - [`paths`] and [`state_db`] say where the host's files live.
+//! - [`paths`] and [`state_db`] say where the host's files live;
+//! - [`supervisor`] and [`cgroups`] run the process trees of sandboxes on
+//!   this machine (the `process` capability's other half).
 
+pub mod cgroups;
 pub mod delivery;
 pub mod group_commit;
 pub mod ledger;

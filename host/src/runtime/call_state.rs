@@ -3,12 +3,9 @@
 //! key-value session, and the `host` interface the guest imports.
 
 use super::bindings::sandboxer::extension::host::{Host, LogLevel};
-use super::bindings::sandboxer::extension::process::{
-    self as wit_process, ProcessStatus, ProcessUsage, SpawnRequest,
-};
 use super::error::one_line;
 use super::kv::KvSession;
-use super::process::{Limits, ProcessCapability, ProcessState};
+use super::process::{ProcessCapability, SandboxCall};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use wasmtime::ResourceLimiter;
@@ -32,7 +29,10 @@ pub struct HostFault(pub String);
 pub struct CallState {
     instance: Arc<str>,
     /// The process capability, when the instance is granted it.
-    process: Option<Arc<ProcessCapability>>,
+    pub(super) process: Option<Arc<ProcessCapability>>,
+    /// The sandbox this call is about, set by `Extension::create` and
+    /// `Extension::destroy`: the only calls the process capability serves.
+    pub(super) sandbox_call: Option<SandboxCall>,
     config: Arc<BTreeMap<String, String>>,
     wasi: WasiCtx,
     table: ResourceTable,
@@ -58,6 +58,7 @@ impl CallState {
         Self {
             instance,
             process,
+            sandbox_call: None,
             config,
             wasi,
             table: ResourceTable::new(),
@@ -74,6 +75,7 @@ impl CallState {
     /// stays.
     pub fn start_call(&mut self, kv: KvSession) {
         self.kv = Some(kv);
+        self.sandbox_call = None;
         self.memory_limit_hit = false;
         self.log_lines = 0;
     }
@@ -173,88 +175,5 @@ impl Host for CallState {
 
     fn kv_keys(&mut self, prefix: String, limit: u32) -> wasmtime::Result<Vec<String>> {
         self.kv()?.keys(&prefix, limit).map_err(fault)
-    }
-}
-
-impl CallState {
-    fn process(&self) -> Result<&ProcessCapability, String> {
-        self.process
-            .as_deref()
-            .ok_or_else(|| "the process capability is not granted to this extension".to_string())
-    }
-}
-
-fn wit_status(state: Option<ProcessState>) -> Result<ProcessStatus, String> {
-    match state {
-        None => Err("no process was started for this sandbox".into()),
-        Some(ProcessState::Running { .. }) => Ok(ProcessStatus {
-            running: true,
-            exit_code: None,
-            signal: None,
-            usage: ProcessUsage {
-                wall_ms: state.map_or(0, |state| state.wall_ms()),
-                cpu_ms: 0,
-                peak_memory_kb: 0,
-            },
-        }),
-        Some(ProcessState::Exited(exited)) => Ok(ProcessStatus {
-            running: false,
-            exit_code: exited.exit_code,
-            signal: exited.signal,
-            usage: ProcessUsage {
-                wall_ms: exited.wall_ms,
-                cpu_ms: exited.cpu_ms,
-                peak_memory_kb: exited.peak_memory_kb,
-            },
-        }),
-    }
-}
-
-impl wit_process::Host for CallState {
-    fn find_program(&mut self, name: String) -> wasmtime::Result<Option<String>> {
-        Ok(self
-            .process()
-            .ok()
-            .and_then(|process| process.find_program(&name))
-            .map(|path| path.display().to_string()))
-    }
-
-    fn workdir(&mut self, sandbox_id: String) -> wasmtime::Result<Result<String, String>> {
-        Ok(self
-            .process()
-            .and_then(|process| process.workdir(&sandbox_id))
-            .map(|path| path.display().to_string()))
-    }
-
-    fn spawn(&mut self, request: SpawnRequest) -> wasmtime::Result<Result<(), String>> {
-        let limits = Limits {
-            memory_mb: request.limits.memory_mb,
-            cpu_secs: request.limits.cpu_secs,
-            max_processes: request.limits.max_processes,
-            wall_secs: request.limits.wall_secs,
-        };
-        Ok(self.process().and_then(|process| {
-            process.spawn(
-                &request.sandbox_id,
-                &request.program,
-                request.args,
-                request.env,
-                limits,
-            )
-        }))
-    }
-
-    fn status(&mut self, sandbox_id: String) -> wasmtime::Result<Result<ProcessStatus, String>> {
-        Ok(self
-            .process()
-            .and_then(|process| process.status(&sandbox_id))
-            .and_then(wit_status))
-    }
-
-    fn kill(&mut self, sandbox_id: String) -> wasmtime::Result<Result<ProcessStatus, String>> {
-        Ok(self
-            .process()
-            .and_then(|process| process.kill(&sandbox_id))
-            .and_then(wit_status))
     }
 }
