@@ -545,8 +545,10 @@ impl SandboxManager {
 
     /// Recovery after a crash: records left mid-create are voided (or
     /// destroyed when a handle exists), interrupted destroys are finished,
-    /// expired sandboxes are destroyed, and holds without a live sandbox are
-    /// voided. Safe to run at any start: a healthy host has nothing to do.
+    /// expired sandboxes are destroyed, holds without a live sandbox are
+    /// voided, and process trees without a live sandbox are killed (see
+    /// [`crate::sandbox_reaper`]). Safe to run at any start: a healthy host
+    /// has nothing to do.
     pub fn reconcile(&self, now: u64) -> Result<ReconcileReport, ManagerError> {
         let mut report = ReconcileReport::default();
         for record in self.records.all()? {
@@ -608,6 +610,14 @@ impl SandboxManager {
                 ));
             }
         }
+        // Process trees no live sandbox owns; directories past retention.
+        let live_as_of = now_ms();
+        let live = (self.records.all()?.into_iter())
+            .filter(|record| record.state.is_live())
+            .map(|record| record.id)
+            .collect();
+        let tidy = crate::sandbox_reaper::reap(&self.extensions, &live, live_as_of);
+        report.actions.extend(tidy.lines());
         for action in &report.actions {
             tracing::info!("reconciled: {action}");
         }
