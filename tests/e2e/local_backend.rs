@@ -197,24 +197,33 @@ fn a_private_home_works_as_root_and_as_a_normal_user() {
     // As a normal user, in a 0700 home of its own.
     let (uid, gid) = normal_user();
     let home = home_with_local("");
+    local_profile(
+        &home,
+        "service",
+        "ttl_secs = 60\ncommand = [\"sh\", \"-c\", \"echo up > /work/state; sleep 50\"]",
+    );
     hand_over(home.path(), uid, gid);
-    let output = home
-        .command()
-        .args([
-            "run",
-            "--profile",
-            "local",
-            "--json",
-            "--",
-            "python3",
-            "-c",
-            "print(6*7)",
-        ])
-        .uid(uid)
-        .gid(gid)
-        .output()
-        .unwrap();
-    let run = Run::from(output).ok();
+    let as_user = |args: &[&str]| {
+        let output = home
+            .command()
+            .args(args)
+            .uid(uid)
+            .gid(gid)
+            .output()
+            .unwrap();
+        Run::from(output)
+    };
+    let run = as_user(&[
+        "run",
+        "--profile",
+        "local",
+        "--json",
+        "--",
+        "python3",
+        "-c",
+        "print(6*7)",
+    ])
+    .ok();
     let summary = run.json();
     assert_eq!(stdout_of(&summary), "42\n", "{summary}");
     assert_eq!(summary["state"], "destroyed");
@@ -222,6 +231,24 @@ fn a_private_home_works_as_root_and_as_a_normal_user() {
         summary["limits"], "rlimits",
         "a normal user can make no cgroup here"
     );
+    // And a sandbox it leaves running can be entered by that user.
+    let created = as_user(&["sandbox", "create", "--profile", "service", "--json"])
+        .ok()
+        .json();
+    let id = created["id"].as_str().unwrap();
+    wait_until_running(&home, id);
+    let run = as_user(&[
+        "sandbox",
+        "exec",
+        id,
+        "--",
+        "sh",
+        "-c",
+        "while [ ! -s /work/state ]; do sleep 0.05; done; id -u; cat /work/state",
+    ])
+    .ok();
+    assert_eq!(run.stdout, format!("{uid}\nup\n"));
+    as_user(&["sandbox", "destroy", id]).ok();
 }
 
 #[test]
