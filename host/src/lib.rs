@@ -7,8 +7,12 @@
 //! - [`profile`] reads sandbox recipes; [`router`] picks the backend for one;
 //! - [`manager`] is the one place that joins router, runtime and ledger for a
 //!   sandbox's lifecycle; [`delivery`] sends the outboxes' events to sinks;
-//! - [`paths`] and [`state_db`] say where the host's files live.
+//! - [`paths`] and [`state_db`] say where the host's files live;
+//! - [`supervisor`], [`cgroups`], [`sandbox_exec`], [`sandbox_io`] and
+//!   [`sandbox_reaper`] run, enter, read and clean up the process trees of
+//!   sandboxes on this machine (the `process` capability's other half).
 
+pub mod cgroups;
 pub mod delivery;
 pub mod group_commit;
 pub mod ledger;
@@ -18,6 +22,9 @@ pub mod paths;
 pub mod profile;
 pub mod router;
 pub mod runtime;
+pub mod sandbox_exec;
+pub mod sandbox_io;
+pub mod sandbox_reaper;
 pub mod scaffold;
 pub mod state_db;
 pub mod supervisor;

@@ -231,12 +231,18 @@ pub mod pricing {
 /// Start and watch programs on the host: only for extensions whose sidecar
 /// grants `process` (a component that calls these imports
 /// `sandboxer:extension/process`, and the host refuses to load it without
-/// the grant).
+/// the grant). `spawn` and `workdir` work only inside [`Backend::create`],
+/// for the sandbox being created; `status` and `kill` inside `create` and
+/// [`Backend::destroy`], for that call's sandbox.
 pub mod process {
     pub use super::__bindings::sandboxer::extension::process::{
-        ProcessLimits, ProcessStatus, ProcessUsage, SpawnRequest, find_program, kill, spawn,
-        status, workdir,
+        EndCause, LimitEnforcement, ProcessLimits, ProcessStatus, ProcessUsage, SpawnRequest,
+        find_program, kill, spawn, status, workdir,
     };
+
+    /// The descriptor at which bubblewrap is told to report its status
+    /// (`--json-status-fd 3`) when [`SpawnRequest::status_fd`] names it.
+    pub const BUBBLEWRAP_STATUS_FD: u32 = 3;
 }
 
 /// This instance's private key-value store, kept by the host across calls

@@ -25,6 +25,8 @@ fn docs_mention_every_cli_command() {
         "sandbox list",
         "sandbox show",
         "sandbox destroy",
+        "sandbox exec",
+        "sandbox logs",
         "events tail",
         "ext new",
     ] {

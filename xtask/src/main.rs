@@ -8,8 +8,9 @@
 //!   demand into `target/tools/`);
 //! - `install-e2b-sdks`: installs the official E2B Python and JavaScript SDKs,
 //!   pinned by `tests/e2b/`, into `target/tools/e2b-python` and `target/tools/e2b-js`;
-//! - `test`: build-extensions --examples, install-e2b-sdks, then fmt check, clippy
-//!   with `-D warnings`, and `cargo test --workspace`: the gate CI runs;
+//! - `test`: installs bubblewrap if missing (apt-get, through sudo unless
+//!   root), build-extensions --examples, install-e2b-sdks, then fmt check,
+//!   clippy with `-D warnings`, and `cargo test --workspace`: the gate CI runs;
 //! - `demo`: builds everything and runs the main job against a fresh home;
 //! - `soak [KILLS]`: the soak test with many kills (1000 by default);
 //! - `bench [SUITE]`: runs a benchmark suite (runtime, routing, ledger, lifecycle, all) and writes
@@ -57,7 +58,8 @@ commands:
                      build every extension and test fixture into target/
                      (--examples: also the Python, JavaScript and WAT examples)
   install-e2b-sdks   the pinned E2B Python and JavaScript SDKs into target/tools/
-  test               all of that, then fmt check, clippy -D warnings, cargo test --workspace
+  test               all of that (and bubblewrap, if missing), then fmt check,
+                     clippy -D warnings, cargo test --workspace
   demo               build and run the main job against a fresh home
   bench [SUITE]      benchmarks: runtime, routing, ledger, lifecycle or all (default)
   soak [KILLS]       concurrent commands on one home under random SIGKILLs (default 1000
@@ -204,8 +206,40 @@ fn build_extensions(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The `local` backend's tests run real sandboxes: install bubblewrap when
+/// it is missing, as the wasm target is, with apt-get (through sudo unless
+/// this is root).
+fn ensure_bubblewrap() -> Result<()> {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join("bwrap").is_file()));
+    if found {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let apt_get = |args: &[&str]| {
+        let mut command = if root {
+            Command::new("apt-get")
+        } else {
+            let mut sudo = Command::new("sudo");
+            sudo.arg("apt-get");
+            sudo
+        };
+        command.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        command
+    };
+    eprintln!("bubblewrap (bwrap) is missing: the local backend's tests need it; installing");
+    if run(&mut apt_get(&["install", "-y", "bubblewrap"])).is_err() {
+        run(&mut apt_get(&["update"]))?;
+        run(&mut apt_get(&["install", "-y", "bubblewrap"]))
+            .context("install bubblewrap by hand (apt-get install bubblewrap), then run again")?;
+    }
+    Ok(())
+}
+
 fn test(root: &Path) -> Result<()> {
     build_extensions(root)?;
+    ensure_bubblewrap()?;
     build_examples(root)?;
     install_e2b_sdks(root)?;
     run(cargo().args(["fmt", "--all", "--check"]))?;

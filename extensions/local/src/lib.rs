@@ -10,22 +10,31 @@
 //! new network namespace (no network) unless the profile asks for network;
 //! read-only binds of `/usr`, `/bin`, `/sbin` and `/lib*` and the few files
 //! of `/etc` a program needs to start; its own `/proc`, `/dev` and `/tmp`;
-//! and a private writable working directory at `/work`. The host applies the
-//! limits to the process tree: memory (address space per process), CPU time,
-//! number of processes, and the ttl (the tree is killed when it ends).
+//! and a private writable working directory at `/work`: a tmpfs of at most
+//! `work_mb`, made inside the sandbox, so nothing of the host's file system
+//! is bound writable (and nothing under a private home has to be reachable
+//! by the sandbox's user). The host applies the limits to the process tree:
+//! with cgroups memory, processes and CPU bandwidth for the whole tree,
+//! without them per-process memory, CPU time and the user's process count;
+//! and the ttl (the tree is killed when it ends).
+//!
+//! bubblewrap reports on descriptor 3 (`--json-status-fd`), so `create`
+//! returns only once the sandbox's command runs, and fails with
+//! bubblewrap's own words when it could not set the sandbox up.
 //!
 //! Config (`[config]` of the sidecar): `rate_per_vcpu_hour` and
 //! `rate_per_gib_hour` (decimal credits, default 0, so lowest-cost routing
-//! can weigh this machine against SaaS backends) and `max_processes`
-//! (default 64).
+//! can weigh this machine against SaaS backends), `max_processes`
+//! (default 64) and `work_mb` (the size of `/work`, default 256).
 
-use sandboxer_sdk::process::{ProcessLimits, SpawnRequest};
+use sandboxer_sdk::process::{BUBBLEWRAP_STATUS_FD, ProcessLimits, SpawnRequest};
 use sandboxer_sdk::*;
 
 const BUBBLEWRAP: &str = "bwrap";
 const INSTALL_HINT: &str =
     "bubblewrap is not installed on this machine: install bubblewrap (apt-get install bubblewrap)";
 const DEFAULT_MAX_PROCESSES: u32 = 64;
+const DEFAULT_WORK_MB: u32 = 256;
 
 struct Local;
 
@@ -47,8 +56,21 @@ fn validate(spec: &SandboxSpec) -> Result<(), ExtError> {
     Ok(())
 }
 
-/// The bubblewrap command line that runs `command` in `workdir`.
-fn bubblewrap_args(spec: &SandboxSpec, workdir: &str) -> Vec<String> {
+/// A whole number from the sidecar's `[config]`, or its default.
+fn config_number(key: &str, default: u32) -> Result<u32, ExtError> {
+    match config::get(key) {
+        Some(text) => text.trim().parse().map_err(|_| {
+            ExtError::Internal(format!(
+                "config key `{key}`: {text:?} is not a whole number"
+            ))
+        }),
+        None => Ok(default),
+    }
+}
+
+/// The bubblewrap command line that runs the spec's command in a `/work`
+/// of `work_mb` MiB.
+fn bubblewrap_args(spec: &SandboxSpec, work_mb: u32) -> Vec<String> {
     let mut args: Vec<String> = [
         "--unshare-user",
         "--unshare-pid",
@@ -92,10 +114,24 @@ fn bubblewrap_args(spec: &SandboxSpec, workdir: &str) -> Vec<String> {
     for path in etc {
         args.extend(["--ro-bind-try".into(), path.into(), path.into()]);
     }
+    let work_bytes = u64::from(work_mb) * 1024 * 1024;
     args.extend(
         [
-            "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--bind", workdir, "/work",
-            "--chdir", "/work", "--",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--tmpfs",
+            "/tmp",
+            "--size",
+            &work_bytes.to_string(),
+            "--tmpfs",
+            "/work",
+            "--chdir",
+            "/work",
+            "--json-status-fd",
+            &BUBBLEWRAP_STATUS_FD.to_string(),
+            "--",
         ]
         .map(String::from),
     );
@@ -121,21 +157,16 @@ impl Backend for Local {
     fn estimate_cost(spec: SandboxSpec) -> Result<CostEstimate, ExtError> {
         validate(&spec)?;
         bubblewrap()?;
+        config_number("max_processes", DEFAULT_MAX_PROCESSES)?;
+        config_number("work_mb", DEFAULT_WORK_MB)?;
         rate_card()?.estimate(&spec)
     }
 
     fn create(spec: SandboxSpec) -> Result<SandboxHandle, ExtError> {
         validate(&spec)?;
         let program = bubblewrap()?;
-        let workdir = process::workdir(&spec.sandbox_id).map_err(ExtError::Internal)?;
-        let max_processes = match config::get("max_processes") {
-            Some(text) => text.parse().map_err(|_| {
-                ExtError::Internal(format!(
-                    "config key `max_processes`: {text:?} is not a number"
-                ))
-            })?,
-            None => DEFAULT_MAX_PROCESSES,
-        };
+        let max_processes = config_number("max_processes", DEFAULT_MAX_PROCESSES)?;
+        let work_mb = config_number("work_mb", DEFAULT_WORK_MB)?;
         let mut env = vec![
             (
                 "PATH".to_string(),
@@ -149,17 +180,20 @@ impl Backend for Local {
         let request = SpawnRequest {
             sandbox_id: spec.sandbox_id.clone(),
             program,
-            args: bubblewrap_args(&spec, &workdir),
+            args: bubblewrap_args(&spec, work_mb),
             env,
             limits: ProcessLimits {
                 memory_mb: spec.memory_mb,
                 cpu_secs: spec.ttl_secs.saturating_mul(vcpus),
+                cpu_millis: spec.cpu_millis,
                 max_processes,
                 wall_secs: spec.ttl_secs,
             },
+            status_fd: Some(BUBBLEWRAP_STATUS_FD),
         };
-        process::spawn(&request)
-            .map_err(|error| ExtError::Unavailable(format!("cannot start bubblewrap: {error}")))?;
+        process::spawn(&request).map_err(|error| {
+            ExtError::Unavailable(format!("cannot start the sandbox in bubblewrap: {error}"))
+        })?;
         log::info(&format!(
             "sandbox {} started in bubblewrap",
             spec.sandbox_id

@@ -56,10 +56,20 @@ pub struct GlobalArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create a sandbox from a profile, wait for its command or its ttl, destroy it, bill it
+    #[command(after_help = "\
+The command's stdin is this command's stdin; its stdout and stderr stream here as it runs.
+
+Exit status: the command's own (0-255); 128+N when signal N ended it; 124 when the ttl ended it
+(\"ttl reached\"); 130 after Ctrl-C or SIGTERM (the sandbox is destroyed and billed first). Without a
+command of its own, a sandbox that lives out its ttl exits 0. The host's own failures exit 1 (and 2
+for usage errors), before any command ran.
+
+Example: sandboxer-host run --profile local -- python3 -c 'print(6*7)'")]
     Run {
         #[command(flatten)]
         target: CreateArgs,
-        /// Print a JSON summary
+        /// Print a JSON summary, with the command's stdout and stderr (the first MiB of each)
+        /// and its exit status
         #[arg(long)]
         json: bool,
         /// The command to run in the sandbox, instead of the profile's
@@ -126,6 +136,28 @@ pub enum SandboxCommand {
         id: String,
         #[arg(long)]
         json: bool,
+    },
+    /// Run a command inside a running sandbox of a backend that runs here (`local`): same
+    /// namespaces, cgroup or limits, user and bill as the sandbox's own process
+    #[command(after_help = "\
+Exit status: the command's own (128+N for signal N); 125 when the sandbox cannot be entered
+(not running, or not a sandbox on this machine); 126/127 when the command cannot run or is not found.
+
+Example: sandboxer-host sandbox exec sbx-0123456789abcdef -- ls /work")]
+    Exec {
+        id: String,
+        /// The command and its arguments
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Print a sandbox's output (stdout, then stderr as it arrives on stderr); kept after destroy
+    /// for SANDBOXER_SANDBOX_LOG_RETENTION_SECS (default a day)
+    #[command(after_help = "Example: sandboxer-host sandbox logs sbx-0123456789abcdef --follow")]
+    Logs {
+        id: String,
+        /// Keep printing until its process ends (or Ctrl-C)
+        #[arg(long)]
+        follow: bool,
     },
     /// Destroy a sandbox and settle its bill; idempotent
     Destroy {

@@ -107,6 +107,11 @@ pub fn main() -> ExitCode {
         (Some("__supervise-run"), Some(dir)) => {
             return sandboxer_host::supervisor::run(std::path::Path::new(&dir));
         }
+        // Runs single-threaded: it enters the sandbox's namespaces.
+        (Some("__exec"), Some(dir)) => {
+            let command: Vec<_> = args.skip_while(|arg| arg != "--").skip(1).collect();
+            return sandboxer_host::sandbox_exec::run(std::path::Path::new(&dir), &command);
+        }
         _ => {}
     }
     let cli = Cli::parse();
@@ -117,7 +122,7 @@ pub fn main() -> ExitCode {
         cli.global.profiles_dir.clone(),
     );
     match run(cli.command, &paths, cli.global.hub_url) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) if error.is::<AlreadyReported>() => ExitCode::FAILURE,
         Err(error) if error.is::<HomeBusy>() => {
             eprintln!("error: {}", output::one_line_chain(&error));
@@ -130,20 +135,22 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run(command: Command, paths: &HostPaths, hub_url: Option<String>) -> Result<()> {
-    match command {
+fn run(command: Command, paths: &HostPaths, hub_url: Option<String>) -> Result<ExitCode> {
+    let done = match command {
+        // These two exit with the status of the command they ran.
         Command::Run {
             target,
             json,
             command,
-        } => sandbox::run(paths, hub_url, target, json, command),
-        Command::Sandbox(command) => sandbox::run_sandbox(paths, hub_url, command),
+        } => return sandbox::run(paths, hub_url, target, json, command),
+        Command::Sandbox(command) => return sandbox::run_sandbox(paths, hub_url, command),
         Command::Events(command) => sandbox::run_events(paths, command),
         Command::Ext(command) => ext::run(command, paths),
         Command::Credits(command) => credits::run_credits(command, paths, hub_url),
         Command::Ledger(command) => credits::run_ledger(command, paths),
         Command::Route(command) => route::run(command, paths),
-    }
+    };
+    done.map(|()| ExitCode::SUCCESS)
 }
 
 /// Logs to stderr, filtered by SANDBOXER_LOG (default: warnings and errors).

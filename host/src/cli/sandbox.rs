@@ -18,11 +18,12 @@ use sandboxer_host::manager::{
 };
 use sandboxer_host::paths::HostPaths;
 use sandboxer_host::profile::{MAX_TTL_SECS, Profile};
-use sandboxer_host::runtime::process::{self, ProcessState};
 use sandboxer_host::runtime::{ExtensionSet, Runtime};
+use sandboxer_host::sandbox_io::{self, OutputTail, RunEnd};
 use sandboxer_host::state_db::StateDb;
 use serde_json::json;
 use std::io::IsTerminal;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -42,11 +43,19 @@ struct Host {
 }
 
 impl Host {
-    fn start(paths: &HostPaths, hub_url: Option<String>, json: bool) -> Result<Self> {
+    fn start(
+        paths: &HostPaths,
+        hub_url: Option<String>,
+        json: bool,
+        pipe_stdin: bool,
+    ) -> Result<Self> {
         let progress = !json && std::io::stderr().is_terminal();
         let state = Arc::new(StateDb::new(paths.state_file()));
         let mut runtime = Runtime::new(paths.cache_dir(), state.clone())?;
         runtime.enable_processes(paths.sandboxes_dir(), std::env::current_exe()?);
+        if pipe_stdin {
+            runtime.pipe_stdin_of_new_sandboxes();
+        }
         if progress {
             runtime.on_compile(Arc::new(|file: &str| {
                 eprintln!("compiling {file} (first load; later loads use the cache)…");
@@ -143,16 +152,19 @@ fn request(paths: &HostPaths, target: &CreateArgs, command: Vec<String>) -> Resu
     })
 }
 
-/// `run`: create, wait for the ttl, destroy, settle, summarize.
+/// `run`: create, wait for the command or the ttl, destroy, settle,
+/// summarize; exits with the command's status (see `sandbox_io`).
 pub fn run(
     paths: &HostPaths,
     hub_url: Option<String>,
     target: CreateArgs,
     json: bool,
     command: Vec<String>,
-) -> Result<()> {
+) -> Result<ExitCode> {
     let request = request(paths, &target, command)?;
-    let host = Host::start(paths, hub_url, json)?;
+    // From the start: Ctrl-C during create still ends in destroy and bill.
+    let interrupted = install_interrupt_flag();
+    let host = Host::start(paths, hub_url, json, true)?;
     let manager = host.open()?;
     let created = manager.create(&request);
     host.close(manager);
@@ -165,30 +177,26 @@ pub fn run(
         format_credits(created.meter.estimate.unwrap_or(0))
     ));
 
-    let interrupted = install_interrupt_flag();
     let deadline = created.expires_at_ms.unwrap_or_else(now_ms);
     // A backend that runs the command on this machine leaves its process
     // here: stream its output, and stop waiting when it ends.
     let process_dir = paths.sandboxes_dir().join(&created.id);
+    sandbox_io::attach_stdin(&process_dir);
     let mut output = OutputTail::new(&process_dir, !json);
-    let mut exit_code = None;
     let mut last_sweep = Instant::now();
-    loop {
+    let end = loop {
         output.pump();
-        if let Some(ProcessState::Exited(exited)) = process::read_state(&process_dir) {
+        if sandbox_io::exited(&process_dir).is_some() {
             output.pump();
-            exit_code = exited
-                .exit_code
-                .or(exited.signal.map(|signal| 128 + signal));
-            break;
+            break RunEnd::CommandEnded;
         }
         let now = now_ms();
         if now >= deadline {
-            break;
+            break RunEnd::TtlReached;
         }
         if interrupted.load(Ordering::Relaxed) {
             host.say("interrupted: destroying the sandbox now");
-            break;
+            break RunEnd::Interrupted;
         }
         if last_sweep.elapsed() >= SWEEP_EVERY {
             last_sweep = Instant::now();
@@ -198,7 +206,7 @@ pub fn run(
                 .map(|record| record.state == SandboxState::Ready);
             host.close(manager);
             if !still_ready.unwrap_or(false) {
-                break;
+                break RunEnd::NoLongerReady;
             }
             if !output.is_streaming() {
                 host.say(format!(
@@ -209,11 +217,15 @@ pub fn run(
             }
         }
         std::thread::sleep(Duration::from_millis(50).min(Duration::from_millis(deadline - now)));
-    }
+    };
 
     // Its own sandbox first (a sweep would call it expired), then the rest.
     let manager = host.open_only()?;
     let destroyed = manager.destroy(&created.id, false);
+    // The final word on how the command ended, after destroy stopped it;
+    // read before reconcile, which removes directories past their retention.
+    output.pump();
+    let report = sandbox_io::CommandReport::read(&process_dir);
     let balance = manager
         .ledger()
         .summary(&created.tenant)
@@ -223,15 +235,8 @@ pub fn run(
     reconciled?;
     let destroyed = destroyed?;
     let balance = balance?;
-    // The final word on how the command ended, after destroy stopped it.
-    output.pump();
-    if exit_code.is_none()
-        && let Some(ProcessState::Exited(exited)) = process::read_state(&process_dir)
-    {
-        exit_code = exited
-            .exit_code
-            .or(exited.signal.map(|signal| 128 + signal));
-    }
+    let exited = report.as_ref().map(|report| &report.exited);
+    let outcome = sandbox_io::run_outcome(end, exited, !destroyed.spec.command.is_empty());
     if json {
         let mut summary = json!({
             "sandbox_id": destroyed.id,
@@ -241,14 +246,17 @@ pub fn run(
             "estimate": destroyed.meter.estimate.map(format_credits),
             "actual": destroyed.meter.actual.map(format_credits),
             "balance_after": format_micros(balance),
+            "exit_status": outcome.status,
+            "end": outcome.words,
         });
-        if let Some(code) = exit_code {
-            summary["exit_code"] = json!(code);
+        if let (Some(report), Some(fields)) = (&report, summary.as_object_mut()) {
+            fields.extend(report.json_fields());
         }
-        return print_json(&summary);
+        print_json(&summary)?;
+        return Ok(ExitCode::from(outcome.status));
     }
-    if let Some(code) = exit_code {
-        eprintln!("command exited with {code}");
+    if let Some(words) = &outcome.words {
+        eprintln!("{words}");
     }
     println!(
         "{} on {}: {}; estimate {}, charged {}; balance of {} now {} credits",
@@ -260,25 +268,36 @@ pub fn run(
         destroyed.tenant,
         format_micros(balance)
     );
-    Ok(())
+    Ok(ExitCode::from(outcome.status))
 }
 
 pub fn run_sandbox(
     paths: &HostPaths,
     hub_url: Option<String>,
     command: SandboxCommand,
-) -> Result<()> {
+) -> Result<ExitCode> {
     let json = match &command {
         SandboxCommand::Create { json, .. }
         | SandboxCommand::List { json, .. }
         | SandboxCommand::Show { json, .. }
         | SandboxCommand::Destroy { json, .. } => *json,
+        // The process's own files: no extension, ledger or state needed.
+        SandboxCommand::Exec { id, command } => {
+            let exe = std::env::current_exe()?;
+            let status = sandbox_io::exec(&paths.sandboxes_dir(), &exe, id, command)?;
+            return Ok(ExitCode::from(status));
+        }
+        SandboxCommand::Logs { id, follow } => {
+            let stop = install_interrupt_flag();
+            sandbox_io::print_logs(&paths.sandboxes_dir(), id, *follow, stop)?;
+            return Ok(ExitCode::SUCCESS);
+        }
     };
-    let host = Host::start(paths, hub_url, json)?;
+    let host = Host::start(paths, hub_url, json, false)?;
     let manager = host.open()?;
     let outcome = sandbox_command(&manager, paths, command);
     host.close(manager);
-    outcome
+    outcome.map(|()| ExitCode::SUCCESS)
 }
 
 fn sandbox_command(
@@ -365,11 +384,28 @@ fn sandbox_command(
         }
         SandboxCommand::Show { id, json } => {
             let record = manager.get(&id)?;
+            let process = sandbox_io::process_report(&paths.sandboxes_dir(), &record.id);
             if json {
-                return print_json(&record_json(&record));
+                let mut shown = record_json(&record);
+                shown["process"] = json!(process);
+                return print_json(&shown);
             }
             print_record(&record);
+            if let Some(process) = process {
+                println!(
+                    "  process: {}; limits held by {}{}",
+                    process.end.as_deref().unwrap_or("running"),
+                    process.limits,
+                    process
+                        .cgroup_unavailable
+                        .map(|why| format!(" (no cgroup: {why})"))
+                        .unwrap_or_default()
+                );
+            }
             Ok(())
+        }
+        SandboxCommand::Exec { .. } | SandboxCommand::Logs { .. } => {
+            unreachable!("handled without opening the host's files")
         }
         SandboxCommand::Destroy { id, force, json } => {
             let record = manager.destroy(&id, force)?;
@@ -427,55 +463,6 @@ pub fn run_events(paths: &HostPaths, command: EventsCommand) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Copies what a sandbox's process writes to its `stdout` and `stderr`
-/// files onto this command's own, as it arrives.
-struct OutputTail {
-    files: Vec<(std::path::PathBuf, u64, bool)>,
-    enabled: bool,
-}
-
-impl OutputTail {
-    fn new(dir: &std::path::Path, enabled: bool) -> Self {
-        Self {
-            files: vec![
-                (dir.join("stdout"), 0, false),
-                (dir.join("stderr"), 0, true),
-            ],
-            enabled,
-        }
-    }
-
-    fn is_streaming(&self) -> bool {
-        self.enabled && self.files.iter().any(|(path, _, _)| path.exists())
-    }
-
-    fn pump(&mut self) {
-        if !self.enabled {
-            return;
-        }
-        for (path, offset, to_stderr) in &mut self.files {
-            let Ok(mut file) = std::fs::File::open(&*path) else {
-                continue;
-            };
-            if std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(*offset)).is_err() {
-                continue;
-            }
-            let mut fresh = Vec::new();
-            if std::io::Read::read_to_end(&mut file, &mut fresh).is_err() || fresh.is_empty() {
-                continue;
-            }
-            *offset += fresh.len() as u64;
-            let _ = if *to_stderr {
-                std::io::Write::write_all(&mut std::io::stderr(), &fresh)
-            } else {
-                let mut stdout = std::io::stdout();
-                std::io::Write::write_all(&mut stdout, &fresh)
-                    .and_then(|()| std::io::Write::flush(&mut stdout))
-            };
-        }
-    }
 }
 
 /// A record as JSON, amounts as decimal-credit strings.

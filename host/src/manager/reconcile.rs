@@ -2,7 +2,8 @@
 //!
 //! Every start reconciles: records left mid-create are recovered (see
 //! [`SandboxManager::recover_create`]), interrupted destroys finished,
-//! expired sandboxes destroyed, and holds that no live sandbox owns voided.
+//! expired sandboxes destroyed, holds that no live sandbox owns voided, and
+//! process trees that no live sandbox owns killed ([`crate::sandbox_reaper`]).
 //! One sandbox that cannot be handled is reported and skipped: it never
 //! stops the start or the command about another sandbox. A sandbox whose
 //! destroy already failed waits for its backoff, and only a caller that
@@ -119,6 +120,16 @@ impl SandboxManager {
                 .actions
                 .push(format!("holds could not be checked: {error}")),
         }
+        // Process trees no live sandbox owns; directories past retention.
+        let live = self
+            .records
+            .all()?
+            .into_iter()
+            .filter(|record| record.state.is_live())
+            .map(|record| record.id)
+            .collect();
+        let tidy = crate::sandbox_reaper::reap(&self.extensions, &live, now);
+        report.actions.extend(tidy.lines());
         for action in &report.actions {
             tracing::info!("reconciled: {action}");
         }

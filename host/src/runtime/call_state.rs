@@ -10,12 +10,9 @@
 //! the call's memory limit together with the guest's own memory.
 
 use super::bindings::sandboxer::extension::host::{Host, LogLevel};
-use super::bindings::sandboxer::extension::process::{
-    self as wit_process, ProcessStatus, ProcessUsage, SpawnRequest,
-};
 use super::error::one_line;
 use super::kv::{KvRefusal, KvSession, MemoryRoom};
-use super::process::{Limits, ProcessCapability, ProcessState};
+use super::process::{ProcessCapability, SandboxCall};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use wasmtime::ResourceLimiter;
@@ -39,9 +36,9 @@ const MAX_RESOURCES: usize = 10_000;
 /// Longest `[config]` key looked up; no sidecar key is longer.
 const MAX_CONFIG_KEY_BYTES: usize = 1024;
 /// Longest sandbox id the process calls accept (the host's name rule).
-const MAX_SANDBOX_ID_BYTES: usize = 64;
+pub(super) const MAX_SANDBOX_ID_BYTES: usize = 64;
 /// Longest program name or path the process calls accept.
-const MAX_PROGRAM_BYTES: usize = 4096;
+pub(super) const MAX_PROGRAM_BYTES: usize = 4096;
 /// Most bytes of arguments and environment one `spawn` may pass (Linux
 /// allows about 2 MiB for both).
 pub const MAX_SPAWN_ARGUMENT_BYTES: usize = 1024 * 1024;
@@ -63,7 +60,10 @@ struct HostMemoryLimit;
 pub struct CallState {
     instance: Arc<str>,
     /// The process capability, when the instance is granted it.
-    process: Option<Arc<ProcessCapability>>,
+    pub(super) process: Option<Arc<ProcessCapability>>,
+    /// The sandbox this call is about, set by `Extension::create` and
+    /// `Extension::destroy`: the only calls the process capability serves.
+    pub(super) sandbox_call: Option<SandboxCall>,
     config: Arc<BTreeMap<String, String>>,
     wasi: WasiCtx,
     table: ResourceTable,
@@ -91,6 +91,7 @@ impl CallState {
         Self {
             instance,
             process,
+            sandbox_call: None,
             config,
             wasi,
             table,
@@ -107,6 +108,7 @@ impl CallState {
     /// stays.
     pub fn start_call(&mut self, kv: KvSession) {
         self.kv = Some(kv);
+        self.sandbox_call = None;
         self.memory_limit_hit = false;
         self.log_lines = 0;
     }
@@ -239,132 +241,5 @@ impl Host for CallState {
 
     fn kv_keys(&mut self, prefix: String, limit: u32) -> wasmtime::Result<Vec<String>> {
         self.kv()?.keys(&prefix, limit).map_err(fault)
-    }
-}
-
-/// Refuses a sandbox id longer than any the host assigns, before it is
-/// copied into an error or a path.
-fn check_sandbox_id(sandbox_id: &str) -> Result<(), String> {
-    if sandbox_id.len() > MAX_SANDBOX_ID_BYTES {
-        return Err(format!(
-            "a sandbox id of {} bytes is not one the host assigns; the limit is {MAX_SANDBOX_ID_BYTES}",
-            sandbox_id.len()
-        ));
-    }
-    Ok(())
-}
-
-/// Refuses a `spawn` whose program, arguments or environment are larger than
-/// a process can be started with.
-fn check_spawn_request(request: &SpawnRequest) -> Result<(), String> {
-    check_sandbox_id(&request.sandbox_id)?;
-    if request.program.len() > MAX_PROGRAM_BYTES {
-        return Err(format!(
-            "a program name of {} bytes; the limit is {MAX_PROGRAM_BYTES}",
-            request.program.len()
-        ));
-    }
-    // Each argument and variable also costs its terminating NUL (and `=`).
-    let arguments: usize = request.args.iter().map(|arg| arg.len() + 1).sum();
-    let environment: usize = request
-        .env
-        .iter()
-        .map(|(name, value)| name.len() + value.len() + 2)
-        .sum();
-    let total = arguments.saturating_add(environment);
-    if total > MAX_SPAWN_ARGUMENT_BYTES {
-        return Err(format!(
-            "arguments and environment of {total} bytes; the limit is {MAX_SPAWN_ARGUMENT_BYTES}"
-        ));
-    }
-    Ok(())
-}
-
-impl CallState {
-    fn process(&self) -> Result<&ProcessCapability, String> {
-        self.process
-            .as_deref()
-            .ok_or_else(|| "the process capability is not granted to this extension".to_string())
-    }
-}
-
-fn wit_status(state: Option<ProcessState>) -> Result<ProcessStatus, String> {
-    match state {
-        None => Err("no process was started for this sandbox".into()),
-        Some(ProcessState::Running { .. }) => Ok(ProcessStatus {
-            running: true,
-            exit_code: None,
-            signal: None,
-            usage: ProcessUsage {
-                wall_ms: state.map_or(0, |state| state.wall_ms()),
-                cpu_ms: 0,
-                peak_memory_kb: 0,
-            },
-        }),
-        Some(ProcessState::Exited(exited)) => Ok(ProcessStatus {
-            running: false,
-            exit_code: exited.exit_code,
-            signal: exited.signal,
-            usage: ProcessUsage {
-                wall_ms: exited.wall_ms,
-                cpu_ms: exited.cpu_ms,
-                peak_memory_kb: exited.peak_memory_kb,
-            },
-        }),
-    }
-}
-
-impl wit_process::Host for CallState {
-    fn find_program(&mut self, name: String) -> wasmtime::Result<Option<String>> {
-        if name.len() > MAX_PROGRAM_BYTES {
-            return Ok(None);
-        }
-        Ok(self
-            .process()
-            .ok()
-            .and_then(|process| process.find_program(&name))
-            .map(|path| path.display().to_string()))
-    }
-
-    fn workdir(&mut self, sandbox_id: String) -> wasmtime::Result<Result<String, String>> {
-        Ok(check_sandbox_id(&sandbox_id)
-            .and_then(|()| self.process())
-            .and_then(|process| process.workdir(&sandbox_id))
-            .map(|path| path.display().to_string()))
-    }
-
-    fn spawn(&mut self, request: SpawnRequest) -> wasmtime::Result<Result<(), String>> {
-        if let Err(refusal) = check_spawn_request(&request) {
-            return Ok(Err(refusal));
-        }
-        let limits = Limits {
-            memory_mb: request.limits.memory_mb,
-            cpu_secs: request.limits.cpu_secs,
-            max_processes: request.limits.max_processes,
-            wall_secs: request.limits.wall_secs,
-        };
-        Ok(self.process().and_then(|process| {
-            process.spawn(
-                &request.sandbox_id,
-                &request.program,
-                request.args,
-                request.env,
-                limits,
-            )
-        }))
-    }
-
-    fn status(&mut self, sandbox_id: String) -> wasmtime::Result<Result<ProcessStatus, String>> {
-        Ok(check_sandbox_id(&sandbox_id)
-            .and_then(|()| self.process())
-            .and_then(|process| process.status(&sandbox_id))
-            .and_then(wit_status))
-    }
-
-    fn kill(&mut self, sandbox_id: String) -> wasmtime::Result<Result<ProcessStatus, String>> {
-        Ok(check_sandbox_id(&sandbox_id)
-            .and_then(|()| self.process())
-            .and_then(|process| process.kill(&sandbox_id))
-            .and_then(wit_status))
     }
 }

@@ -17,6 +17,7 @@ use super::engine::deadline_ticks;
 use super::error::{CallError, one_line};
 use super::kv::KvSession;
 use super::network::NetworkPolicy;
+use super::process::{ProcessCapability, SandboxCall};
 use super::sidecar::{BillingPolicy, Grants, Limits, RoutingHints};
 use crate::state_db::StateDb;
 use std::collections::BTreeMap;
@@ -305,6 +306,11 @@ impl Extension {
         self.limits.timeout()
     }
 
+    /// The process capability, when this instance is granted it.
+    pub fn process_capability(&self) -> Option<&ProcessCapability> {
+        self.invoker.process.as_deref()
+    }
+
     /// The component this instance runs (for benchmarks and diagnostics).
     pub fn component(&self) -> &Component {
         &self.invoker.component
@@ -344,6 +350,7 @@ impl Extension {
         let (answer, kv) =
             self.invoker
                 .call_keeping_kv(FUNCTION, self.timeout(), async |instance, store| {
+                    store.data_mut().sandbox_call = Some(SandboxCall::create(&spec.sandbox_id));
                     instance
                         .sandboxer_extension_backend()
                         .call_create(store, spec)
@@ -395,6 +402,7 @@ impl Extension {
         let (answer, kv) =
             self.invoker
                 .call_keeping_kv(FUNCTION, self.timeout(), async |instance, store| {
+                    store.data_mut().sandbox_call = Some(SandboxCall::destroy(&spec.sandbox_id));
                     instance
                         .sandboxer_extension_backend()
                         .call_destroy(store, spec, handle)

@@ -114,12 +114,11 @@ pub(super) fn load(runtime: &Runtime, path: &Path) -> Result<Extension, String> 
     let process = if sidecar.grants.process.is_empty() {
         None
     } else {
-        let (sandboxes_dir, supervisor) = runtime.processes.clone().ok_or_else(|| {
+        let settings = runtime.processes.clone().ok_or_else(|| {
             "granted `process`, but this host runs without the process capability".to_string()
         })?;
         Some(Arc::new(ProcessCapability::new(
-            sandboxes_dir,
-            supervisor,
+            settings,
             &sidecar.grants.process,
         )))
     };

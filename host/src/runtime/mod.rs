@@ -17,6 +17,7 @@ pub mod kv_usage;
 mod loader;
 mod network;
 pub mod process;
+mod process_host;
 pub mod sidecar;
 
 pub mod bindings {
@@ -124,7 +125,7 @@ pub struct Runtime {
     on_compile: Option<CompileNotice>,
     /// Where sandbox processes live and the supervisor that starts them;
     /// without it, extensions granted `process` are refused.
-    processes: Option<(PathBuf, PathBuf)>,
+    processes: Option<process::ProcessSettings>,
 }
 
 /// Told the file name before a component is compiled (not found in the
@@ -164,7 +165,20 @@ impl Runtime {
     /// directory under `sandboxes_dir`, and `supervisor` (the sandboxer-host
     /// binary) watches each process.
     pub fn enable_processes(&mut self, sandboxes_dir: PathBuf, supervisor: PathBuf) {
-        self.processes = Some((sandboxes_dir, supervisor));
+        self.processes = Some(process::ProcessSettings {
+            sandboxes_dir,
+            supervisor,
+            pipe_stdin: false,
+        });
+    }
+
+    /// Gives the processes of sandboxes created from here on a stdin fed
+    /// through their `stdin` FIFO (`run` attaches its own), instead of
+    /// /dev/null. Call after [`Runtime::enable_processes`], before loading.
+    pub fn pipe_stdin_of_new_sandboxes(&mut self) {
+        if let Some(settings) = &mut self.processes {
+            settings.pipe_stdin = true;
+        }
     }
 
     /// Calls `notice` before each compile that the cache cannot spare.
