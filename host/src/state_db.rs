@@ -163,11 +163,15 @@ fn commit_group(database: &Database, writes: Vec<StateWrite>, durable: bool) -> 
 /// Opens or creates a redb file, turning "another process has it" into a
 /// sentence an operator can act on.
 pub fn open_exclusive(path: &Path) -> Result<Database, StateDbError> {
+    let open_error = |source: Box<dyn std::error::Error + Send + Sync>| StateDbError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|source| StateDbError::Open {
-            path: path.to_path_buf(),
-            source: Box::new(source),
-        })?;
+        std::fs::create_dir_all(parent).map_err(|error| open_error(Box::new(error)))?;
+    }
+    if !path.exists() {
+        create_atomically(path).map_err(open_error)?;
     }
     Database::create(path).map_err(|error| match error {
         DatabaseError::DatabaseAlreadyOpen => StateDbError::InUse {
@@ -178,6 +182,32 @@ pub fn open_exclusive(path: &Path) -> Result<Database, StateDbError> {
             source: Box::new(other),
         },
     })
+}
+
+/// Creates an empty redb file at `path` as one step: a process killed while
+/// redb writes a new file's first pages leaves a file it refuses to open
+/// ("magic number mismatch"), which would make the home unusable. The file
+/// is made complete under a temporary name, then linked into place; a link
+/// fails rather than replace a file another process linked first.
+fn create_atomically(path: &Path) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let name = path
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temporary = path.with_file_name(format!(".{name}.creating-{}", std::process::id()));
+    drop(Database::create(&temporary)?);
+    std::fs::File::open(&temporary)?.sync_all()?;
+    let linked = std::fs::hard_link(&temporary, path);
+    std::fs::remove_file(&temporary)?;
+    match linked {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(error) => return Err(Box::new(error)),
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -234,6 +264,19 @@ mod tests {
         assert_eq!(error.to_string(), "state store write failed: refused");
         let read = state.database().unwrap().begin_read().unwrap();
         assert!(read.open_table(NUMBERS).is_err(), "nothing was committed");
+    }
+
+    #[test]
+    fn a_new_file_appears_whole_and_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fresh.redb");
+        drop(open_exclusive(&path).unwrap());
+        drop(open_exclusive(&path).expect("opens again"));
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["fresh.redb"], "no temporary file is left");
     }
 
     #[test]
