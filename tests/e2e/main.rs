@@ -14,6 +14,7 @@ mod lifecycle;
 mod local_backend;
 mod profiles;
 mod routing;
+mod runtime_cache;
 mod runtime_hostile;
 mod runtime_state;
 mod support;
