@@ -2,8 +2,8 @@
 //! redb, with holds, idempotent operations and an outbox of meter events.
 //!
 //! It never calls an extension and knows nothing of wasmtime. Writes go
-//! through one writer that groups concurrent callers into shared durable
-//! commits (see [`writer`]); reads use their own read transactions.
+//! through one writer thread that groups concurrent callers into shared
+//! durable commits (see [`writer`]); reads use their own read transactions.
 //! `docs/payments.md` describes the model; [`verify`] checks it.
 
 mod error;
@@ -19,6 +19,7 @@ pub use types::*;
 pub use verify::{VerifyReport, Violation};
 pub use writer::{MAX_BATCH, WriterStats};
 
+use crate::group_commit::GroupWriter;
 use error::storage;
 use redb::{Database, ReadableDatabase, ReadableTable};
 use std::path::{Path, PathBuf};
@@ -49,7 +50,7 @@ impl Default for LedgerOptions {
 pub struct Ledger {
     path: PathBuf,
     database: Arc<Database>,
-    writer: writer::LedgerWriter,
+    writer: GroupWriter<Job, Result<Receipt, LedgerError>>,
     stats: Arc<WriterStats>,
 }
 
