@@ -11,7 +11,10 @@
 //!   a map;
 //! - native: the same arithmetic as a Rust function.
 //!
-//! Goals: host at most 1.25x bare; a warm-cache load under 2 ms.
+//! Goals: host at most 1.25x bare; a warm-cache load under 2 ms; a cached
+//! load of the Python and JavaScript guests under 5 ms. A cached load is
+//! measured as a later run meets it: after the artifact has settled (see
+//! `runtime::SETTLE_WINDOW`), so its identity, not its hash, vouches for it.
 
 use crate::stats::{median, percentile, print_rows, sample, show_ns, write_report};
 use anyhow::{Context, Result};
@@ -21,7 +24,7 @@ use sandboxer_host::runtime::bindings::sandboxer::extension::process::{
     ProcessStatus, SpawnRequest as ProcessSpawnRequest,
 };
 use sandboxer_host::runtime::bindings::{SelfHostedExtension, SelfHostedExtensionPre};
-use sandboxer_host::runtime::{CacheOutcome, Runtime, SandboxSpec};
+use sandboxer_host::runtime::{CacheOutcome, Runtime, SETTLE_WINDOW, SandboxSpec};
 use sandboxer_host::state_db::StateDb;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -43,8 +46,14 @@ struct LanguageRow {
     size_bytes: u64,
     first_load_ns: f64,
     cached_load_ns: f64,
+    cached_load_goal_ns: f64,
+    /// Bare wasmtime mapping the same artifact (`deserialize_file`): the
+    /// floor of a cached load.
+    bare_deserialize_ns: f64,
+    cached_over_bare: f64,
     call_fresh_instance_ns: f64,
     call_reused_instance_ns: f64,
+    call_reused_instance_goal_ns: f64,
 }
 
 #[derive(Serialize)]
@@ -273,6 +282,9 @@ pub fn run() -> Result<()> {
         let entry = runtime.load_file(&wasm_path);
         assert_eq!(entry.extension().unwrap().cache, CacheOutcome::Compiled);
     });
+    // A cached load is a later run's: by then the artifact written just now
+    // has settled, and the cache trusts its identity instead of hashing it.
+    std::thread::sleep(SETTLE_WINDOW);
     let wasm = std::fs::read(&wasm_path)?;
     let compile_samples = sample(1, 10, || {
         black_box(Component::new(runtime.engine(), &wasm).unwrap());
@@ -371,6 +383,8 @@ pub fn run() -> Result<()> {
                 show_ns(report.host_call_median_ns)
             ),
         )];
+        let goal =
+            |value: f64, goal: f64, text: &str| format!("goal {text}: {}", verdict(value <= goal));
         for row in &report.languages {
             rows.push((
                 format!(
@@ -381,11 +395,19 @@ pub fn run() -> Result<()> {
                 ),
                 show_ns(row.cached_load_ns),
                 format!(
-                    "first load {}; call {} fresh, {} reused ({:.0}x)",
+                    "{}; bare deserialize {} ({:.1}x); first load {}; call {} fresh, {} reused ({:.0}x; {})",
+                    goal(row.cached_load_ns, row.cached_load_goal_ns, "cached load <= 5 ms"),
+                    show_ns(row.bare_deserialize_ns),
+                    row.cached_over_bare,
                     show_ns(row.first_load_ns),
                     show_ns(row.call_fresh_instance_ns),
                     show_ns(row.call_reused_instance_ns),
-                    row.call_fresh_instance_ns / row.call_reused_instance_ns
+                    row.call_fresh_instance_ns / row.call_reused_instance_ns,
+                    goal(
+                        row.call_reused_instance_ns,
+                        row.call_reused_instance_goal_ns,
+                        "reused <= 50 µs"
+                    ),
                 ),
             ));
         }
@@ -430,6 +452,8 @@ fn measure_languages(spec: &SandboxSpec) -> Result<Vec<LanguageRow>> {
         let first = sample(0, 1, || {
             load(&dir.join(format!("{instance}.wasm"))).expect("loads");
         });
+        // As a later run would find it: the new artifact has settled.
+        std::thread::sleep(SETTLE_WINDOW);
         let cached = sample(1, 5, || {
             load(&dir.join(format!("{instance}.wasm"))).expect("loads");
         });
@@ -439,6 +463,11 @@ fn measure_languages(spec: &SandboxSpec) -> Result<Vec<LanguageRow>> {
             reused.limits.reuse_instances && !fresh.limits.reuse_instances,
             "one reuses, one does not"
         );
+        let artifact = runtime.cache_entry_path(&reused.content_sha256);
+        let bare = sample(1, 5, || {
+            // SAFETY: the artifact this host wrote and verified just above.
+            black_box(unsafe { Component::deserialize_file(runtime.engine(), &artifact) }.unwrap());
+        });
         let call_reused = sample(20, 500, || {
             black_box(reused.estimate_cost(spec).unwrap());
         });
@@ -451,8 +480,12 @@ fn measure_languages(spec: &SandboxSpec) -> Result<Vec<LanguageRow>> {
             size_bytes: std::fs::metadata(&wasm)?.len(),
             first_load_ns: median(&first),
             cached_load_ns: median(&cached),
+            cached_load_goal_ns: 5_000_000.0,
+            bare_deserialize_ns: median(&bare),
+            cached_over_bare: median(&cached) / median(&bare),
             call_fresh_instance_ns: median(&call_fresh),
             call_reused_instance_ns: median(&call_reused),
+            call_reused_instance_goal_ns: 50_000.0,
         });
     }
     Ok(rows)

@@ -1,11 +1,18 @@
-//! The SQLite baseline of `bench ledger`: the same hold and settle, with the
-//! same checks and the same rows (accounts, hold, journal, outbox event,
-//! idempotency key), in WAL mode with `synchronous=FULL` and one
-//! transaction per operation: how a careful single-file ledger is usually
-//! built.
+//! The SQLite baselines of `bench ledger`: the same hold and settle, with
+//! the same checks and the same rows (accounts, hold, journal, outbox event,
+//! idempotency key), in WAL mode with `synchronous=FULL`. Two shapes:
+//!
+//! - naive: one connection per caller and one transaction per operation,
+//!   callers contending on SQLite's lock (how a careful single-file ledger is
+//!   usually built);
+//! - grouped ([`GroupedSqlite`]): one connection behind the host's own
+//!   group-commit writer, each operation in a savepoint of the shared
+//!   transaction (a refused one rolls back alone), one commit per group:
+//!   the honest baseline for the host's ledger, which does the same on redb.
 
 use anyhow::Result;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use sandboxer_host::group_commit::GroupWriter;
 use std::path::Path;
 use std::time::Duration;
 
@@ -28,12 +35,7 @@ pub fn open(path: &Path) -> Result<Connection> {
     Ok(connection)
 }
 
-fn add(
-    transaction: &rusqlite::Transaction,
-    account: &str,
-    column: &str,
-    amount: i64,
-) -> Result<()> {
+fn add(transaction: &Connection, account: &str, column: &str, amount: i64) -> Result<()> {
     transaction.execute(
         "INSERT OR IGNORE INTO accounts(name) VALUES (?1)",
         params![account],
@@ -56,7 +58,7 @@ struct Entry<'a> {
     sandbox_id: &'a str,
 }
 
-fn journal(transaction: &rusqlite::Transaction, entry: Entry) -> Result<()> {
+fn journal(transaction: &Connection, entry: Entry) -> Result<()> {
     let Entry {
         kind,
         debit,
@@ -113,6 +115,13 @@ pub fn hold(
     sandbox_id: &str,
 ) -> Result<bool> {
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let held = hold_in(&transaction, tenant, amount, sandbox_id)?;
+    transaction.commit()?;
+    Ok(held)
+}
+
+/// A hold inside the caller's transaction; false when credits are short.
+fn hold_in(transaction: &Connection, tenant: &str, amount: i64, sandbox_id: &str) -> Result<bool> {
     let key = format!("hold/{sandbox_id}");
     if transaction
         .query_row(
@@ -141,10 +150,10 @@ pub fn hold(
         "INSERT INTO holds(sandbox_id, tenant, amount, state, expires_at) VALUES (?1, ?2, ?3, 'open', 0)",
         params![sandbox_id, tenant, amount],
     )?;
-    add(&transaction, &account, "debits_pending", amount)?;
-    add(&transaction, "system:holds", "credits_pending", amount)?;
+    add(transaction, &account, "debits_pending", amount)?;
+    add(transaction, "system:holds", "credits_pending", amount)?;
     journal(
-        &transaction,
+        transaction,
         Entry {
             kind: "held",
             debit: &account,
@@ -159,12 +168,18 @@ pub fn hold(
         "INSERT INTO keys(key, receipt) VALUES (?1, ?2)",
         params![key, format!("held {amount}")],
     )?;
-    transaction.commit()?;
     Ok(true)
 }
 
 pub fn settle(connection: &mut Connection, sandbox_id: &str, actual: i64) -> Result<()> {
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    settle_in(&transaction, sandbox_id, actual)?;
+    transaction.commit()?;
+    Ok(())
+}
+
+/// A settle inside the caller's transaction.
+fn settle_in(transaction: &Connection, sandbox_id: &str, actual: i64) -> Result<()> {
     let key = format!("settle/{sandbox_id}");
     if transaction
         .query_row(
@@ -183,10 +198,10 @@ pub fn settle(connection: &mut Connection, sandbox_id: &str, actual: i64) -> Res
         |row| Ok((row.get(0)?, row.get(1)?)),
     )?;
     let account = format!("tenant:{tenant}");
-    add(&transaction, &account, "debits_pending", -amount)?;
-    add(&transaction, "system:holds", "credits_pending", -amount)?;
+    add(transaction, &account, "debits_pending", -amount)?;
+    add(transaction, "system:holds", "credits_pending", -amount)?;
     journal(
-        &transaction,
+        transaction,
         Entry {
             kind: "released",
             debit: &account,
@@ -197,10 +212,10 @@ pub fn settle(connection: &mut Connection, sandbox_id: &str, actual: i64) -> Res
             sandbox_id,
         },
     )?;
-    add(&transaction, &account, "debits_posted", actual)?;
-    add(&transaction, "revenue:saas-stub", "credits_posted", actual)?;
+    add(transaction, &account, "debits_posted", actual)?;
+    add(transaction, "revenue:saas-stub", "credits_posted", actual)?;
     journal(
-        &transaction,
+        transaction,
         Entry {
             kind: "charged",
             debit: &account,
@@ -219,6 +234,84 @@ pub fn settle(connection: &mut Connection, sandbox_id: &str, actual: i64) -> Res
         "INSERT INTO keys(key, receipt) VALUES (?1, ?2)",
         params![key, format!("charged {actual}")],
     )?;
-    transaction.commit()?;
     Ok(())
+}
+
+/// One operation for the grouped writer.
+pub enum SqliteJob {
+    Hold {
+        tenant: String,
+        amount: i64,
+        sandbox_id: String,
+    },
+    Settle {
+        sandbox_id: String,
+        actual: i64,
+    },
+}
+
+/// SQLite behind the host's group-commit writer: one connection, one
+/// transaction per group of waiting callers.
+pub struct GroupedSqlite {
+    writer: GroupWriter<SqliteJob, Result<bool, String>>,
+}
+
+impl GroupedSqlite {
+    pub fn open(path: &Path, max_group: usize) -> Result<Self> {
+        let mut connection = open(path)?;
+        let writer =
+            GroupWriter::start("sqlite-writer", max_group, move |jobs: Vec<SqliteJob>| {
+                commit_group(&mut connection, &jobs)
+            })?;
+        Ok(Self { writer })
+    }
+
+    /// Applies one operation durably: true, or false for a refused hold.
+    pub fn submit(&self, job: SqliteJob) -> Result<bool> {
+        self.writer
+            .submit(job)
+            .ok_or_else(|| anyhow::anyhow!("the SQLite writer stopped"))?
+            .map_err(anyhow::Error::msg)
+    }
+}
+
+/// One transaction for `jobs`, each in its own savepoint; a storage failure
+/// fails the whole group, as it does in the host's writer.
+fn commit_group(connection: &mut Connection, jobs: &[SqliteJob]) -> Vec<Result<bool, String>> {
+    let all_failed =
+        |error: &dyn std::fmt::Display| jobs.iter().map(|_| Err(error.to_string())).collect();
+    let mut transaction = match connection.transaction_with_behavior(TransactionBehavior::Immediate)
+    {
+        Ok(transaction) => transaction,
+        Err(error) => return all_failed(&error),
+    };
+    let mut results = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let savepoint = match transaction.savepoint() {
+            Ok(savepoint) => savepoint,
+            Err(error) => return all_failed(&error),
+        };
+        let outcome = match job {
+            SqliteJob::Hold {
+                tenant,
+                amount,
+                sandbox_id,
+            } => hold_in(&savepoint, tenant, *amount, sandbox_id),
+            SqliteJob::Settle { sandbox_id, actual } => {
+                settle_in(&savepoint, sandbox_id, *actual).map(|()| true)
+            }
+        };
+        match outcome {
+            Ok(held) => match savepoint.commit() {
+                Ok(()) => results.push(Ok(held)),
+                Err(error) => return all_failed(&error),
+            },
+            // Dropping the savepoint rolls this operation back alone.
+            Err(error) => results.push(Err(format!("{error:#}"))),
+        }
+    }
+    match transaction.commit() {
+        Ok(()) => results,
+        Err(error) => all_failed(&error),
+    }
 }

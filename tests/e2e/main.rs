@@ -16,6 +16,7 @@ mod lifecycle_hostile;
 mod local_backend;
 mod profiles;
 mod routing;
+mod runtime_cache;
 mod runtime_hostile;
 mod runtime_state;
 mod soak;

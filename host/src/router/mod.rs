@@ -10,6 +10,7 @@
 //! The router asks the runtime for estimates and reads routing health; it
 //! never holds credits and never creates anything.
 
+pub mod estimate_cache;
 pub mod health;
 
 use crate::profile::{Profile, Strategy};
@@ -178,7 +179,9 @@ impl<'a> Router<'a> {
             candidates.push(candidate);
         }
 
-        for (index, outcome) in estimate_all(&to_estimate, spec) {
+        let lookup = estimate_cache::EstimateLookup::new(&to_estimate, spec);
+        let fresh = estimate_all(lookup.misses(), lookup.spec());
+        for (index, outcome) in lookup.finish(fresh) {
             let candidate = &mut candidates[index];
             match outcome {
                 Ok(estimate) => {

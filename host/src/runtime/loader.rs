@@ -3,19 +3,26 @@
 //!
 //! size cap → WebAssembly header (component, not core module) → sidecar →
 //! compile or verified cache → imports against grants → exports the
-//! `backend` interface → pre-instantiate → `info()` under a short deadline →
+//! `backend` interface → pre-instantiate → `info()` under a short deadline
+//! (or its answer kept in the cache for this component and sidecar) →
 //! plausible info.
+//!
+//! A cached load reads the file's first bytes and its identity, not the
+//! whole file: the cache remembers each version's digest (see `cache.rs`).
 
 use super::Runtime;
 use super::bindings::SelfHostedExtensionPre;
 use super::bindings::sandboxer::extension::types::ExtensionInfo;
-use super::cache::content_sha256;
+use super::cache::{CacheOutcome, Lookup, content_sha256, info_inputs_sha256};
 use super::capabilities::check_imports;
 use super::error::one_line;
 use super::extension::{Extension, Invoker};
+use super::file_identity::{FileIdentity, ObservedDigest, now_ns};
 use super::network::NetworkPolicy;
 use super::process::ProcessCapability;
 use super::sidecar::{INFO_TIMEOUT_MS, Sidecar};
+use std::fs::File;
+use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,9 +49,16 @@ pub fn instance_name(path: &Path) -> String {
 
 pub(super) fn load(runtime: &Runtime, path: &Path) -> Result<Extension, String> {
     let name = instance_name(path);
-    let size = std::fs::metadata(path)
-        .map_err(|error| format!("cannot read: {error}"))?
-        .len();
+    // Taken before the file is looked at: a digest remembered from this read
+    // can only vouch for versions that had settled by then.
+    let observed_ns = now_ns();
+    let mut file = File::open(path).map_err(|error| format!("cannot read: {error}"))?;
+    let identity = FileIdentity::of(
+        &file
+            .metadata()
+            .map_err(|error| format!("cannot read: {error}"))?,
+    );
+    let size = identity.size;
     if size == 0 {
         return Err("empty file: not a WebAssembly component".into());
     }
@@ -53,27 +67,82 @@ pub(super) fn load(runtime: &Runtime, path: &Path) -> Result<Extension, String> 
             "{size} bytes is over the {MAX_COMPONENT_BYTES}-byte limit for a component"
         ));
     }
-    let bytes = std::fs::read(path).map_err(|error| format!("cannot read: {error}"))?;
-    check_header(&bytes)?;
+    let mut header = Vec::with_capacity(8);
+    (&mut file)
+        .take(8)
+        .read_to_end(&mut header)
+        .map_err(|error| format!("cannot read: {error}"))?;
+    check_header(&header)?;
 
-    let sidecar =
-        Sidecar::load(&sidecar_path(path)).map_err(|error| format!("bad sidecar {error}"))?;
-
-    let sha256 = content_sha256(&bytes);
-    if let Some(notice) = &runtime.on_compile
-        && !runtime.cache.entry_path(&sha256).is_file()
-    {
-        notice(&path.display().to_string());
+    let sidecar_file = sidecar_path(path);
+    let sidecar_text = match std::fs::read_to_string(&sidecar_file) {
+        Ok(text) => Some(text),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+        Err(error) => {
+            return Err(format!(
+                "bad sidecar {}: cannot read: {error}",
+                sidecar_file.display()
+            ));
+        }
+    };
+    let sidecar = match &sidecar_text {
+        Some(text) => Sidecar::parse(text, &sidecar_file),
+        None => Ok(Sidecar::default()),
     }
-    let (component, cache) = runtime
-        .cache
-        .load_or_compile(&runtime.engine, &bytes, &sha256)
-        .map_err(|error| {
-            format!(
-                "invalid component: {}",
-                one_line(&format!("{error:#}"), 300)
-            )
-        })?;
+    .map_err(|error| format!("bad sidecar {error}"))?;
+
+    // The whole file is read and hashed only when this version of it was
+    // not seen before (or its artifact must be compiled).
+    let mut bytes = None;
+    let mut sha256 = match runtime.cache.remembered_source(&identity) {
+        Some(sha256) => sha256,
+        None => {
+            let read = read_whole(&mut file, size)?;
+            let sha256 = content_sha256(&read);
+            runtime.cache.remember_source(&ObservedDigest {
+                identity,
+                sha256: sha256.clone(),
+                observed_ns,
+            });
+            bytes = Some(read);
+            sha256
+        }
+    };
+    let invalid = |error: wasmtime::Error| {
+        format!(
+            "invalid component: {}",
+            one_line(&format!("{error:#}"), 300)
+        )
+    };
+    let (component, cache) = match runtime.cache.lookup(&runtime.engine, &sha256) {
+        Lookup::Hit(component) => (component, CacheOutcome::Hit),
+        lookup => {
+            let bytes = match bytes {
+                Some(bytes) => bytes,
+                None => {
+                    // Key the artifact by what is compiled, whatever the
+                    // remembered digest said.
+                    let read = read_whole(&mut file, size)?;
+                    sha256 = content_sha256(&read);
+                    read
+                }
+            };
+            let outcome = match lookup {
+                Lookup::Missing => {
+                    if let Some(notice) = &runtime.on_compile {
+                        notice(&path.display().to_string());
+                    }
+                    CacheOutcome::Compiled
+                }
+                _ => CacheOutcome::Replaced,
+            };
+            let component = runtime
+                .cache
+                .compile_and_store(&runtime.engine, &bytes, &sha256)
+                .map_err(invalid)?;
+            (component, outcome)
+        }
+    };
 
     let component_type = component.component_type();
     let import_names: Vec<&str> = component_type
@@ -139,10 +208,24 @@ pub(super) fn load(runtime: &Runtime, path: &Path) -> Result<Extension, String> 
             .then(|| std::sync::Mutex::new(Vec::new())),
         _ticker: runtime.ticker.clone(),
     };
-    let info_timeout = Duration::from_millis(INFO_TIMEOUT_MS.min(sidecar.limits.timeout_ms));
-    let info = invoker
-        .info(info_timeout)
-        .map_err(|error| format!("info() failed: {error}"))?;
+    // info() is a declaration: a function of the component and what its
+    // sidecar gives it (docs/extensions.md). Its answer is kept beside the
+    // artifact and the call is made again only for a new component, a
+    // changed sidecar or another instance name.
+    let inputs_sha256 = info_inputs_sha256(&name, sidecar_text.as_deref());
+    let info = match runtime.cache.remembered_info(&sha256, &inputs_sha256) {
+        Some(info) => info,
+        None => {
+            let info_timeout =
+                Duration::from_millis(INFO_TIMEOUT_MS.min(sidecar.limits.timeout_ms));
+            let info = invoker
+                .info(info_timeout)
+                .map_err(|error| format!("info() failed: {error}"))?;
+            check_info(&info)?;
+            runtime.cache.remember_info(&sha256, &inputs_sha256, &info);
+            info
+        }
+    };
     check_info(&info)?;
 
     Ok(Extension {
@@ -159,6 +242,26 @@ pub(super) fn load(runtime: &Runtime, path: &Path) -> Result<Extension, String> 
         cache,
         invoker,
     })
+}
+
+/// The whole file, from its start, through the descriptor whose identity
+/// was taken.
+fn read_whole(file: &mut File, size: u64) -> Result<Vec<u8>, String> {
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.rewind()
+        .and_then(|()| {
+            file.by_ref()
+                .take(MAX_COMPONENT_BYTES + 1)
+                .read_to_end(&mut bytes)
+        })
+        .map_err(|error| format!("cannot read: {error}"))?;
+    if bytes.len() as u64 > MAX_COMPONENT_BYTES {
+        return Err(format!(
+            "{} bytes is over the {MAX_COMPONENT_BYTES}-byte limit for a component",
+            bytes.len()
+        ));
+    }
+    Ok(bytes)
 }
 
 fn check_header(bytes: &[u8]) -> Result<(), String> {

@@ -12,6 +12,7 @@ mod capabilities;
 mod engine;
 mod error;
 mod extension;
+mod file_identity;
 pub mod kv;
 pub mod kv_usage;
 mod loader;
@@ -45,6 +46,7 @@ pub use capabilities::ImportedInterface;
 pub use engine::EPOCH_TICK;
 pub use error::{CallError, describe_ext_error};
 pub use extension::{Extension, PendingKv};
+pub use file_identity::SETTLE_WINDOW;
 pub use loader::{MAX_COMPONENT_BYTES, instance_name, sidecar_path};
 pub use sidecar::{BillingPolicy, Grants, Limits, NetworkGrant, RoutingHints, Sidecar};
 
