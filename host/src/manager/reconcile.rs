@@ -39,7 +39,7 @@ impl Retries {
 impl SandboxManager {
     /// Destroys and settles every ready sandbox whose ttl has passed. A
     /// sandbox that cannot be destroyed is logged and left for later.
-    pub fn sweep_expired(
+    pub async fn sweep_expired(
         &self,
         now: u64,
         retries: Retries,
@@ -51,7 +51,7 @@ impl SandboxManager {
             if !(due || record.state == SandboxState::Expired) || !retries.allows(&record, now) {
                 continue;
             }
-            match self.expire_and_destroy(&record.id) {
+            match self.expire_and_destroy(&record.id).await {
                 Ok(Some(destroyed)) => swept.push(destroyed),
                 Ok(None) => {}
                 Err(error) => tracing::warn!(
@@ -63,25 +63,29 @@ impl SandboxManager {
         Ok(swept)
     }
 
-    fn expire_and_destroy(&self, id: &str) -> Result<Option<SandboxStatus>, ManagerError> {
-        let _guard = self.lock(id);
+    async fn expire_and_destroy(&self, id: &str) -> Result<Option<SandboxStatus>, ManagerError> {
+        let _guard = self.lock(id).await;
         let mut current = self.get(id)?;
         match current.state {
             SandboxState::Ready => {
                 current.state = SandboxState::Expired;
-                self.save(&mut current)?;
+                self.save(&mut current).await?;
             }
             SandboxState::Expired => {}
             // Someone else got to it first.
             _ => return Ok(None),
         }
-        self.destroy_locked(current, false).map(Some)
+        self.destroy_locked(current, false).await.map(Some)
     }
 
     /// Recovery after a crash; safe to run at any start (a healthy host has
     /// nothing to do). Only reading the records can fail it: what goes
     /// wrong with one sandbox is an action line, and the pass goes on.
-    pub fn reconcile(&self, now: u64, retries: Retries) -> Result<ReconcileReport, ManagerError> {
+    pub async fn reconcile(
+        &self,
+        now: u64,
+        retries: Retries,
+    ) -> Result<ReconcileReport, ManagerError> {
         let mut report = ReconcileReport::default();
         for record in self.records.all()? {
             let interrupted = matches!(
@@ -92,29 +96,31 @@ impl SandboxManager {
                 continue;
             }
             let was = record.state.name();
-            report.actions.push(match self.destroy(&record.id, false) {
-                Ok(done) if done.state == SandboxState::Destroyed => format!(
-                    "{}: interrupted {was}; destroyed and settled at {}",
-                    record.id,
-                    format_credits(done.meter.actual.unwrap_or(0))
-                ),
-                Ok(done) => format!(
-                    "{}: interrupted {was}; {} ({})",
-                    record.id,
-                    done.state.name(),
-                    done.note.as_deref().unwrap_or("")
-                ),
-                Err(error) => format!("{}: still cannot be destroyed: {error}", record.id),
-            });
+            report
+                .actions
+                .push(match self.destroy(&record.id, false).await {
+                    Ok(done) if done.state == SandboxState::Destroyed => format!(
+                        "{}: interrupted {was}; destroyed and settled at {}",
+                        record.id,
+                        format_credits(done.meter.actual.unwrap_or(0))
+                    ),
+                    Ok(done) => format!(
+                        "{}: interrupted {was}; {} ({})",
+                        record.id,
+                        done.state.name(),
+                        done.note.as_deref().unwrap_or("")
+                    ),
+                    Err(error) => format!("{}: still cannot be destroyed: {error}", record.id),
+                });
         }
-        for swept in self.sweep_expired(now, retries)? {
+        for swept in self.sweep_expired(now, retries).await? {
             report.actions.push(format!(
                 "{}: ttl passed; destroyed and settled at {}",
                 swept.id,
                 format_credits(swept.meter.actual.unwrap_or(0))
             ));
         }
-        match self.void_orphan_holds() {
+        match self.void_orphan_holds().await {
             Ok(actions) => report.actions.extend(actions),
             Err(error) => report
                 .actions
@@ -128,7 +134,7 @@ impl SandboxManager {
             .filter(|record| record.state.is_live())
             .map(|record| record.id)
             .collect();
-        let tidy = crate::sandbox_reaper::reap(&self.extensions, &live, now);
+        let tidy = crate::sandbox_reaper::reap(&self.extensions.snapshot(), &live, now);
         report.actions.extend(tidy.lines());
         for action in &report.actions {
             tracing::info!("reconciled: {action}");
@@ -139,14 +145,14 @@ impl SandboxManager {
     /// Voids every open hold whose sandbox record is gone, finished, or on
     /// another attempt: a hold is owned by the live record whose current
     /// attempt it is.
-    fn void_orphan_holds(&self) -> Result<Vec<String>, ManagerError> {
+    async fn void_orphan_holds(&self) -> Result<Vec<String>, ManagerError> {
         let mut actions = Vec::new();
         for hold in self.ledger.open_holds()? {
             let sandbox_id = hold
                 .sandbox_id
                 .rsplit_once('.')
                 .map_or(hold.sandbox_id.as_str(), |(id, _)| id);
-            let _guard = self.lock(sandbox_id);
+            let _guard = self.lock(sandbox_id).await;
             let owned = self.records.get(sandbox_id)?.is_some_and(|record| {
                 record.state.is_live()
                     && record.meter.hold_id.as_deref() == Some(hold.sandbox_id.as_str())
@@ -157,7 +163,8 @@ impl SandboxManager {
             actions.push(
                 match self
                     .ledger
-                    .void(&hold.sandbox_id, "reconciled: no live sandbox holds it")
+                    .void_async(&hold.sandbox_id, "reconciled: no live sandbox holds it")
+                    .await
                 {
                     Ok(_) => format!(
                         "hold {}: no live sandbox; voided {}",

@@ -174,7 +174,7 @@ impl RouteHealth {
 
     /// Records the outcome of a call that counts for the breaker: a
     /// retryable failure, or a success.
-    pub fn record_outcome(
+    pub async fn record_outcome(
         &self,
         instance: &str,
         success: bool,
@@ -182,15 +182,17 @@ impl RouteHealth {
     ) -> Result<(), HealthError> {
         let instance = instance.to_string();
         self.state
-            .write(move |write| apply_outcome(write, &instance, success, now_ms))?;
+            .write_async(move |write| apply_outcome(write, &instance, success, now_ms))
+            .await?;
         Ok(())
     }
 
     /// Adds one measured time to ready (create call until ready).
-    pub fn record_latency(&self, instance: &str, sample_ms: u64) -> Result<(), HealthError> {
+    pub async fn record_latency(&self, instance: &str, sample_ms: u64) -> Result<(), HealthError> {
         let instance = instance.to_string();
         self.state
-            .write(move |write| apply_latency(write, &instance, sample_ms))?;
+            .write_async(move |write| apply_latency(write, &instance, sample_ms))
+            .await?;
         Ok(())
     }
 }
