@@ -1,6 +1,7 @@
 //! The data of one call's `Store`: an empty WASI context, the memory
 //! accounting behind the instance's memory cap, the instance's config and its
-//! key-value session, and the `host` interface the guest imports.
+//! key-value session, the `wasi:http` hooks of the `http` capability, and the
+//! `host` interface the guest imports.
 //!
 //! What a guest hands the host is bounded twice: wasmtime copies no more
 //! than [`MAX_GUEST_TRANSFER_BYTES`] out of guest memory for one host call or
@@ -11,6 +12,7 @@
 
 use super::bindings::sandboxer::extension::host::{Host, LogLevel};
 use super::error::one_line;
+use super::http_client::{EgressHooks, HttpCapability};
 use super::kv::{KvRefusal, KvSession, MemoryRoom};
 use super::process::{ProcessCapability, SandboxCall};
 use std::collections::BTreeMap;
@@ -18,6 +20,7 @@ use std::sync::Arc;
 use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 /// Longest log line kept; the rest is cut.
 pub const MAX_LOG_LINE_CHARS: usize = 2_000;
@@ -67,6 +70,9 @@ pub struct CallState {
     config: Arc<BTreeMap<String, String>>,
     wasi: WasiCtx,
     table: ResourceTable,
+    http: WasiHttpCtx,
+    /// Where every outbound request is checked and sent.
+    http_hooks: EgressHooks,
     kv: Option<KvSession>,
     memory_limit_bytes: usize,
     memory_in_use: usize,
@@ -85,10 +91,13 @@ impl CallState {
         kv: KvSession,
         memory_limit_bytes: usize,
         process: Option<Arc<ProcessCapability>>,
+        http: Option<Arc<HttpCapability>>,
     ) -> Self {
         let mut table = ResourceTable::new();
         table.set_max_capacity(MAX_RESOURCES);
         Self {
+            http_hooks: EgressHooks::new(instance.clone(), http),
+            http: WasiHttpCtx::new(),
             instance,
             process,
             sandbox_call: None,
@@ -111,6 +120,12 @@ impl CallState {
         self.sandbox_call = None;
         self.memory_limit_hit = false;
         self.log_lines = 0;
+    }
+
+    /// Starts the outbound HTTP budget of a call that may run `timeout`:
+    /// its requests count afresh and end before its deadline.
+    pub fn start_http_budget(&mut self, timeout: std::time::Duration) {
+        self.http_hooks.start_call(timeout);
     }
 
     /// The call's key-value writes, to commit once the call has returned.
@@ -149,6 +164,16 @@ impl WasiView for CallState {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for CallState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            hooks: &mut self.http_hooks,
+            table: &mut self.table,
+            ctx: &mut self.http,
         }
     }
 }

@@ -7,8 +7,9 @@
 //! through std even when it uses none. `wasi:sockets` is linked the same way
 //! (language runtimes such as Python's import it whole): without a `network`
 //! grant every socket operation is denied when it is tried. The host's own
-//! capabilities (`process`) load only with their grant. Anything else is
-//! refused at load, with the interface named.
+//! capabilities (`process`) and outbound HTTP (`wasi:http`, the `http`
+//! grant) load only with their grant. Anything else is refused at load,
+//! with the interface named.
 
 use super::sidecar::Grants;
 
@@ -43,7 +44,7 @@ pub fn check_imports<'a>(
 
 fn classify(name: &str, grants: &Grants) -> Result<&'static str, String> {
     let (path, version) = name.split_once('@').unwrap_or((name, ""));
-    let (package, _interface) = path.split_once('/').unwrap_or((path, ""));
+    let (package, interface) = path.split_once('/').unwrap_or((path, ""));
     let major_minor = version.split('.').take(2).collect::<Vec<_>>().join(".");
 
     if package == CONTRACT_PACKAGE {
@@ -76,6 +77,13 @@ fn classify(name: &str, grants: &Grants) -> Result<&'static str, String> {
     }
     match wasi_package {
         "cli" | "clocks" | "io" | "random" | "filesystem" => Ok("wasi"),
+        "http" if !matches!(interface, "outgoing-handler" | "types") => Err(format!(
+            "imports `{name}`, which this host does not provide (of wasi:http, only outgoing-handler and types)"
+        )),
+        "http" if grants.http.is_empty() => Err(format!(
+            "imports `{name}` (outbound HTTP requests), which the operator has not granted: add `http = [\"host:port\"]` under [grants] in its sidecar"
+        )),
+        "http" => Ok("http"),
         "sockets" if !grants.network.is_empty() => Ok("network"),
         // Linked, and every use denied: no grant, no network.
         "sockets" => Ok("wasi, network denied"),
@@ -136,10 +144,30 @@ mod tests {
     }
 
     #[test]
+    fn outbound_http_needs_its_grant() {
+        let name = "wasi:http/outgoing-handler@0.2.4";
+        let error = check_imports([name], &Grants::default()).unwrap_err();
+        assert!(
+            error.contains(name) && error.contains("not granted") && error.contains("http = ["),
+            "{error}"
+        );
+        let grants = Grants {
+            http: vec![crate::runtime::sidecar::HttpGrant {
+                scheme: None,
+                host: "api.e2b.dev".into(),
+                port: 443,
+            }],
+            ..Grants::default()
+        };
+        let accepted = check_imports([name, "wasi:http/types@0.2.4"], &grants).unwrap();
+        assert!(accepted.iter().all(|import| import.provided_as == "http"));
+    }
+
+    #[test]
     fn unknown_interfaces_and_other_versions_are_named() {
         for (name, needle) in [
             ("acme:secrets/vault@1.0.0", "does not provide"),
-            ("wasi:http/outgoing-handler@0.2.0", "does not provide"),
+            ("wasi:http/incoming-handler@0.2.0", "does not provide"),
             ("wasi:cli/stdout@0.3.0", "WASI 0.2 only"),
             (
                 "sandboxer:extension/host@0.2.0",

@@ -51,6 +51,8 @@ pub(crate) struct Invoker {
     pub limits: Limits,
     pub network: Arc<NetworkPolicy>,
     pub process: Option<Arc<super::process::ProcessCapability>>,
+    /// The `http` capability, when the instance is granted it.
+    pub http: Option<Arc<super::http_client::HttpCapability>>,
     /// Instances kept for the next call, when the extension opts into reuse.
     pub idle: Option<Mutex<Vec<IdleInstance>>>,
     /// Keeps deadlines ticking for as long as any extension can be called.
@@ -145,6 +147,7 @@ impl Invoker {
                     kv,
                     self.limits.memory_bytes(),
                     self.process.clone(),
+                    self.http.clone(),
                 );
                 let mut store = Store::new(&self.engine, data);
                 store.limiter(|state| state);
@@ -157,6 +160,7 @@ impl Invoker {
             Call::Destroy(spec, _) => Some(SandboxCall::destroy(&spec.sandbox_id)),
             _ => None,
         };
+        store.data_mut().start_http_budget(timeout);
         let ticks = deadline_ticks(timeout);
         let mut elapsed_ticks = 0u64;
         store.epoch_deadline_callback(move |_| {

@@ -15,11 +15,14 @@ use super::bindings::SelfHostedExtensionPre;
 use super::bindings::sandboxer::extension::types::ExtensionInfo;
 use super::cache::{CacheOutcome, Lookup, content_sha256, info_inputs_sha256};
 use super::capabilities::check_imports;
+use super::egress::EgressPolicy;
 use super::error::one_line;
 use super::extension::{Extension, Invoker};
 use super::file_identity::{FileIdentity, ObservedDigest, now_ns};
+use super::http_client::HttpCapability;
 use super::network::NetworkPolicy;
 use super::process::ProcessCapability;
+use super::secrets::Secrets;
 use super::sidecar::{INFO_TIMEOUT_MS, Sidecar};
 use std::fs::File;
 use std::io::{Read, Seek};
@@ -219,6 +222,13 @@ pub(super) fn prepare(runtime: &Runtime, path: &Path) -> Result<Prepared, String
         limits: sidecar.limits.clone(),
         network: Arc::new(NetworkPolicy::from_grants(&sidecar.grants.network)),
         process,
+        http: (!sidecar.grants.http.is_empty()).then(|| {
+            Arc::new(HttpCapability::new(
+                EgressPolicy::new(&sidecar.grants.http),
+                Secrets::resolve(&sidecar.grants.secrets),
+                &sidecar.limits,
+            ))
+        }),
         idle: sidecar
             .limits
             .reuse_instances

@@ -10,16 +10,19 @@ mod cache;
 mod call_state;
 mod capabilities;
 pub mod catalog;
+mod egress;
 mod engine;
 mod error;
 mod extension;
 mod file_identity;
+mod http_client;
 pub mod kv;
 pub mod kv_usage;
 mod loader;
 mod network;
 pub mod process;
 mod process_host;
+mod secrets;
 pub mod sidecar;
 
 pub mod bindings {
@@ -50,7 +53,13 @@ pub use error::{CallError, describe_ext_error};
 pub use extension::{Extension, PendingKv};
 pub use file_identity::SETTLE_WINDOW;
 pub use loader::{MAX_COMPONENT_BYTES, instance_name, sidecar_path};
-pub use sidecar::{BillingPolicy, Grants, Limits, NetworkGrant, RoutingHints, Sidecar};
+pub use secrets::{
+    REFERENCE_PREFIX as SECRET_REFERENCE_PREFIX, REFERENCE_SUFFIX as SECRET_REFERENCE_SUFFIX,
+};
+pub use sidecar::{
+    BillingPolicy, Grants, HttpGrant, HttpScheme, Limits, NetworkGrant, RoutingHints, SecretGrant,
+    SecretSource, Sidecar,
+};
 
 use crate::state_db::StateDb;
 use call_state::CallState;
@@ -147,6 +156,9 @@ impl Runtime {
         let engine = engine::new_engine().map_err(engine_error)?;
         let mut linker = Linker::<CallState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(engine_error)?;
+        // Linked for everyone; only a component granted `http` may import
+        // it (capabilities.rs), and every request passes the egress policy.
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(engine_error)?;
         bindings::SelfHostedExtension::add_to_linker::<CallState, HasSelf<CallState>>(
             &mut linker,
             |state| state,

@@ -22,6 +22,17 @@ pub const INFO_TIMEOUT_MS: u64 = 1_000;
 pub const DEFAULT_KV_QUOTA_MB: u64 = 16;
 /// Largest key-value quota a sidecar may set.
 pub const MAX_KV_QUOTA_MB: u64 = 1024;
+/// Default number of outbound HTTP requests one call may make.
+pub const DEFAULT_HTTP_REQUESTS_PER_CALL: u32 = 100;
+/// Largest `limits.http_requests_per_call`.
+pub const MAX_HTTP_REQUESTS_PER_CALL: u32 = 10_000;
+/// Default cap on the response body bytes of all requests of one call.
+pub const DEFAULT_HTTP_RESPONSE_MB: u64 = 16;
+/// Largest `limits.http_response_mb`.
+pub const MAX_HTTP_RESPONSE_MB: u64 = 1024;
+/// Default time one outbound HTTP request may take, connect to last byte
+/// (the call's own deadline cuts it shorter).
+pub const DEFAULT_HTTP_TIMEOUT_MS: u64 = 30_000;
 
 /// The limits each call of an instance runs under.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -40,6 +51,13 @@ pub struct Limits {
     /// Quota on the bytes of keys and values the instance's key-value store
     /// holds, in MiB.
     pub kv_quota_mb: u64,
+    /// Outbound HTTP requests one call may make (with the `http` grant).
+    pub http_requests_per_call: u32,
+    /// Response body bytes all requests of one call may receive, in MiB.
+    pub http_response_mb: u64,
+    /// Time one request may take, from connect to its last byte, in
+    /// milliseconds; the call's deadline ends it sooner.
+    pub http_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -50,6 +68,9 @@ impl Default for Limits {
             fuel: None,
             reuse_instances: false,
             kv_quota_mb: DEFAULT_KV_QUOTA_MB,
+            http_requests_per_call: DEFAULT_HTTP_REQUESTS_PER_CALL,
+            http_response_mb: DEFAULT_HTTP_RESPONSE_MB,
+            http_timeout_ms: DEFAULT_HTTP_TIMEOUT_MS,
         }
     }
 }
@@ -65,6 +86,10 @@ impl Limits {
 
     pub fn kv_quota_bytes(&self) -> u64 {
         self.kv_quota_mb.saturating_mul(1024 * 1024)
+    }
+
+    pub fn http_response_bytes(&self) -> u64 {
+        self.http_response_mb.saturating_mul(1024 * 1024)
     }
 }
 
@@ -84,6 +109,84 @@ impl fmt::Display for NetworkGrant {
     }
 }
 
+/// The scheme an `http` grant pins, when it names one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpScheme {
+    Http,
+    Https,
+}
+
+impl HttpScheme {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Https => "https",
+        }
+    }
+}
+
+/// One destination the `http` grant allows: `host:port` (either scheme) or
+/// `https://host[:port]` (that scheme only). The host is a name, compared
+/// without regard to case, or an IP address; only an address named here
+/// literally may be loopback, private or link-local (see `egress.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpGrant {
+    pub scheme: Option<HttpScheme>,
+    /// Lowercase, without the brackets of an IPv6 address.
+    pub host: String,
+    pub port: u16,
+}
+
+impl HttpGrant {
+    /// The grant's host as an IP address, when it is one.
+    pub fn literal_address(&self) -> Option<std::net::IpAddr> {
+        self.host.parse().ok()
+    }
+}
+
+impl fmt::Display for HttpGrant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(scheme) = self.scheme {
+            write!(f, "{}://", scheme.name())?;
+        }
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl serde::Serialize for HttpGrant {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// Where the host reads a secret's value. The value itself is never kept
+/// in the sidecar, shown, logged or stored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SecretSource {
+    /// An environment variable of the host process.
+    Env(String),
+    /// A file of the host (its whole text, less one trailing newline).
+    File(std::path::PathBuf),
+}
+
+/// One `[secrets]` entry: where its value comes from, and the destinations
+/// the host may send it to (in a request header the extension asks for by
+/// name; see `secrets.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SecretGrant {
+    #[serde(flatten)]
+    pub source: SecretSource,
+    /// Destinations (entries of the `http` grant) that may receive it;
+    /// empty means every destination of the `http` grant.
+    pub hosts: Vec<HttpGrant>,
+}
+
 /// Capabilities the operator grants this instance. Everything absent is
 /// denied.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -93,6 +196,11 @@ pub struct Grants {
     /// Programs the `process` capability may start (names on the host's
     /// PATH, or paths).
     pub process: Vec<String>,
+    /// Outbound HTTP requests (`wasi:http/outgoing-handler`) to these
+    /// destinations only, under the host's egress policy.
+    pub http: Vec<HttpGrant>,
+    /// Secrets the host puts into requests for the extension, by name.
+    pub secrets: BTreeMap<String, SecretGrant>,
 }
 
 /// What the operator tells routing about an instance.
@@ -154,6 +262,17 @@ struct SidecarFile {
     billing: BillingFile,
     #[serde(default)]
     config: toml::Table,
+    #[serde(default)]
+    secrets: BTreeMap<String, SecretFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretFile {
+    env: Option<String>,
+    file: Option<String>,
+    #[serde(default)]
+    hosts: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -177,6 +296,9 @@ struct LimitsFile {
     fuel: Option<u64>,
     reuse_instances: Option<bool>,
     kv_quota_mb: Option<u64>,
+    http_requests_per_call: Option<u32>,
+    http_response_mb: Option<u64>,
+    http_timeout_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -186,6 +308,8 @@ struct GrantsFile {
     network: Vec<String>,
     #[serde(default)]
     process: Vec<String>,
+    #[serde(default)]
+    http: Vec<String>,
 }
 
 impl Sidecar {
@@ -244,6 +368,30 @@ impl Sidecar {
             }
             limits.kv_quota_mb = kv_quota_mb;
         }
+        if let Some(requests) = file.limits.http_requests_per_call {
+            if !(1..=MAX_HTTP_REQUESTS_PER_CALL).contains(&requests) {
+                return Err(error(format!(
+                    "limits.http_requests_per_call must be between 1 and {MAX_HTTP_REQUESTS_PER_CALL}, got {requests}"
+                )));
+            }
+            limits.http_requests_per_call = requests;
+        }
+        if let Some(response_mb) = file.limits.http_response_mb {
+            if !(1..=MAX_HTTP_RESPONSE_MB).contains(&response_mb) {
+                return Err(error(format!(
+                    "limits.http_response_mb must be between 1 and {MAX_HTTP_RESPONSE_MB}, got {response_mb}"
+                )));
+            }
+            limits.http_response_mb = response_mb;
+        }
+        if let Some(http_timeout_ms) = file.limits.http_timeout_ms {
+            if !(1..=3_600_000).contains(&http_timeout_ms) {
+                return Err(error(format!(
+                    "limits.http_timeout_ms must be between 1 and 3600000, got {http_timeout_ms}"
+                )));
+            }
+            limits.http_timeout_ms = http_timeout_ms;
+        }
 
         let network = file
             .grants
@@ -298,9 +446,25 @@ impl Sidecar {
         {
             return Err(error(format!("grants.process: {empty:?} is not a program")));
         }
+        let http: Vec<HttpGrant> = file
+            .grants
+            .http
+            .iter()
+            .map(|entry| {
+                parse_http_grant(entry).map_err(|message| error(format!("grants.http: {message}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let mut secrets = BTreeMap::new();
+        for (name, secret) in file.secrets {
+            let secret = parse_secret(&name, secret, &http)
+                .map_err(|message| error(format!("secrets.{name}: {message}")))?;
+            secrets.insert(name, secret);
+        }
         let grants = Grants {
             network,
             process: file.grants.process,
+            http,
+            secrets,
         };
         Ok(Self {
             limits,
@@ -310,6 +474,108 @@ impl Sidecar {
             config,
         })
     }
+}
+
+/// `host:port`, `[v6]:port`, or `http(s)://host[:port]` (the scheme's
+/// port by default).
+fn parse_http_grant(entry: &str) -> Result<HttpGrant, String> {
+    let (scheme, rest) = match entry.split_once("://") {
+        Some(("https", rest)) => (Some(HttpScheme::Https), rest),
+        Some(("http", rest)) => (Some(HttpScheme::Http), rest),
+        Some((other, _)) => {
+            return Err(format!(
+                "\"{entry}\" has the scheme \"{other}\"; only http and https are granted"
+            ));
+        }
+        None => (None, entry),
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains(['/', '?', '#', '@', ' ']) {
+        return Err(format!(
+            "\"{entry}\" must be host:port or a scheme and host, without a path"
+        ));
+    }
+    let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
+        let (host, after) = bracketed
+            .split_once(']')
+            .ok_or_else(|| format!("\"{entry}\" has an unclosed ["))?;
+        (host, after.strip_prefix(':'))
+    } else {
+        match rest.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (rest, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("\"{entry}\" has no host"));
+    }
+    let port = match (port, scheme) {
+        (Some(digits), _) => digits
+            .parse::<u16>()
+            .ok()
+            .filter(|port| *port != 0)
+            .ok_or_else(|| format!("\"{entry}\" has an invalid port \"{digits}\""))?,
+        (None, Some(HttpScheme::Https)) => 443,
+        (None, Some(HttpScheme::Http)) => 80,
+        (None, None) => {
+            return Err(format!(
+                "\"{entry}\" must be host:port, or name its scheme (https://{entry})"
+            ));
+        }
+    };
+    Ok(HttpGrant {
+        scheme,
+        host: host.to_ascii_lowercase(),
+        port,
+    })
+}
+
+/// A secret's name is how the extension asks for it: short and plain.
+fn valid_secret_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-')
+}
+
+fn parse_secret(name: &str, secret: SecretFile, http: &[HttpGrant]) -> Result<SecretGrant, String> {
+    if !valid_secret_name(name) {
+        return Err("a secret's name is 1 to 64 letters, digits, '_' or '-'".into());
+    }
+    let source = match (secret.env, secret.file) {
+        (Some(variable), None) if !variable.is_empty() && !variable.contains('=') => {
+            SecretSource::Env(variable)
+        }
+        (None, Some(path)) if !path.is_empty() => SecretSource::File(path.into()),
+        (Some(_), Some(_)) => return Err("name either env or file, not both".into()),
+        (None, None) => {
+            return Err(
+                "say where its value comes from: { env = \"VARIABLE\" } or { file = \"/path\" }"
+                    .into(),
+            );
+        }
+        _ => return Err("an empty or malformed env or file".into()),
+    };
+    if http.is_empty() {
+        return Err(
+            "a secret is only ever sent in HTTP requests: grant `http` destinations under [grants] first"
+                .into(),
+        );
+    }
+    let mut hosts = Vec::new();
+    for entry in &secret.hosts {
+        let grant = parse_http_grant(entry)?;
+        if !http
+            .iter()
+            .any(|granted| granted.host == grant.host && granted.port == grant.port)
+        {
+            return Err(format!(
+                "hosts: \"{entry}\" is not a destination of grants.http"
+            ));
+        }
+        hosts.push(grant);
+    }
+    Ok(SecretGrant { source, hosts })
 }
 
 fn parse_network_grant(entry: &str) -> Result<NetworkGrant, String> {
@@ -353,6 +619,9 @@ mod tests {
                 fuel: None,
                 reuse_instances: false,
                 kv_quota_mb: 16,
+                http_requests_per_call: 100,
+                http_response_mb: 16,
+                http_timeout_ms: 30_000,
             }
         );
         assert!(sidecar.grants.network.is_empty());
@@ -389,6 +658,9 @@ mod tests {
                 fuel: Some(1_000_000),
                 reuse_instances: true,
                 kv_quota_mb: 2,
+                http_requests_per_call: 100,
+                http_response_mb: 16,
+                http_timeout_ms: 30_000,
             }
         );
         assert_eq!(sidecar.limits.kv_quota_bytes(), 2 * 1024 * 1024);
@@ -444,9 +716,102 @@ mod tests {
             ),
             ("[billing]\ncharge_tolerance = \"11\"", "charge_tolerance"),
             ("[billing]\ncharge_tolerance = 1.5", "line 2"),
+            (
+                "[grants]\nhttp = [\"api.example.com\"]",
+                "must be host:port",
+            ),
+            (
+                "[grants]\nhttp = [\"ftp://a.example\"]",
+                "only http and https",
+            ),
+            (
+                "[grants]\nhttp = [\"https://a.example/v1\"]",
+                "without a path",
+            ),
+            ("[grants]\nhttp = [\"a.example:0\"]", "invalid port"),
+            (
+                "[limits]\nhttp_requests_per_call = 0",
+                "http_requests_per_call must be between 1 and 10000",
+            ),
+            ("[limits]\nhttp_response_mb = 0", "http_response_mb"),
+            ("[limits]\nhttp_timeout_ms = 0", "http_timeout_ms"),
+            (
+                "[grants]\nhttp = [\"a.example:443\"]\n[secrets]\nkey = {}",
+                "secrets.key: say where its value comes from",
+            ),
+            (
+                "[grants]\nhttp = [\"a.example:443\"]\n[secrets]\nkey = { env = \"K\", file = \"/k\" }",
+                "not both",
+            ),
+            (
+                "[secrets]\nkey = { env = \"K\" }",
+                "grant `http` destinations under [grants] first",
+            ),
+            (
+                "[grants]\nhttp = [\"a.example:443\"]\n[secrets]\nkey = { env = \"K\", hosts = [\"b.example:443\"] }",
+                "is not a destination of grants.http",
+            ),
+            (
+                "[grants]\nhttp = [\"a.example:443\"]\n[secrets]\nkey = { env = \"K\", header = \"X\" }",
+                "header",
+            ),
+            (
+                "[grants]\nhttp = [\"a.example:443\"]\n[secrets]\n\"bad name\" = { env = \"K\" }",
+                "a secret's name is",
+            ),
         ] {
             let error = parse(text).unwrap_err().to_string();
             assert!(error.contains(needle), "{text:?} gave {error}");
         }
+    }
+}
+
+#[cfg(test)]
+mod http_and_secret_tests {
+    use super::*;
+
+    #[test]
+    fn http_grants_take_host_port_or_a_scheme() {
+        let sidecar = Sidecar::parse(
+            r#"
+            [grants]
+            http = ["API.e2b.dev:443", "https://api.example.com", "http://127.0.0.1:3999", "[::1]:8080"]
+            [secrets]
+            api_key = { env = "SANDBOXER_E2B_API_KEY", hosts = ["api.e2b.dev:443"] }
+            token = { file = "/run/token" }
+            "#,
+            Path::new("ext.toml"),
+        )
+        .unwrap();
+        let shown: Vec<String> = sidecar
+            .grants
+            .http
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "api.e2b.dev:443",
+                "https://api.example.com:443",
+                "http://127.0.0.1:3999",
+                "[::1]:8080"
+            ]
+        );
+        assert_eq!(
+            sidecar.grants.http[2].literal_address(),
+            Some("127.0.0.1".parse().unwrap())
+        );
+        let api_key = &sidecar.grants.secrets["api_key"];
+        assert_eq!(
+            api_key.source,
+            SecretSource::Env("SANDBOXER_E2B_API_KEY".into())
+        );
+        assert_eq!(api_key.hosts[0].to_string(), "api.e2b.dev:443");
+        let json = serde_json::to_string(&sidecar.grants.secrets).unwrap();
+        assert_eq!(
+            json,
+            r#"{"api_key":{"env":"SANDBOXER_E2B_API_KEY","hosts":["api.e2b.dev:443"]},"token":{"file":"/run/token","hosts":[]}}"#
+        );
     }
 }
