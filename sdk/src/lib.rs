@@ -245,6 +245,9 @@ pub mod process {
     pub const BUBBLEWRAP_STATUS_FD: u32 = 3;
 }
 
+#[cfg(feature = "http")]
+pub mod http;
+
 /// This instance's private key-value store, kept by the host across calls
 /// and restarts. Writes made during a call become durable when it returns.
 pub mod kv {

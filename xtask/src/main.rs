@@ -183,6 +183,10 @@ fn build_extensions(root: &Path) -> Result<()> {
     )?;
     copy(&built.join("hostile.wasm"), &fixtures.join("hostile.wasm"))?;
     copy(&built.join("spawner.wasm"), &fixtures.join("spawner.wasm"))?;
+    copy(
+        &built.join("http_prober.wasm"),
+        &fixtures.join("http-prober.wasm"),
+    )?;
     // Each hostile sidecar names one misbehaviour; the component is shared.
     for entry in std::fs::read_dir(root.join(FIXTURES_WORKSPACE).join("extensions"))? {
         let sidecar = entry?.path();
@@ -268,6 +272,15 @@ fn test(root: &Path) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // Tests behind features and in guest crates, which the workspace's
+    // test run does not build: the SDK's HTTP helper, the e2b extension's
+    // own parsing (run natively).
+    run(cargo().args(["test", "-p", "sandboxer-sdk", "--features", "http"]))?;
+    run(cargo()
+        .args(["test", "-p", "e2b", "--manifest-path"])
+        .arg(root.join(EXTENSIONS_WORKSPACE).join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(root.join("target/guest-native")))?;
     run(cargo().args(["test", "--workspace"]))
 }
 
