@@ -7,6 +7,8 @@
 mod cli_credits;
 mod cli_ext;
 mod crash_points;
+mod e2b_backend;
+mod http_egress;
 mod languages;
 mod ledger_concurrency;
 mod ledger_crash;
