@@ -14,17 +14,15 @@
 //! the response bodies of one call share a byte budget.
 
 use super::egress::{Destination, EgressPolicy, EgressRefusal, EgressRule};
+use super::http_response::{BudgetedBody, ResponseBudget, response_size_refusal};
 use super::secrets::Secrets;
 use super::sidecar::{HttpScheme, Limits};
 use bytes::Bytes;
-use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
@@ -65,9 +63,9 @@ impl HttpCapability {
 /// What one call's requests share: how many were made, how many response
 /// bytes arrived, and when they must all be over.
 #[derive(Debug)]
-struct CallBudget {
+pub(super) struct CallBudget {
     requests: AtomicU32,
-    response_bytes: AtomicU64,
+    pub(super) response_bytes: AtomicU64,
     deadline: Instant,
     /// What is kept back from the call's deadline.
     reserve: Duration,
@@ -365,17 +363,18 @@ async fn send(
     }
 
     let (head, incoming) = response.into_parts();
-    let body = BudgetedBody {
-        inner: incoming,
-        budget: budget.clone(),
-        limit,
-        deadline: Box::pin(tokio::time::sleep_until(deadline)),
-        extension: extension.clone(),
-        destination: shown.clone(),
-        reserve: budget.reserve,
-        request_timeout,
-        ended: false,
-    };
+    let body = BudgetedBody::new(
+        incoming,
+        ResponseBudget {
+            bytes: budget.clone(),
+            limit,
+            deadline,
+            reserve: budget.reserve,
+            request_timeout,
+        },
+        extension.clone(),
+        shown.clone(),
+    );
     let io: IoFuture = Box::new(async move {
         match connection.await {
             Ok(()) => Ok(()),
@@ -383,22 +382,6 @@ async fn send(
         }
     });
     Ok((http::Response::from_parts(head, body.boxed_unsync()), io))
-}
-
-fn response_size_refusal(limit: u64, declared: Option<u64>) -> EgressRefusal {
-    EgressRefusal::new(
-        EgressRule::ResponseSize,
-        match declared {
-            Some(declared) => format!(
-                "a response of {declared} bytes would pass the {} MiB this call's responses may bring (limits.http_response_mb)",
-                limit / (1024 * 1024)
-            ),
-            None => format!(
-                "the responses of this call passed {} MiB (limits.http_response_mb)",
-                limit / (1024 * 1024)
-            ),
-        },
-    )
 }
 
 trait Stream: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static {}
@@ -422,90 +405,4 @@ fn tls_config() -> Arc<rustls::ClientConfig> {
             Arc::new(config)
         })
         .clone()
-}
-
-/// A response body that ends with an error when the call's response bytes
-/// pass their budget or the request's deadline passes.
-struct BudgetedBody {
-    inner: hyper::body::Incoming,
-    budget: Arc<CallBudget>,
-    limit: u64,
-    deadline: Pin<Box<tokio::time::Sleep>>,
-    extension: Arc<str>,
-    destination: String,
-    reserve: Duration,
-    request_timeout: Duration,
-    ended: bool,
-}
-
-impl BudgetedBody {
-    fn end(&mut self, refusal: EgressRefusal) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
-        self.ended = true;
-        tracing::warn!(
-            extension = &*self.extension,
-            destination = %self.destination,
-            rule = refusal.rule.name(),
-            "http response cut off: {}",
-            refusal.detail
-        );
-        Poll::Ready(Some(Err(HttpError::InternalError(Some(
-            refusal.to_string(),
-        )))))
-    }
-}
-
-impl Body for BudgetedBody {
-    type Data = Bytes;
-    type Error = HttpError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
-        let this = self.get_mut();
-        if this.ended {
-            return Poll::Ready(None);
-        }
-        // Checked before reading, so a server that trickles bytes forever
-        // is cut off as surely as one that sends nothing.
-        if this.deadline.as_mut().poll(cx).is_ready() {
-            let timeout = this.request_timeout.as_millis();
-            let reserve = this.reserve.as_millis();
-            return this.end(EgressRefusal::new(
-                EgressRule::Deadline,
-                format!(
-                    "the response body did not finish by the request's deadline (limits.http_timeout_ms = {timeout}, or the call's deadline less {reserve} ms kept for the extension to answer)"
-                ),
-            ));
-        }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    let size = data.len() as u64;
-                    let total = this
-                        .budget
-                        .response_bytes
-                        .fetch_add(size, Ordering::Relaxed)
-                        .saturating_add(size);
-                    if total > this.limit {
-                        return this.end(response_size_refusal(this.limit, None));
-                    }
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(error))) => {
-                this.ended = true;
-                Poll::Ready(Some(Err(HttpError::InternalError(Some(format!(
-                    "reading the response of {} failed: {error}",
-                    this.destination
-                ))))))
-            }
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.ended || self.inner.is_end_stream()
-    }
 }

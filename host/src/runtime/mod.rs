@@ -16,6 +16,8 @@ mod error;
 mod extension;
 mod file_identity;
 mod http_client;
+mod http_grants;
+mod http_response;
 pub mod kv;
 pub mod kv_usage;
 mod loader;
