@@ -505,3 +505,86 @@ async fn secrets_reach_only_their_destination_and_nothing_the_host_keeps() {
         assert!(!text.contains(SECRET), "the secret is in {place}: {text}");
     }
 }
+
+/// An HTTPS server on 127.0.0.1 with a self-signed certificate (made with
+/// `openssl` in `dir`): no root the host trusts signed it.
+struct SelfSignedServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl SelfSignedServer {
+    fn start(dir: &std::path::Path) -> Self {
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let made = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args([
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl makes a certificate");
+        assert!(made.success());
+        let script = "import http.server, ssl, sys\n\
+            server = http.server.HTTPServer(('127.0.0.1', 0), http.server.BaseHTTPRequestHandler)\n\
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
+            context.load_cert_chain(sys.argv[1], sys.argv[2])\n\
+            server.socket = context.wrap_socket(server.socket, server_side=True)\n\
+            print(server.server_address[1], flush=True)\n\
+            server.serve_forever()\n";
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", script])
+            .arg(&cert)
+            .arg(&key)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 serves TLS");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line.trim().parse().unwrap();
+        Self { child, port }
+    }
+}
+
+impl Drop for SelfSignedServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn https_verifies_the_servers_certificate() {
+    let home = TestHome::new();
+    let server = SelfSignedServer::start(home.path());
+    let prober = load_prober(
+        &home,
+        "tls",
+        &format!(
+            "[grants]\nhttp = [\"https://127.0.0.1:{port}\"]\n[config]\ntarget = \"https://127.0.0.1:{port}/\"\n",
+            port = server.port
+        ),
+    )
+    .await
+    .unwrap();
+    let message = refusal(probe(&prober).await);
+    assert!(
+        message.contains(&format!(
+            "TLS with https://127.0.0.1:{} failed",
+            server.port
+        )) && message.contains("invalid peer certificate"),
+        "{message}"
+    );
+}
