@@ -166,10 +166,10 @@ impl Request {
         self.header(name, &reference)
     }
 
-    /// Gives up connecting, and waiting for each part of the answer, after
-    /// `timeout` (the host's own deadlines still apply, and end it sooner
-    /// when they come first). Use it to keep time in the call for what must
-    /// follow a failed request.
+    /// Gives up connecting, and waiting for the answer's status and
+    /// headers, after `timeout` each (the host's own deadlines still apply,
+    /// and end the request sooner when they come first). Use it to keep
+    /// time in the call for what must follow a failed request.
     pub fn timeout(mut self, timeout: std::time::Duration) -> Self {
         self.timeout = Some(timeout);
         self

@@ -50,6 +50,9 @@ impl EgressRule {
     }
 }
 
+/// Longest refusal detail kept.
+pub const MAX_DETAIL_CHARS: usize = 1000;
+
 /// A request the policy refused or ended, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EgressRefusal {
@@ -58,10 +61,12 @@ pub struct EgressRefusal {
 }
 
 impl EgressRefusal {
+    /// The detail is cut to one line of at most [`MAX_DETAIL_CHARS`]: it
+    /// may quote a host name the guest wrote.
     pub fn new(rule: EgressRule, detail: impl Into<String>) -> Self {
         Self {
             rule,
-            detail: detail.into(),
+            detail: super::error::one_line(&detail.into(), MAX_DETAIL_CHARS),
         }
     }
 }

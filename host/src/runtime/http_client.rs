@@ -203,7 +203,8 @@ async fn send(
     let shown_uri = super::error::one_line(&request.uri().to_string(), 300);
     let destination =
         destination_of(request.uri()).map_err(|refusal| refuse(&extension, &shown_uri, refusal))?;
-    let shown = destination.to_string();
+    // The guest wrote the host name: what logs and messages show is cut.
+    let shown = super::error::one_line(&destination.to_string(), 300);
     let refused = |refusal: EgressRefusal| refuse(&extension, &shown, refusal);
     let grant = capability
         .policy
