@@ -25,7 +25,7 @@ fn every_shipped_profile_parses() {
         names.push(profile.name);
     }
     names.sort();
-    assert_eq!(names, ["burst-sandbox", "local", "saas-stub"]);
+    assert_eq!(names, ["burst-sandbox", "e2b", "local", "saas-stub"]);
 
     let burst = Profile::find("burst-sandbox", &dir).unwrap();
     assert_eq!(burst.route.strategy, Strategy::PreferSelfHosted);
@@ -35,6 +35,8 @@ fn every_shipped_profile_parses() {
         (stub.route.strategy, stub.route.candidates.as_slice()),
         (Strategy::Explicit, ["saas-stub".to_string()].as_slice())
     );
+    let e2b = Profile::find("e2b", &dir).unwrap();
+    assert_eq!(e2b.route.candidates, ["e2b", "saas-stub"]);
     let local = Profile::find(dir.join("local.toml").to_str().unwrap(), &dir).unwrap();
     assert_eq!(local.route.candidates, ["local"]);
 }
@@ -66,7 +68,7 @@ fn a_missing_profile_lists_the_ones_there_are() {
     assert_eq!(
         error.to_string(),
         format!(
-            "no profile named `nope` in {} (found: burst-sandbox, local, saas-stub)",
+            "no profile named `nope` in {} (found: burst-sandbox, e2b, local, saas-stub)",
             repo_root().join("profiles").display()
         )
     );
