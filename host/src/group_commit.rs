@@ -9,7 +9,23 @@
 use std::sync::mpsc::{self, Sender};
 use std::thread::JoinHandle;
 
-type Envelope<J, R> = (J, Sender<R>);
+/// Where a job's result goes: a thread blocked on it, or a task awaiting it.
+enum Reply<R> {
+    Blocking(Sender<R>),
+    Awaiting(tokio::sync::oneshot::Sender<R>),
+}
+
+impl<R> Reply<R> {
+    fn send(self, result: R) {
+        // A submitter that stopped waiting is not the writer's problem.
+        let _ = match self {
+            Self::Blocking(reply) => reply.send(result).map_err(|_| ()),
+            Self::Awaiting(reply) => reply.send(result).map_err(|_| ()),
+        };
+    }
+}
+
+type Envelope<J, R> = (J, Reply<R>);
 
 pub struct GroupWriter<J: Send + 'static, R: Send + 'static> {
     jobs: Option<Sender<Envelope<J, R>>>,
@@ -36,12 +52,11 @@ impl<J: Send + 'static, R: Send + 'static> GroupWriter<J, R> {
                             Err(_) => break,
                         }
                     }
-                    let (jobs, replies): (Vec<J>, Vec<Sender<R>>) = group.into_iter().unzip();
+                    let (jobs, replies): (Vec<J>, Vec<Reply<R>>) = group.into_iter().unzip();
                     let results = commit(jobs);
                     debug_assert_eq!(results.len(), replies.len(), "one result per job");
                     for (reply, result) in replies.into_iter().zip(results) {
-                        // A submitter that stopped waiting is not the writer's problem.
-                        let _ = reply.send(result);
+                        reply.send(result);
                     }
                 }
             })?;
@@ -51,12 +66,27 @@ impl<J: Send + 'static, R: Send + 'static> GroupWriter<J, R> {
         })
     }
 
-    /// Submits a job and waits for its result; none when the writer has
-    /// stopped.
+    /// Submits a job and blocks the thread until its result; none when the
+    /// writer has stopped. Not for async tasks: use [`GroupWriter::submit_async`].
     pub fn submit(&self, job: J) -> Option<R> {
         let (reply, answer) = mpsc::channel();
-        self.jobs.as_ref()?.send((job, reply)).ok()?;
+        self.jobs
+            .as_ref()?
+            .send((job, Reply::Blocking(reply)))
+            .ok()?;
         answer.recv().ok()
+    }
+
+    /// Submits a job and awaits its result without blocking the executor's
+    /// thread: while one commit is on the disk, the tasks of other requests
+    /// run and queue their jobs for the next.
+    pub async fn submit_async(&self, job: J) -> Option<R> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.jobs
+            .as_ref()?
+            .send((job, Reply::Awaiting(reply)))
+            .ok()?;
+        answer.await.ok()
     }
 }
 

@@ -134,6 +134,33 @@ impl StateDb {
         self.submit(Box::new(write), false)
     }
 
+    /// [`StateDb::write`] for async callers: awaits the commit without
+    /// blocking the executor's thread.
+    pub async fn write_async(
+        &self,
+        write: impl FnOnce(&WriteTransaction) -> Result<(), String> + Send + 'static,
+    ) -> Result<(), StateDbError> {
+        self.submit_async(Box::new(write), true).await
+    }
+
+    /// [`StateDb::write_eventually`] for async callers.
+    pub async fn write_eventually_async(
+        &self,
+        write: impl FnOnce(&WriteTransaction) -> Result<(), String> + Send + 'static,
+    ) -> Result<(), StateDbError> {
+        self.submit_async(Box::new(write), false).await
+    }
+
+    async fn submit_async(&self, write: StateWrite, durable: bool) -> Result<(), StateDbError> {
+        let opened = self.opened()?;
+        opened
+            .writer
+            .submit_async((write, durable))
+            .await
+            .ok_or_else(|| StateDbError::Write("the state store's writer has stopped".into()))?
+            .map_err(StateDbError::Write)
+    }
+
     fn submit(&self, write: StateWrite, durable: bool) -> Result<(), StateDbError> {
         let opened = self.opened()?;
         opened

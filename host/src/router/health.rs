@@ -174,7 +174,7 @@ impl RouteHealth {
 
     /// Records the outcome of a call that counts for the breaker: a
     /// retryable failure, or a success.
-    pub fn record_outcome(
+    pub async fn record_outcome(
         &self,
         instance: &str,
         success: bool,
@@ -182,15 +182,17 @@ impl RouteHealth {
     ) -> Result<(), HealthError> {
         let instance = instance.to_string();
         self.state
-            .write(move |write| apply_outcome(write, &instance, success, now_ms))?;
+            .write_async(move |write| apply_outcome(write, &instance, success, now_ms))
+            .await?;
         Ok(())
     }
 
     /// Adds one measured time to ready (create call until ready).
-    pub fn record_latency(&self, instance: &str, sample_ms: u64) -> Result<(), HealthError> {
+    pub async fn record_latency(&self, instance: &str, sample_ms: u64) -> Result<(), HealthError> {
         let instance = instance.to_string();
         self.state
-            .write(move |write| apply_latency(write, &instance, sample_ms))?;
+            .write_async(move |write| apply_latency(write, &instance, sample_ms))
+            .await?;
         Ok(())
     }
 }
@@ -337,16 +339,16 @@ mod tests {
         assert_eq!(latency.samples, 2);
     }
 
-    #[test]
-    fn health_survives_reopening_the_state_store() {
+    #[tokio::test]
+    async fn health_survives_reopening_the_state_store() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
         {
             let health = RouteHealth::new(Arc::new(StateDb::new(path.clone())));
             for _ in 0..FAILURE_THRESHOLD {
-                health.record_outcome("flaky", false, 10).unwrap();
+                health.record_outcome("flaky", false, 10).await.unwrap();
             }
-            health.record_latency("fast", 120).unwrap();
+            health.record_latency("fast", 120).await.unwrap();
         }
         let health = RouteHealth::new(Arc::new(StateDb::new(path)));
         let names = [

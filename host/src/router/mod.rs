@@ -18,13 +18,6 @@ use crate::runtime::{CallError, CostEstimate, ExtensionSet, SandboxSpec, kind_na
 use health::{BreakerState, DEFAULT_EXPECTED_LATENCY_MS, HealthError, RouteHealth};
 use sandboxer_credits::format_credits;
 use serde::Serialize;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
-
-/// At most this many estimates run at once.
-const MAX_CONCURRENT_ESTIMATES: usize = 16;
-/// How long the calling thread runs estimates alone before helpers join.
-const ESTIMATE_PATIENCE: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// One candidate as the decision reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -113,7 +106,7 @@ impl<'a> Router<'a> {
 
     /// Decides the order in which `profile`'s candidates should serve
     /// `spec`. Creates nothing and holds nothing.
-    pub fn decide(
+    pub async fn decide(
         &self,
         profile: &Profile,
         spec: &SandboxSpec,
@@ -180,7 +173,7 @@ impl<'a> Router<'a> {
         }
 
         let lookup = estimate_cache::EstimateLookup::new(&to_estimate, spec);
-        let fresh = estimate_all(lookup.misses(), lookup.spec());
+        let fresh = estimate_all(lookup.misses(), lookup.spec()).await;
         for (index, outcome) in lookup.finish(fresh) {
             let candidate = &mut candidates[index];
             match outcome {
@@ -249,67 +242,15 @@ type EstimateJob = (usize, std::sync::Arc<crate::runtime::Extension>);
 
 /// Runs every estimate and returns them by candidate index.
 ///
-/// The calling thread works through the list itself. Most estimates are
-/// pure arithmetic (tens of microseconds), and on a small machine running
-/// them on several threads at once is slower than one after another. But an
-/// estimate may wait on the network; so if the list is not done after
-/// [`ESTIMATE_PATIENCE`], helper threads (up to [`MAX_CONCURRENT_ESTIMATES`]
-/// in all) take the rest, and slow backends are asked concurrently.
-fn estimate_all(
+/// All of them at once on the caller's task: most estimates are pure
+/// arithmetic (tens of microseconds, each yielding only when done), but one
+/// may wait on the network, and then the others go on meanwhile.
+async fn estimate_all(
     jobs: &[EstimateJob],
     spec: &SandboxSpec,
 ) -> Vec<(usize, Result<CostEstimate, CallError>)> {
-    if jobs.len() <= 1 {
-        return jobs
-            .iter()
-            .map(|(index, extension)| (*index, extension.estimate_cost(spec)))
-            .collect();
-    }
-    let next = AtomicUsize::new(0);
-    let results = Mutex::new(Vec::with_capacity(jobs.len()));
-    let all_claimed = (Mutex::new(false), Condvar::new());
-    let work = || {
-        loop {
-            let job = next.fetch_add(1, Ordering::Relaxed);
-            let Some((index, extension)) = jobs.get(job) else {
-                break;
-            };
-            let outcome = extension.estimate_cost(spec);
-            results
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .push((*index, outcome));
-        }
-    };
-    std::thread::scope(|scope| {
-        // The watchdog only waits and spawns: a small stack starts faster.
-        let watchdog = std::thread::Builder::new()
-            .name("estimate-watchdog".into())
-            .stack_size(64 * 1024);
-        let spawned = watchdog.spawn_scoped(scope, || {
-            let (lock, wakeup) = &all_claimed;
-            let claimed = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let (claimed, _) = wakeup
-                .wait_timeout_while(claimed, ESTIMATE_PATIENCE, |claimed| !*claimed)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            if !*claimed {
-                let remaining = jobs.len().saturating_sub(next.load(Ordering::Relaxed));
-                for _ in 0..remaining.min(MAX_CONCURRENT_ESTIMATES - 1) {
-                    scope.spawn(work);
-                }
-            }
-        });
-        if spawned.is_err() {
-            tracing::warn!("cannot start the estimate watchdog; estimating one after another");
-        }
-        work();
-        *all_claimed
-            .0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = true;
-        all_claimed.1.notify_all();
-    });
-    results
-        .into_inner()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    let asks = jobs
+        .iter()
+        .map(|(index, extension)| async move { (*index, extension.estimate_cost(spec).await) });
+    futures_util::future::join_all(asks).await
 }

@@ -1,16 +1,19 @@
 //! The one wasmtime `Engine` of a host process and its epoch ticker.
 //!
 //! Wall-clock deadlines have two halves. Epoch interruption stops guest code:
-//! a background thread bumps the engine's epoch every [`EPOCH_TICK`], and
-//! each call's store traps once its deadline (in ticks) has passed. A call
-//! blocked inside a host call (a WASI sleep, a socket wait) runs no guest
-//! code, so calls are async and the executor drops them at the deadline. Fuel metering is compiled in so an operator
-//! can give any extension a fuel budget; extensions without one get an
-//! unlimited tank. Component-model async is left out: nothing here uses it
-//! and it costs every call. Instances come from a pooling allocator (no
-//! mmap/munmap per call: about half the cost of a call here), falling back
-//! to on-demand allocation where the pool's address space cannot be
-//! reserved.
+//! a background thread bumps the engine's epoch every [`EPOCH_TICK`]; at each
+//! tick a running guest yields to the executor (so one busy guest never
+//! holds a worker thread), and once its deadline (in ticks) has passed it
+//! traps. A call blocked inside a host call (a WASI sleep, a socket wait)
+//! runs no guest code, so calls are async and the caller drops them at the
+//! deadline. Calls run on the caller's tokio runtime; the runtime needs its
+//! time and I/O drivers (WASI's timers and sockets). Fuel metering is
+//! compiled in so an operator can give any extension a fuel budget;
+//! extensions without one get an unlimited tank. Component-model async is
+//! left out: nothing here uses it and it costs every call. Instances come
+//! from a pooling allocator (no mmap/munmap per call: about half the cost of
+//! a call here), falling back to on-demand allocation where the pool's
+//! address space cannot be reserved.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,17 +58,6 @@ fn base_config() -> Config {
     config.consume_fuel(true);
     config.wasm_backtrace_details(WasmBacktraceDetails::Disable);
     config
-}
-
-/// The executor every call is driven on: calls run on the calling thread
-/// (`block_on`), while one worker drives WASI's timers and sockets.
-pub fn new_executor() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("wasi-io")
-        .enable_time()
-        .enable_io()
-        .build()
 }
 
 /// Epoch ticks that cover `timeout`, plus one so a call never gets less than

@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use wasmtime::component::Component;
-use wasmtime::{Engine, Store, Trap};
+use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
 /// An instance kept for reuse, with its store.
 pub(crate) type IdleInstance = (Store<CallState>, SelfHostedExtension);
@@ -50,47 +50,106 @@ pub(crate) struct Invoker {
     pub config: Arc<BTreeMap<String, String>>,
     pub limits: Limits,
     pub network: Arc<NetworkPolicy>,
-    pub executor: Arc<tokio::runtime::Runtime>,
     pub process: Option<Arc<super::process::ProcessCapability>>,
     /// Instances kept for the next call, when the extension opts into reuse.
     pub idle: Option<Mutex<Vec<IdleInstance>>>,
     /// Keeps deadlines ticking for as long as any extension can be called.
     pub _ticker: Arc<super::engine::EpochTicker>,
+    /// How its calls ended, for `/metrics`.
+    pub stats: Arc<super::stats::CallStats>,
+}
+
+/// One call of the `backend` interface, with its arguments. An enum rather
+/// than a closure so the call's future is a concrete type the compiler can
+/// see is `Send` (a server awaits it on any worker thread).
+pub(crate) enum Call<'a> {
+    Info,
+    EstimateCost(&'a SandboxSpec),
+    Create(&'a SandboxSpec),
+    Destroy(&'a SandboxSpec, &'a SandboxHandle),
+    MeterActual(&'a SandboxSpec, Usage),
+}
+
+impl Call<'_> {
+    /// The WIT name of the function, for errors and logs.
+    pub fn function(&self) -> &'static str {
+        match self {
+            Self::Info => "info",
+            Self::EstimateCost(_) => "estimate-cost",
+            Self::Create(_) => "create",
+            Self::Destroy(..) => "destroy",
+            Self::MeterActual(..) => "meter-actual",
+        }
+    }
+}
+
+/// What a [`Call`] answered.
+pub(crate) enum Answer {
+    Info(ExtensionInfo),
+    EstimateCost(Result<CostEstimate, ExtError>),
+    Create(Result<SandboxHandle, ExtError>),
+    Destroy(Result<Usage, ExtError>),
+    MeterActual(Result<MicroCredits, ExtError>),
+}
+
+impl Answer {
+    /// Whether the extension answered with one of its WIT errors.
+    fn is_backend_error(&self) -> bool {
+        match self {
+            Self::Info(_) => false,
+            Self::EstimateCost(answer) => answer.is_err(),
+            Self::Create(answer) => answer.is_err(),
+            Self::Destroy(answer) => answer.is_err(),
+            Self::MeterActual(answer) => answer.is_err(),
+        }
+    }
 }
 
 impl Invoker {
-    /// Runs `body` against a fresh instance under the instance's limits,
+    /// Runs `call` against a fresh instance under the instance's limits,
     /// with `timeout` as the wall-clock deadline. Key-value writes are
-    /// committed only when `body` returns normally.
-    pub fn call<R>(
-        &self,
-        function: &'static str,
-        timeout: Duration,
-        body: impl AsyncFnOnce(
-            &super::bindings::SelfHostedExtension,
-            &mut Store<CallState>,
-        ) -> wasmtime::Result<R>,
-    ) -> Result<R, CallError> {
-        let (value, kv) = self.call_keeping_kv(function, timeout, body)?;
-        kv.commit().map_err(|error| CallError::Host {
+    /// committed only when the call returns normally.
+    pub async fn call(&self, call: Call<'_>, timeout: Duration) -> Result<Answer, CallError> {
+        let function = call.function();
+        let (answer, kv) = self.call_keeping_kv(call, timeout).await?;
+        kv.commit_async().await.map_err(|error| CallError::Host {
             extension: self.name.to_string(),
             function,
             message: error.to_string(),
         })?;
-        Ok(value)
+        Ok(answer)
     }
 
     /// [`Invoker::call`], handing the call's key-value writes back to the
     /// caller to commit (or drop) instead of committing them.
-    pub fn call_keeping_kv<R>(
+    ///
+    /// The call runs on the caller's task. Guest code yields to the executor
+    /// at every epoch tick (so a busy guest never holds a worker thread for
+    /// long) and traps once its deadline has passed; a call blocked inside a
+    /// host call (a WASI sleep, a socket wait) runs no guest code, and is
+    /// dropped when the same deadline passes.
+    pub async fn call_keeping_kv(
         &self,
-        function: &'static str,
+        call: Call<'_>,
         timeout: Duration,
-        body: impl AsyncFnOnce(
-            &super::bindings::SelfHostedExtension,
-            &mut Store<CallState>,
-        ) -> wasmtime::Result<R>,
-    ) -> Result<(R, KvSession), CallError> {
+    ) -> Result<(Answer, KvSession), CallError> {
+        let function = call.function();
+        let outcome = self.call_counted(call, timeout).await;
+        let counted = match &outcome {
+            Ok((answer, _)) if answer.is_backend_error() => "backend-error",
+            Ok(_) => "ok",
+            Err(error) => super::stats::outcome(error),
+        };
+        self.stats.record(function, counted);
+        outcome
+    }
+
+    async fn call_counted(
+        &self,
+        call: Call<'_>,
+        timeout: Duration,
+    ) -> Result<(Answer, KvSession), CallError> {
+        let function = call.function();
         let kv = KvSession::new(
             self.state.clone(),
             self.name.to_string(),
@@ -121,11 +180,25 @@ impl Invoker {
                 let mut store = Store::new(&self.engine, data);
                 store.limiter(|state| state);
                 store.set_hostcall_fuel(MAX_GUEST_TRANSFER_BYTES);
-                store.epoch_deadline_trap();
                 (store, None)
             }
         };
-        store.set_epoch_deadline(deadline_ticks(timeout));
+        store.data_mut().sandbox_call = match &call {
+            Call::Create(spec) => Some(SandboxCall::create(&spec.sandbox_id)),
+            Call::Destroy(spec, _) => Some(SandboxCall::destroy(&spec.sandbox_id)),
+            _ => None,
+        };
+        let ticks = deadline_ticks(timeout);
+        let mut elapsed_ticks = 0u64;
+        store.epoch_deadline_callback(move |_| {
+            elapsed_ticks += 1;
+            if elapsed_ticks >= ticks {
+                Err(Trap::Interrupt.into())
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        store.set_epoch_deadline(1);
         store
             .set_fuel(self.limits.fuel.unwrap_or(u64::MAX))
             .expect("fuel is enabled on the engine");
@@ -135,15 +208,23 @@ impl Invoker {
                 Some(instance) => instance,
                 None => self.pre.instantiate_async(&mut store).await?,
             };
-            let value = body(&instance, &mut store).await?;
-            Ok::<_, wasmtime::Error>((value, instance))
+            let backend = instance.sandboxer_extension_backend();
+            let answer = match call {
+                Call::Info => Answer::Info(backend.call_info(&mut store).await?),
+                Call::EstimateCost(spec) => {
+                    Answer::EstimateCost(backend.call_estimate_cost(&mut store, spec).await?)
+                }
+                Call::Create(spec) => Answer::Create(backend.call_create(&mut store, spec).await?),
+                Call::Destroy(spec, handle) => {
+                    Answer::Destroy(backend.call_destroy(&mut store, spec, handle).await?)
+                }
+                Call::MeterActual(spec, usage) => {
+                    Answer::MeterActual(backend.call_meter_actual(&mut store, spec, usage).await?)
+                }
+            };
+            Ok::<_, wasmtime::Error>((answer, instance))
         };
-        // Guest code is stopped by the epoch deadline; a call blocked in a
-        // host call is dropped here when the same deadline passes.
-        let outcome = match self
-            .executor
-            .block_on(async { tokio::time::timeout(timeout, work).await })
-        {
+        let outcome = match tokio::time::timeout(timeout, work).await {
             Ok(outcome) => outcome,
             Err(_elapsed) => {
                 return Err(CallError::Timeout {
@@ -154,7 +235,7 @@ impl Invoker {
             }
         };
         match outcome {
-            Ok((value, instance)) => {
+            Ok((answer, instance)) => {
                 let kv = store
                     .data_mut()
                     .take_kv()
@@ -165,7 +246,7 @@ impl Invoker {
                         idle.push((store, instance));
                     }
                 }
-                Ok((value, kv))
+                Ok((answer, kv))
             }
             // A failed call's instance is never reused: after a trap it is dead.
             Err(error) => Err(self.classify(function, timeout, &error, store.data())),
@@ -240,13 +321,11 @@ impl Invoker {
     }
 
     /// Calls `info`; used once, while loading.
-    pub fn info(&self, timeout: Duration) -> Result<ExtensionInfo, CallError> {
-        self.call("info", timeout, async |instance, store| {
-            instance
-                .sandboxer_extension_backend()
-                .call_info(store)
-                .await
-        })
+    pub async fn info(&self, timeout: Duration) -> Result<ExtensionInfo, CallError> {
+        match self.call(Call::Info, timeout).await? {
+            Answer::Info(info) => Ok(info),
+            _ => unreachable!("info answers info"),
+        }
     }
 }
 
@@ -265,8 +344,8 @@ pub struct PendingKv(KvSession);
 
 impl PendingKv {
     /// Commits them on their own.
-    pub fn commit(self) -> Result<(), super::kv::KvError> {
-        self.0.commit()
+    pub async fn commit(self) -> Result<(), super::kv::KvError> {
+        self.0.commit_async().await
     }
 
     /// Writes them into the caller's transaction.
@@ -311,26 +390,33 @@ impl Extension {
         self.invoker.process.as_deref()
     }
 
+    /// How this instance's calls ended so far: (function, outcome, calls).
+    pub fn call_stats(&self) -> Vec<(&'static str, &'static str, u64)> {
+        self.invoker.stats.snapshot()
+    }
+
     /// The component this instance runs (for benchmarks and diagnostics).
     pub fn component(&self) -> &Component {
         &self.invoker.component
     }
 
-    pub fn estimate_cost(&self, spec: &SandboxSpec) -> Result<CostEstimate, CallError> {
+    pub async fn estimate_cost(&self, spec: &SandboxSpec) -> Result<CostEstimate, CallError> {
         const FUNCTION: &str = "estimate-cost";
-        self.invoker
-            .call(FUNCTION, self.timeout(), async |instance, store| {
-                instance
-                    .sandboxer_extension_backend()
-                    .call_estimate_cost(store, spec)
-                    .await
-            })?
-            .map_err(|error| self.invoker.backend_error(FUNCTION, error))
+        match self
+            .invoker
+            .call(Call::EstimateCost(spec), self.timeout())
+            .await?
+        {
+            Answer::EstimateCost(answer) => {
+                answer.map_err(|error| self.invoker.backend_error(FUNCTION, error))
+            }
+            _ => unreachable!("estimate-cost answers an estimate"),
+        }
     }
 
-    pub fn create(&self, spec: &SandboxSpec) -> Result<SandboxHandle, CallError> {
-        let (handle, kv) = self.create_keeping_kv(spec)?;
-        kv.commit().map_err(|error| CallError::Host {
+    pub async fn create(&self, spec: &SandboxSpec) -> Result<SandboxHandle, CallError> {
+        let (handle, kv) = self.create_keeping_kv(spec).await?;
+        kv.commit().await.map_err(|error| CallError::Host {
             extension: self.name.clone(),
             function: "create",
             message: error.to_string(),
@@ -342,20 +428,18 @@ impl Extension {
     /// so the caller can make them durable together with its own record of
     /// the sandbox (one commit instead of two). Until then later calls of
     /// the extension do not see them.
-    pub fn create_keeping_kv(
+    pub async fn create_keeping_kv(
         &self,
         spec: &SandboxSpec,
     ) -> Result<(SandboxHandle, PendingKv), CallError> {
         const FUNCTION: &str = "create";
-        let (answer, kv) =
-            self.invoker
-                .call_keeping_kv(FUNCTION, self.timeout(), async |instance, store| {
-                    store.data_mut().sandbox_call = Some(SandboxCall::create(&spec.sandbox_id));
-                    instance
-                        .sandboxer_extension_backend()
-                        .call_create(store, spec)
-                        .await
-                })?;
+        let (answer, kv) = self
+            .invoker
+            .call_keeping_kv(Call::Create(spec), self.timeout())
+            .await?;
+        let Answer::Create(answer) = answer else {
+            unreachable!("create answers a handle")
+        };
         let handle = answer.map_err(|error| self.invoker.backend_error(FUNCTION, error))?;
         let too_large = |field, size, limit| CallError::OutputTooLarge {
             extension: self.name.clone(),
@@ -379,9 +463,13 @@ impl Extension {
         Ok((handle, PendingKv(kv)))
     }
 
-    pub fn destroy(&self, spec: &SandboxSpec, handle: &SandboxHandle) -> Result<Usage, CallError> {
-        let (usage, kv) = self.destroy_keeping_kv(spec, handle)?;
-        kv.commit().map_err(|error| CallError::Host {
+    pub async fn destroy(
+        &self,
+        spec: &SandboxSpec,
+        handle: &SandboxHandle,
+    ) -> Result<Usage, CallError> {
+        let (usage, kv) = self.destroy_keeping_kv(spec, handle).await?;
+        kv.commit().await.map_err(|error| CallError::Host {
             extension: self.name.clone(),
             function: "destroy",
             message: error.to_string(),
@@ -393,38 +481,38 @@ impl Extension {
     /// writes so the caller can make them durable in the same commit as the
     /// usage it records: a crash then loses both (destroy runs again and
     /// reports the same) or neither.
-    pub fn destroy_keeping_kv(
+    pub async fn destroy_keeping_kv(
         &self,
         spec: &SandboxSpec,
         handle: &SandboxHandle,
     ) -> Result<(Usage, PendingKv), CallError> {
         const FUNCTION: &str = "destroy";
-        let (answer, kv) =
-            self.invoker
-                .call_keeping_kv(FUNCTION, self.timeout(), async |instance, store| {
-                    store.data_mut().sandbox_call = Some(SandboxCall::destroy(&spec.sandbox_id));
-                    instance
-                        .sandboxer_extension_backend()
-                        .call_destroy(store, spec, handle)
-                        .await
-                })?;
+        let (answer, kv) = self
+            .invoker
+            .call_keeping_kv(Call::Destroy(spec, handle), self.timeout())
+            .await?;
+        let Answer::Destroy(answer) = answer else {
+            unreachable!("destroy answers usage")
+        };
         let usage = answer.map_err(|error| self.invoker.backend_error(FUNCTION, error))?;
         Ok((usage, PendingKv(kv)))
     }
 
-    pub fn meter_actual(
+    pub async fn meter_actual(
         &self,
         spec: &SandboxSpec,
         usage: Usage,
     ) -> Result<MicroCredits, CallError> {
         const FUNCTION: &str = "meter-actual";
-        self.invoker
-            .call(FUNCTION, self.timeout(), async |instance, store| {
-                instance
-                    .sandboxer_extension_backend()
-                    .call_meter_actual(store, spec, usage)
-                    .await
-            })?
-            .map_err(|error| self.invoker.backend_error(FUNCTION, error))
+        match self
+            .invoker
+            .call(Call::MeterActual(spec, usage), self.timeout())
+            .await?
+        {
+            Answer::MeterActual(answer) => {
+                answer.map_err(|error| self.invoker.backend_error(FUNCTION, error))
+            }
+            _ => unreachable!("meter-actual answers an amount"),
+        }
     }
 }

@@ -352,13 +352,24 @@ impl KvSession {
     }
 
     /// Makes the call's writes durable in one transaction. Nothing to write
-    /// costs nothing.
+    /// costs nothing. Blocks the thread: async callers use
+    /// [`KvSession::commit_async`].
     pub fn commit(self) -> Result<(), KvError> {
         if self.pending.is_empty() {
             return Ok(());
         }
         let state = self.state.clone();
         state.write(move |write| self.apply(write))?;
+        Ok(())
+    }
+
+    /// [`KvSession::commit`], awaited.
+    pub async fn commit_async(self) -> Result<(), KvError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let state = self.state.clone();
+        state.write_async(move |write| self.apply(write)).await?;
         Ok(())
     }
 

@@ -47,7 +47,25 @@ pub fn instance_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-pub(super) fn load(runtime: &Runtime, path: &Path) -> Result<Extension, String> {
+/// A file that passed every check that needs no call of the guest: what
+/// [`finish`] completes with `info()`.
+pub(super) struct Prepared {
+    name: String,
+    file: PathBuf,
+    sidecar: Sidecar,
+    imports: Vec<super::capabilities::ImportedInterface>,
+    sha256: String,
+    cache: CacheOutcome,
+    invoker: Invoker,
+    /// The key of the kept `info()` answer, and the answer when it is kept.
+    inputs_sha256: String,
+    kept_info: Option<ExtensionInfo>,
+}
+
+/// Every check up to `info()`: reading, the header, the sidecar, compiling
+/// (or the verified cache), imports and exports, pre-instantiation. CPU and
+/// disk bound: the async loader runs it on a blocking thread.
+pub(super) fn prepare(runtime: &Runtime, path: &Path) -> Result<Prepared, String> {
     let name = instance_name(path);
     // Taken before the file is looked at: a digest remembered from this read
     // can only vouch for versions that had settled by then.
@@ -200,26 +218,55 @@ pub(super) fn load(runtime: &Runtime, path: &Path) -> Result<Extension, String> 
         config: Arc::new(sidecar.config.clone()),
         limits: sidecar.limits.clone(),
         network: Arc::new(NetworkPolicy::from_grants(&sidecar.grants.network)),
-        executor: runtime.executor.clone(),
         process,
         idle: sidecar
             .limits
             .reuse_instances
             .then(|| std::sync::Mutex::new(Vec::new())),
         _ticker: runtime.ticker.clone(),
+        stats: Arc::default(),
     };
     // info() is a declaration: a function of the component and what its
     // sidecar gives it (docs/extensions.md). Its answer is kept beside the
     // artifact and the call is made again only for a new component, a
     // changed sidecar or another instance name.
     let inputs_sha256 = info_inputs_sha256(&name, sidecar_text.as_deref());
-    let info = match runtime.cache.remembered_info(&sha256, &inputs_sha256) {
+    let kept_info = runtime.cache.remembered_info(&sha256, &inputs_sha256);
+    Ok(Prepared {
+        name,
+        file: path.to_path_buf(),
+        sidecar,
+        imports,
+        sha256,
+        cache,
+        invoker,
+        inputs_sha256,
+        kept_info,
+    })
+}
+
+/// The last check: `info()` under a short deadline (or its kept answer),
+/// and a plausible answer.
+pub(super) async fn finish(runtime: &Runtime, prepared: Prepared) -> Result<Extension, String> {
+    let Prepared {
+        name,
+        file,
+        sidecar,
+        imports,
+        sha256,
+        cache,
+        invoker,
+        inputs_sha256,
+        kept_info,
+    } = prepared;
+    let info = match kept_info {
         Some(info) => info,
         None => {
             let info_timeout =
                 Duration::from_millis(INFO_TIMEOUT_MS.min(sidecar.limits.timeout_ms));
             let info = invoker
                 .info(info_timeout)
+                .await
                 .map_err(|error| format!("info() failed: {error}"))?;
             check_info(&info)?;
             runtime.cache.remember_info(&sha256, &inputs_sha256, &info);
@@ -230,7 +277,7 @@ pub(super) fn load(runtime: &Runtime, path: &Path) -> Result<Extension, String> 
 
     Ok(Extension {
         name,
-        file: path.to_path_buf(),
+        file,
         info,
         limits: sidecar.limits,
         grants: sidecar.grants,

@@ -9,6 +9,7 @@
 mod cache;
 mod call_state;
 mod capabilities;
+pub mod catalog;
 mod engine;
 mod error;
 mod extension;
@@ -20,6 +21,7 @@ mod network;
 pub mod process;
 mod process_host;
 pub mod sidecar;
+pub mod stats;
 
 pub mod bindings {
     //! Host-side bindings generated from `wit/`.
@@ -43,6 +45,7 @@ pub use bindings::sandboxer::extension::types::{
 };
 pub use cache::CacheOutcome;
 pub use capabilities::ImportedInterface;
+pub use catalog::ExtensionCatalog;
 pub use engine::EPOCH_TICK;
 pub use error::{CallError, describe_ext_error};
 pub use extension::{Extension, PendingKv};
@@ -117,13 +120,16 @@ pub enum RuntimeError {
     },
 }
 
+/// The engine, the linker, the cache and the settings extensions are loaded
+/// with. Cheap to clone (every part is shared), so loading can move work to
+/// blocking threads.
+#[derive(Clone)]
 pub struct Runtime {
     engine: Engine,
-    linker: Linker<CallState>,
-    cache: cache::ArtifactCache,
+    linker: Arc<Linker<CallState>>,
+    cache: Arc<cache::ArtifactCache>,
     state: Arc<StateDb>,
     ticker: Arc<engine::EpochTicker>,
-    executor: Arc<tokio::runtime::Runtime>,
     on_compile: Option<CompileNotice>,
     /// Where sandbox processes live and the supervisor that starts them;
     /// without it, extensions granted `process` are refused.
@@ -147,17 +153,14 @@ impl Runtime {
             |state| state,
         )
         .map_err(engine_error)?;
-        let cache = cache::ArtifactCache::new(cache_dir, &engine);
+        let cache = Arc::new(cache::ArtifactCache::new(cache_dir, &engine));
         let ticker = Arc::new(engine::EpochTicker::start(&engine));
-        let executor = engine::new_executor()
-            .map_err(|error| RuntimeError::Engine(format!("cannot start the executor: {error}")))?;
         Ok(Self {
             engine,
-            linker,
+            linker: Arc::new(linker),
             cache,
             state,
             ticker,
-            executor: Arc::new(executor),
             on_compile: None,
             processes: None,
         })
@@ -192,19 +195,23 @@ impl Runtime {
         &self.engine
     }
 
-    /// The executor calls run on (WASI's timers and sockets need it).
-    pub fn executor(&self) -> &Arc<tokio::runtime::Runtime> {
-        &self.executor
-    }
-
     /// Where the precompiled artifact of a component with this hash lives.
     pub fn cache_entry_path(&self, content_sha256: &str) -> PathBuf {
         self.cache.entry_path(content_sha256)
     }
 
     /// Runs every load check on one file. The instance name is its stem.
-    pub fn load_file(&self, path: &Path) -> ExtensionEntry {
-        let status = loader::load(self, path).map(Arc::new);
+    /// Compiling runs on a blocking thread; `info()` on the caller's task.
+    pub async fn load_file(&self, path: &Path) -> ExtensionEntry {
+        let runtime = self.clone();
+        let file = path.to_path_buf();
+        let prepared = tokio::task::spawn_blocking(move || loader::prepare(&runtime, &file))
+            .await
+            .unwrap_or_else(|panicked| Err(format!("the loader failed: {panicked}")));
+        let status = match prepared {
+            Ok(prepared) => loader::finish(self, prepared).await.map(Arc::new),
+            Err(reason) => Err(reason),
+        };
         if let Err(reason) = &status {
             tracing::debug!(file = %path.display(), "extension rejected: {reason}");
         }
@@ -215,9 +222,8 @@ impl Runtime {
         }
     }
 
-    /// Loads every `*.wasm` in `dir`. One bad file is one rejected entry;
-    /// it never stops the others from loading.
-    pub fn load_dir(&self, dir: &Path) -> Result<ExtensionSet, RuntimeError> {
+    /// The `*.wasm` files of `dir`, by instance name.
+    pub fn extension_files(dir: &Path) -> Result<BTreeMap<String, PathBuf>, RuntimeError> {
         let read_dir = std::fs::read_dir(dir).map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound => RuntimeError::NoExtensionsDir {
                 path: dir.to_path_buf(),
@@ -242,7 +248,34 @@ impl Runtime {
                 files.insert(instance_name(&path), path);
             }
         }
-        let entries = files.values().map(|path| self.load_file(path)).collect();
-        Ok(ExtensionSet { entries })
+        Ok(files)
+    }
+
+    /// Loads every `*.wasm` in `dir`, several at once (as many as the
+    /// machine has cores). One bad file is one rejected entry; it never
+    /// stops the others from loading.
+    pub async fn load_dir(&self, dir: &Path) -> Result<ExtensionSet, RuntimeError> {
+        let files = Self::extension_files(dir)?;
+        let parallel = std::thread::available_parallelism().map_or(2, |cores| cores.get());
+        let permits = Arc::new(tokio::sync::Semaphore::new(parallel));
+        let mut loading = tokio::task::JoinSet::new();
+        for (index, path) in files.into_values().enumerate() {
+            let runtime = self.clone();
+            let permits = permits.clone();
+            loading.spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                (index, runtime.load_file(&path).await)
+            });
+        }
+        let mut entries = Vec::new();
+        while let Some(joined) = loading.join_next().await {
+            if let Ok(entry) = joined {
+                entries.push(entry);
+            }
+        }
+        entries.sort_by_key(|(index, _)| *index);
+        Ok(ExtensionSet {
+            entries: entries.into_iter().map(|(_, entry)| entry).collect(),
+        })
     }
 }
