@@ -103,10 +103,25 @@ impl Ledger {
         self.writer.submit(job).ok_or(LedgerError::WriterStopped)?
     }
 
+    async fn send_async(&self, job: Job) -> Result<Receipt, LedgerError> {
+        self.writer
+            .submit_async(job)
+            .await
+            .ok_or(LedgerError::WriterStopped)?
+    }
+
     /// Applies one operation durably and returns its receipt (the first
     /// receipt again when its key was already used for the same operation).
+    /// Blocks the calling thread until the commit: async callers use
+    /// [`Ledger::submit_async`] and the `*_async` operations.
     pub fn submit(&self, operation: Operation) -> Result<Receipt, LedgerError> {
         self.send(Job::Apply(operation))
+    }
+
+    /// [`Ledger::submit`], awaited: the executor's thread is free while the
+    /// group commit is on the disk.
+    pub async fn submit_async(&self, operation: Operation) -> Result<Receipt, LedgerError> {
+        self.send_async(Job::Apply(operation)).await
     }
 
     /// Adds credits to a tenant. Without a key every call adds; with one, the
@@ -117,18 +132,19 @@ impl Ledger {
         amount: u64,
         key: Option<&str>,
     ) -> Result<GrantReceipt, LedgerError> {
-        let key = key.map_or_else(
-            || format!("auto-{:032x}", rand::random::<u128>()),
-            str::to_string,
-        );
-        match self.submit(Operation::Grant {
-            tenant: tenant.into(),
-            amount,
-            key,
-        })? {
-            Receipt::Grant(receipt) => Ok(receipt),
-            other => Err(unexpected(other)),
-        }
+        into_grant(self.submit(grant_operation(tenant, amount, key))?)
+    }
+
+    pub async fn grant_async(
+        &self,
+        tenant: &str,
+        amount: u64,
+        key: Option<&str>,
+    ) -> Result<GrantReceipt, LedgerError> {
+        into_grant(
+            self.submit_async(grant_operation(tenant, amount, key))
+                .await?,
+        )
     }
 
     /// Reserves `amount` of a tenant's available credits for a sandbox until
@@ -141,47 +157,80 @@ impl Ledger {
         extension: &str,
         expires_at_ms: u64,
     ) -> Result<HoldReceipt, LedgerError> {
-        let operation = Operation::Hold {
-            tenant: tenant.into(),
-            amount,
-            sandbox_id: sandbox_id.into(),
-            extension: extension.into(),
-            expires_at_ms,
-        };
-        match self.submit(operation)? {
-            Receipt::Hold(receipt) => Ok(receipt),
-            other => Err(unexpected(other)),
-        }
+        let operation = hold_operation(tenant, amount, sandbox_id, extension, expires_at_ms);
+        into_hold(self.submit(operation)?)
+    }
+
+    pub async fn hold_async(
+        &self,
+        tenant: &str,
+        amount: u64,
+        sandbox_id: &str,
+        extension: &str,
+        expires_at_ms: u64,
+    ) -> Result<HoldReceipt, LedgerError> {
+        let operation = hold_operation(tenant, amount, sandbox_id, extension, expires_at_ms);
+        into_hold(self.submit_async(operation).await?)
     }
 
     /// Charges a sandbox's actual cost and releases the rest of its hold.
     pub fn settle(&self, sandbox_id: &str, actual: u64) -> Result<SettleReceipt, LedgerError> {
-        match self.submit(Operation::Settle {
-            sandbox_id: sandbox_id.into(),
-            actual,
-        })? {
-            Receipt::Settle(receipt) => Ok(receipt),
-            other => Err(unexpected(other)),
-        }
+        into_settle(self.submit(settle_operation(sandbox_id, actual))?)
+    }
+
+    pub async fn settle_async(
+        &self,
+        sandbox_id: &str,
+        actual: u64,
+    ) -> Result<SettleReceipt, LedgerError> {
+        into_settle(
+            self.submit_async(settle_operation(sandbox_id, actual))
+                .await?,
+        )
     }
 
     /// Releases a sandbox's hold without charging anything.
     pub fn void(&self, sandbox_id: &str, reason: &str) -> Result<VoidReceipt, LedgerError> {
-        match self.submit(Operation::Void {
+        into_void(self.submit(void_operation(sandbox_id, reason))?)
+    }
+
+    pub async fn void_async(
+        &self,
+        sandbox_id: &str,
+        reason: &str,
+    ) -> Result<VoidReceipt, LedgerError> {
+        into_void(
+            self.submit_async(void_operation(sandbox_id, reason))
+                .await?,
+        )
+    }
+
+    /// Raises an open hold by `add` and moves its expiry (an extended
+    /// sandbox); refused, changing nothing, when the tenant cannot cover it.
+    pub async fn extend_async(
+        &self,
+        sandbox_id: &str,
+        add: u64,
+        expires_at_ms: u64,
+    ) -> Result<ExtendReceipt, LedgerError> {
+        let operation = Operation::Extend {
             sandbox_id: sandbox_id.into(),
-            reason: reason.into(),
-        })? {
-            Receipt::Void(receipt) => Ok(receipt),
+            add,
+            expires_at_ms,
+        };
+        match self.submit_async(operation).await? {
+            Receipt::Extend(receipt) => Ok(receipt),
             other => Err(unexpected(other)),
         }
     }
 
     /// Closes every open hold that expires at or before `now_ms`.
     pub fn expire_due(&self, now_ms: u64) -> Result<Vec<ExpiredHold>, LedgerError> {
-        match self.submit(Operation::ExpireDue { now_ms })? {
-            Receipt::Expired { holds } => Ok(holds),
-            other => Err(unexpected(other)),
-        }
+        into_expired(self.submit(Operation::ExpireDue { now_ms })?)
+    }
+
+    pub async fn expire_due_async(&self, now_ms: u64) -> Result<Vec<ExpiredHold>, LedgerError> {
+        into_expired(self.submit_async(Operation::ExpireDue { now_ms }).await?)
     }
 
     /// A tenant's balance, held and available credits. Asking about the
@@ -191,6 +240,18 @@ impl Ledger {
         if tenant == DEFAULT_TENANT && !self.has_key("grant/default-credits")? {
             self.send(Job::EnsureDefaultCredits)?;
         }
+        self.summary_now(tenant)
+    }
+
+    pub async fn summary_async(&self, tenant: &str) -> Result<TenantSummary, LedgerError> {
+        check_name("tenant", tenant).map_err(LedgerError::InvalidInput)?;
+        if tenant == DEFAULT_TENANT && !self.has_key("grant/default-credits")? {
+            self.send_async(Job::EnsureDefaultCredits).await?;
+        }
+        self.summary_now(tenant)
+    }
+
+    fn summary_now(&self, tenant: &str) -> Result<TenantSummary, LedgerError> {
         let totals = self.account_totals(&tenant_account(tenant))?;
         Ok(TenantSummary {
             tenant: tenant.into(),
@@ -199,6 +260,20 @@ impl Ledger {
             available: totals.available(),
             overrun: totals.overrun,
         })
+    }
+
+    /// Whether a tenant has ever had an entry in the journal (or is the
+    /// default tenant, which exists from the start).
+    pub fn knows_tenant(&self, tenant: &str) -> Result<bool, LedgerError> {
+        if tenant == DEFAULT_TENANT {
+            return Ok(true);
+        }
+        let read = self.database.begin_read().map_err(storage)?;
+        let index = read.open_table(TENANT_ENTRIES).map_err(storage)?;
+        let mut entries = index
+            .range((tenant, 0)..=(tenant, u64::MAX))
+            .map_err(storage)?;
+        Ok(entries.next().is_some())
     }
 
     /// Totals of any account (`tenant:…`, `revenue:…`, `system:…`).
@@ -210,6 +285,30 @@ impl Ledger {
             .map_err(storage)?
             .map(|row| store::totals_from_row(row.value()))
             .unwrap_or_default())
+    }
+
+    /// Micro-credits charged in all: the posted credits of every
+    /// extension's revenue account (saturating).
+    pub fn revenue_total(&self) -> Result<u64, LedgerError> {
+        let read = self.database.begin_read().map_err(storage)?;
+        let accounts = read.open_table(store::ACCOUNTS).map_err(storage)?;
+        let mut total = 0u64;
+        for row in accounts.range("revenue:".."revenue;").map_err(storage)? {
+            let (_, totals) = row.map_err(storage)?;
+            total = total.saturating_add(store::totals_from_row(totals.value()).credits_posted);
+        }
+        Ok(total)
+    }
+
+    /// The newest outbox sequence number (0 when empty): where a live
+    /// stream of new events starts.
+    pub fn outbox_last_seq(&self) -> Result<u64, LedgerError> {
+        let read = self.database.begin_read().map_err(storage)?;
+        let outbox = read.open_table(store::OUTBOX).map_err(storage)?;
+        Ok(outbox
+            .last()
+            .map_err(storage)?
+            .map_or(0, |(seq, _)| seq.value()))
     }
 
     fn has_key(&self, key: &str) -> Result<bool, LedgerError> {
@@ -327,6 +426,83 @@ impl Ledger {
     pub fn verify(&self) -> Result<VerifyReport, LedgerError> {
         let read = self.database.begin_read().map_err(storage)?;
         verify::verify(&read)
+    }
+}
+
+fn grant_operation(tenant: &str, amount: u64, key: Option<&str>) -> Operation {
+    let key = key.map_or_else(
+        || format!("auto-{:032x}", rand::random::<u128>()),
+        str::to_string,
+    );
+    Operation::Grant {
+        tenant: tenant.into(),
+        amount,
+        key,
+    }
+}
+
+fn hold_operation(
+    tenant: &str,
+    amount: u64,
+    sandbox_id: &str,
+    extension: &str,
+    expires_at_ms: u64,
+) -> Operation {
+    Operation::Hold {
+        tenant: tenant.into(),
+        amount,
+        sandbox_id: sandbox_id.into(),
+        extension: extension.into(),
+        expires_at_ms,
+    }
+}
+
+fn settle_operation(sandbox_id: &str, actual: u64) -> Operation {
+    Operation::Settle {
+        sandbox_id: sandbox_id.into(),
+        actual,
+    }
+}
+
+fn void_operation(sandbox_id: &str, reason: &str) -> Operation {
+    Operation::Void {
+        sandbox_id: sandbox_id.into(),
+        reason: reason.into(),
+    }
+}
+
+fn into_grant(receipt: Receipt) -> Result<GrantReceipt, LedgerError> {
+    match receipt {
+        Receipt::Grant(receipt) => Ok(receipt),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn into_hold(receipt: Receipt) -> Result<HoldReceipt, LedgerError> {
+    match receipt {
+        Receipt::Hold(receipt) => Ok(receipt),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn into_settle(receipt: Receipt) -> Result<SettleReceipt, LedgerError> {
+    match receipt {
+        Receipt::Settle(receipt) => Ok(receipt),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn into_void(receipt: Receipt) -> Result<VoidReceipt, LedgerError> {
+    match receipt {
+        Receipt::Void(receipt) => Ok(receipt),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn into_expired(receipt: Receipt) -> Result<Vec<ExpiredHold>, LedgerError> {
+    match receipt {
+        Receipt::Expired { holds } => Ok(holds),
+        other => Err(unexpected(other)),
     }
 }
 

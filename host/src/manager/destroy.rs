@@ -29,13 +29,13 @@ impl SandboxManager {
     /// be destroyed (its extension is gone, or destroy keeps failing) is
     /// closed and billed the wall time the host measured, at its estimate's
     /// rate.
-    pub fn destroy(&self, id: &str, force: bool) -> Result<SandboxStatus, ManagerError> {
-        let _guard = self.lock(id);
+    pub async fn destroy(&self, id: &str, force: bool) -> Result<SandboxStatus, ManagerError> {
+        let _guard = self.lock(id).await;
         let record = self.get(id)?;
-        self.destroy_locked(record, force)
+        self.destroy_locked(record, force).await
     }
 
-    pub(super) fn destroy_locked(
+    pub(super) async fn destroy_locked(
         &self,
         mut record: SandboxStatus,
         force: bool,
@@ -44,25 +44,29 @@ impl SandboxManager {
             SandboxState::Destroyed | SandboxState::Failed => return Ok(record),
             SandboxState::Requested => {
                 // Nothing was held or created before a backend was chosen.
-                self.fail(&mut record, "create was interrupted before it began".into())?;
+                self.fail(&mut record, "create was interrupted before it began".into())
+                    .await?;
                 return Ok(record);
             }
-            SandboxState::Provisioning => return self.recover_create(record, force),
+            SandboxState::Provisioning => match self.recover_create(record, force).await? {
+                Recovery::Finished(record) => return Ok(*record),
+                Recovery::ToDestroy(recovered) => record = *recovered,
+            },
             SandboxState::Ready | SandboxState::Expired | SandboxState::Destroying => {}
         }
         let extension = match self.loaded_extension(&record) {
             Ok(extension) => extension,
-            Err(why) => return self.cannot_destroy(record, force, why),
+            Err(why) => return self.cannot_destroy(record, force, why).await,
         };
 
         if record.meter.reported_usage.is_none() {
             if record.state != SandboxState::Destroying {
                 record.state = SandboxState::Destroying;
-                self.save(&mut record)?;
+                self.save(&mut record).await?;
             }
             let host_wall_ms = host_wall_ms(&record);
             let outcome = match &record.handle {
-                Some(handle) => extension.destroy_keeping_kv(&record.spec, handle),
+                Some(handle) => extension.destroy_keeping_kv(&record.spec, handle).await,
                 None => Err(CallError::Backend {
                     extension: extension.name.clone(),
                     function: "destroy",
@@ -76,7 +80,8 @@ impl SandboxManager {
                     record.meter.basis = Some(METERED.into());
                     // The usage is durable before it is billed, together
                     // with what the extension wrote while destroying.
-                    self.save_quietly_with(&mut record, move |write| pending_kv.apply(write))?;
+                    self.save_quietly_with(&mut record, move |write| pending_kv.apply(write))
+                        .await?;
                 }
                 Err(CallError::Backend {
                     error: ExtError::NotFound(message),
@@ -89,9 +94,9 @@ impl SandboxManager {
                     record.note = Some(format!(
                         "the backend no longer knew it ({message}); billed the host-measured wall time"
                     ));
-                    self.save_quietly_with(&mut record, |_| Ok(()))?;
+                    self.save_quietly_with(&mut record, |_| Ok(())).await?;
                 }
-                Err(error) => return self.destroy_failed(record, force, error),
+                Err(error) => return self.destroy_failed(record, force, error).await,
             }
         }
 
@@ -100,9 +105,9 @@ impl SandboxManager {
         let asked = if record.meter.basis.as_deref() == Some(HOST_MEASURED) {
             charge::prorated(rate_per_hour(&record), host_wall_ms)
         } else {
-            match extension.meter_actual(&record.spec, usage) {
+            match extension.meter_actual(&record.spec, usage).await {
                 Ok(asked) => asked,
-                Err(error) => return self.destroy_failed(record, force, error),
+                Err(error) => return self.destroy_failed(record, force, error).await,
             }
         };
         let decision = charge::decide(
@@ -112,31 +117,26 @@ impl SandboxManager {
             host_wall_ms,
             extension.billing.charge_tolerance_ppm,
         );
-        self.settle_and_finish(record, decision)
+        self.settle_and_finish(record, decision).await
     }
 
-    /// The loaded extension a record runs on, or why there is none.
+    /// The extension a record runs on (the one loaded now, or a retired
+    /// version kept for its sandboxes), or why there is none.
     fn loaded_extension(&self, record: &SandboxStatus) -> Result<Arc<Extension>, String> {
         let name = record.extension.clone().unwrap_or_default();
-        match self.extensions.entry(&name) {
-            Some(entry) => match &entry.status {
-                Ok(extension) => Ok(extension.clone()),
-                Err(reason) => Err(format!("rejected: {reason}")),
-            },
-            None => Err("no such file in the extensions directory".into()),
-        }
+        self.extensions.for_existing(&name)
     }
 
     /// Settles the hold at the decided charge and records the end. A hold
     /// already settled answers with its first charge (adopted here); a hold
     /// already voided (an operator, or reconcile) charges nothing.
-    fn settle_and_finish(
+    async fn settle_and_finish(
         &self,
         mut record: SandboxStatus,
         mut decision: ChargeDecision,
     ) -> Result<SandboxStatus, ManagerError> {
         if let Some(hold_id) = record.meter.hold_id.clone() {
-            match self.ledger.settle(&hold_id, decision.charged) {
+            match self.ledger.settle_async(&hold_id, decision.charged).await {
                 Ok(receipt) => decision.charged = receipt.charged,
                 Err(LedgerError::HoldClosed { state, .. }) => {
                     decision.charged = 0;
@@ -184,20 +184,23 @@ impl SandboxManager {
                     .map_err(|error| error.to_string())?;
             }
             Ok(())
-        })?;
+        })
+        .await?;
         Ok(record)
     }
 
     /// A destroy (or meter-actual) call failed: try again later, or with
     /// `force` bill the host's own measurement and close the sandbox.
-    fn destroy_failed(
+    async fn destroy_failed(
         &self,
         mut record: SandboxStatus,
         force: bool,
         error: CallError,
     ) -> Result<SandboxStatus, ManagerError> {
         if force {
-            return self.bill_host_measured(record, format!("forced after: {error}"));
+            return self
+                .bill_host_measured(record, format!("forced after: {error}"))
+                .await;
         }
         let state = if record.state == SandboxState::Provisioning {
             SandboxState::Provisioning
@@ -209,7 +212,7 @@ impl SandboxManager {
         let delay = destroy_retry_delay_ms(record.destroy_failures);
         record.retry_at_ms = Some(now_ms().saturating_add(delay));
         record.note = Some(error.to_string());
-        self.save_quietly_with(&mut record, |_| Ok(()))?;
+        self.save_quietly_with(&mut record, |_| Ok(())).await?;
         Err(ManagerError::DestroyFailed {
             id: record.id,
             error: error.to_string(),
@@ -218,7 +221,7 @@ impl SandboxManager {
         })
     }
 
-    fn cannot_destroy(
+    async fn cannot_destroy(
         &self,
         record: SandboxStatus,
         force: bool,
@@ -226,10 +229,12 @@ impl SandboxManager {
     ) -> Result<SandboxStatus, ManagerError> {
         let extension = record.extension.clone().unwrap_or_default();
         if force {
-            return self.bill_host_measured(
-                record,
-                format!("forced: extension `{extension}` is not loaded ({why})"),
-            );
+            return self
+                .bill_host_measured(
+                    record,
+                    format!("forced: extension `{extension}` is not loaded ({why})"),
+                )
+                .await;
         }
         Err(ManagerError::ExtensionNotLoaded {
             id: record.id.clone(),
@@ -242,7 +247,7 @@ impl SandboxManager {
     /// Closes a sandbox whose backend cannot report: the charge is the
     /// estimate's rate over the wall time the host measured (from ready, or
     /// from the create attempt when it never became ready, until now).
-    fn bill_host_measured(
+    async fn bill_host_measured(
         &self,
         mut record: SandboxStatus,
         note: String,
@@ -262,7 +267,7 @@ impl SandboxManager {
             wall_ms,
             UNIT_TOLERANCE_PPM,
         );
-        self.settle_and_finish(record, decision)
+        self.settle_and_finish(record, decision).await
     }
 
     /// A record left in `provisioning`: the create may or may not have
@@ -271,14 +276,15 @@ impl SandboxManager {
     /// lags; an open (or expired) one, create may have run, so the handle is
     /// recovered by calling create again (idempotent by sandbox id) and the
     /// sandbox destroyed and billed.
-    pub(super) fn recover_create(
+    async fn recover_create(
         &self,
         mut record: SandboxStatus,
         force: bool,
-    ) -> Result<SandboxStatus, ManagerError> {
+    ) -> Result<Recovery, ManagerError> {
         let Some(hold_id) = record.meter.hold_id.clone() else {
-            self.fail(&mut record, "create was interrupted before it began".into())?;
-            return Ok(record);
+            self.fail(&mut record, "create was interrupted before it began".into())
+                .await?;
+            return Ok(Recovery::Finished(Box::new(record)));
         };
         let hold = self.ledger.hold_record(&hold_id)?;
         match hold.map(|hold| hold.state) {
@@ -287,16 +293,18 @@ impl SandboxManager {
                     &mut record,
                     "create was interrupted before its credits were held; nothing was created"
                         .into(),
-                )?;
-                Ok(record)
+                )
+                .await?;
+                Ok(Recovery::Finished(Box::new(record)))
             }
             Some(HoldState::Voided) => {
                 record.meter.hold = None;
                 self.fail(
                     &mut record,
                     "create was interrupted after its attempt ended; its hold was voided".into(),
-                )?;
-                Ok(record)
+                )
+                .await?;
+                Ok(Recovery::Finished(Box::new(record)))
             }
             Some(HoldState::Settled) => {
                 let charged = self
@@ -310,24 +318,32 @@ impl SandboxManager {
                     charged,
                     disputed: 0,
                 };
-                self.settle_and_finish(record, decision)
+                let record = self.settle_and_finish(record, decision).await?;
+                Ok(Recovery::Finished(Box::new(record)))
             }
             Some(HoldState::Open | HoldState::Expired) => {
                 record.meter.hold = Some(record.meter.estimate.unwrap_or(0));
                 let extension = match self.loaded_extension(&record) {
                     Ok(extension) => extension,
                     Err(why) if force => {
-                        self.void_hold(&hold_id, "forced: create was interrupted")?;
+                        self.void_hold(&hold_id, "forced: create was interrupted")
+                            .await?;
                         record.meter.hold = None;
                         self.fail(
                             &mut record,
                             format!("forced: create was interrupted and its extension is not loaded ({why}); hold voided"),
-                        )?;
-                        return Ok(record);
+                        )
+                        .await?;
+                        return Ok(Recovery::Finished(Box::new(record)));
                     }
-                    Err(why) => return self.cannot_destroy(record, false, why),
+                    Err(why) => {
+                        return self
+                            .cannot_destroy(record, false, why)
+                            .await
+                            .map(|record| Recovery::Finished(Box::new(record)));
+                    }
                 };
-                match extension.create_keeping_kv(&record.spec) {
+                match extension.create_keeping_kv(&record.spec).await {
                     Ok((handle, pending_kv)) => {
                         let started = record
                             .attempts
@@ -339,34 +355,50 @@ impl SandboxManager {
                         record.note = Some(
                             "create was interrupted; recovered its handle to destroy it".into(),
                         );
-                        self.save_with(&mut record, move |write| pending_kv.apply(write))?;
-                        self.destroy_locked(record, force)
+                        self.save_with(&mut record, move |write| pending_kv.apply(write))
+                            .await?;
+                        Ok(Recovery::ToDestroy(Box::new(record)))
                     }
                     Err(CallError::Backend { error, .. }) => {
                         // The backend answered: it has no such sandbox.
                         let message = crate::runtime::describe_ext_error(&error);
-                        self.void_hold(&hold_id, "create was interrupted; nothing was created")?;
+                        self.void_hold(&hold_id, "create was interrupted; nothing was created")
+                            .await?;
                         record.meter.hold = None;
                         self.fail(
                             &mut record,
                             format!("create was interrupted; the backend has nothing to destroy ({message}); hold voided"),
-                        )?;
-                        Ok(record)
+                        )
+                        .await?;
+                        Ok(Recovery::Finished(Box::new(record)))
                     }
                     Err(error) if force => {
-                        self.void_hold(&hold_id, "forced: create was interrupted")?;
+                        self.void_hold(&hold_id, "forced: create was interrupted")
+                            .await?;
                         record.meter.hold = None;
                         self.fail(
                             &mut record,
                             format!("forced after: {error}; create was interrupted; hold voided"),
-                        )?;
-                        Ok(record)
+                        )
+                        .await?;
+                        Ok(Recovery::Finished(Box::new(record)))
                     }
-                    Err(error) => self.destroy_failed(record, false, error),
+                    Err(error) => self
+                        .destroy_failed(record, false, error)
+                        .await
+                        .map(|record| Recovery::Finished(Box::new(record))),
                 }
             }
         }
     }
+}
+
+/// Where recovering an interrupted create left a record.
+enum Recovery {
+    /// Nothing more to do (failed, finished, or an error was returned).
+    Finished(Box<SandboxStatus>),
+    /// Its handle was recovered: destroy it now.
+    ToDestroy(Box<SandboxStatus>),
 }
 
 /// Wall time the host measured: from ready (or the create attempt, when the

@@ -10,6 +10,7 @@
 pub mod charge;
 mod destroy;
 pub mod disputes;
+mod extend;
 pub mod lifecycle_events;
 mod reconcile;
 pub mod record;
@@ -18,12 +19,12 @@ use crate::ledger::{Ledger, LedgerError};
 use crate::profile::Profile;
 use crate::router::health::{self, HealthError, RouteHealth};
 use crate::router::{RouteDecision, Router, RouterError};
-use crate::runtime::ExtensionSet;
+use crate::runtime::{ExtensionCatalog, ExtensionSet};
 use crate::state_db::StateDb;
 pub use reconcile::{ReconcileReport, Retries};
 pub use record::{Attempt, Meter, RecordError, RecordStore, SandboxState, SandboxStatus};
 use std::collections::HashSet;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// A hold outlives its sandbox's ttl by this much, so a sandbox destroyed a
@@ -58,6 +59,9 @@ pub enum ManagerError {
     },
     #[error("{0}")]
     Refused(String),
+    /// The tenant's available credits do not cover the hold.
+    #[error("{0}")]
+    InsufficientCredits(String),
     #[error("sandbox {id} could not be created: {attempts}")]
     CreateFailed { id: String, attempts: String },
     #[error("no sandbox `{0}`")]
@@ -98,16 +102,22 @@ pub struct CreateRequest {
     pub ttl_secs: Option<u32>,
     /// Replaces the profile's command when given.
     pub command: Option<Vec<String>>,
+    /// Kept on the record as given.
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 pub struct SandboxManager {
     ledger: Ledger,
     records: RecordStore,
-    extensions: ExtensionSet,
+    extensions: Arc<ExtensionCatalog>,
     health: RouteHealth,
     /// Sandboxes an operation of this process is working on.
     busy: Mutex<HashSet<String>>,
-    released: Condvar,
+    /// Woken each time a sandbox is released.
+    released: tokio::sync::Notify,
+    /// Where sandboxes' process trees live, for reconcile to kill the ones
+    /// no live sandbox owns.
+    sandboxes_dir: Option<std::path::PathBuf>,
 }
 
 /// Holds a sandbox for one operation of this process.
@@ -124,20 +134,28 @@ impl Drop for BusyGuard<'_> {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         busy.remove(&self.id);
-        self.manager.released.notify_all();
+        self.manager.released.notify_waiters();
     }
 }
 
 impl SandboxManager {
-    pub fn new(ledger: Ledger, state: Arc<StateDb>, extensions: ExtensionSet) -> Self {
+    pub fn new(ledger: Ledger, state: Arc<StateDb>, extensions: Arc<ExtensionCatalog>) -> Self {
         Self {
             ledger,
             records: RecordStore::new(state.clone()),
             extensions,
             health: RouteHealth::new(state),
             busy: Mutex::new(HashSet::new()),
-            released: Condvar::new(),
+            released: tokio::sync::Notify::new(),
+            sandboxes_dir: None,
         }
+    }
+
+    /// Lets reconcile kill process trees under `dir` that no live sandbox
+    /// owns (and remove directories past their log retention).
+    pub fn with_sandboxes_dir(mut self, dir: std::path::PathBuf) -> Self {
+        self.sandboxes_dir = Some(dir);
+        self
     }
 
     pub fn ledger(&self) -> &Ledger {
@@ -148,7 +166,13 @@ impl SandboxManager {
         self.records.state()
     }
 
-    pub fn extensions(&self) -> &ExtensionSet {
+    /// The extension set serving now.
+    pub fn extensions(&self) -> Arc<ExtensionSet> {
+        self.extensions.snapshot()
+    }
+
+    /// The catalog the set is swapped in (hot reload).
+    pub fn catalog(&self) -> &Arc<ExtensionCatalog> {
         &self.extensions
     }
 
@@ -167,32 +191,48 @@ impl SandboxManager {
             .collect())
     }
 
-    fn lock(&self, id: &str) -> BusyGuard<'_> {
+    /// Waits until no other operation of this process works on `id`, then
+    /// holds it until the guard drops.
+    async fn lock(&self, id: &str) -> BusyGuard<'_> {
+        loop {
+            // Registered before the check, so a release in between wakes it.
+            let released = self.released.notified();
+            {
+                let mut busy = self
+                    .busy
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                if busy.insert(id.to_string()) {
+                    return BusyGuard {
+                        manager: self,
+                        id: id.to_string(),
+                    };
+                }
+            }
+            released.await;
+        }
+    }
+
+    /// Holds `id` if no other operation of this process works on it.
+    fn try_lock(&self, id: &str) -> Option<BusyGuard<'_>> {
         let mut busy = self
             .busy
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        while busy.contains(id) {
-            busy = self
-                .released
-                .wait(busy)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-        }
-        busy.insert(id.to_string());
-        BusyGuard {
+        busy.insert(id.to_string()).then(|| BusyGuard {
             manager: self,
             id: id.to_string(),
-        }
+        })
     }
 
     /// Writes `record` with the event of its current state.
-    fn save(&self, record: &mut SandboxStatus) -> Result<(), ManagerError> {
-        self.save_with(record, |_| Ok(()))
+    async fn save(&self, record: &mut SandboxStatus) -> Result<(), ManagerError> {
+        self.save_with(record, |_| Ok(())).await
     }
 
     /// Writes `record` with its event and whatever `also` writes, in one
     /// transaction.
-    fn save_with(
+    async fn save_with(
         &self,
         record: &mut SandboxStatus,
         also: impl FnOnce(&redb::WriteTransaction) -> Result<(), String> + Send + 'static,
@@ -203,35 +243,43 @@ impl SandboxManager {
         // `requested` has had nothing acted on yet: if a crash loses it,
         // there is nothing to reconcile, so it need not wait for the disk.
         let durable = record.state != SandboxState::Requested;
-        self.records.put_with_durability(
-            record,
-            move |write| {
-                lifecycle_events::append(write, &event_record, now)?;
-                also(write).map_err(record::storage)
-            },
-            durable,
-        )?;
+        self.records
+            .put_async(
+                record,
+                move |write| {
+                    lifecycle_events::append(write, &event_record, now)?;
+                    also(write).map_err(record::storage)
+                },
+                durable,
+            )
+            .await?;
         Ok(())
     }
 
     /// Writes `record` durably without an event (a detail of the current
     /// state), with whatever `also` writes in the same transaction.
-    fn save_quietly_with(
+    async fn save_quietly_with(
         &self,
         record: &mut SandboxStatus,
         also: impl FnOnce(&redb::WriteTransaction) -> Result<(), String> + Send + 'static,
     ) -> Result<(), ManagerError> {
         record.updated_at_ms = now_ms();
         self.records
-            .put(record, move |write| also(write).map_err(record::storage))?;
+            .put_async(
+                record,
+                move |write| also(write).map_err(record::storage),
+                true,
+            )
+            .await?;
         Ok(())
     }
 
     /// Routes, holds, creates; falls back to the next candidate after a
     /// retryable failure. Returns the ready sandbox's record.
-    pub fn create(&self, request: &CreateRequest) -> Result<SandboxStatus, ManagerError> {
+    pub async fn create(&self, request: &CreateRequest) -> Result<SandboxStatus, ManagerError> {
         let id = format!("sbx-{:016x}", rand::random::<u64>());
-        let _guard = self.lock(&id);
+        let _guard = self.lock(&id).await;
+        let extensions = self.extensions.snapshot();
         let mut spec = request.profile.spec(&id, request.ttl_secs);
         if let Some(command) = &request.command {
             spec.command = command.clone();
@@ -256,15 +304,18 @@ impl SandboxManager {
             note: None,
             destroy_failures: 0,
             retry_at_ms: None,
+            metadata: request.metadata.clone(),
         };
         crate::ledger::check_name("tenant", &request.tenant).map_err(ManagerError::Refused)?;
-        self.save(&mut record)?;
+        self.save(&mut record).await?;
 
-        let decision =
-            Router::new(&self.extensions, &self.health).decide(&request.profile, &spec, now)?;
+        let decision = Router::new(&extensions, &self.health)
+            .decide(&request.profile, &spec, now)
+            .await?;
         if decision.chosen.is_none() {
             let reasons = decision.reasons();
-            self.fail(&mut record, format!("no eligible backend: {reasons}"))?;
+            self.fail(&mut record, format!("no eligible backend: {reasons}"))
+                .await?;
             return Err(ManagerError::NoEligibleBackend {
                 profile: decision.profile.clone(),
                 reasons,
@@ -274,8 +325,7 @@ impl SandboxManager {
 
         let ttl_ms = u64::from(spec.ttl_secs) * 1000;
         for candidate in decision.attempt_order() {
-            let extension = self
-                .extensions
+            let extension = extensions
                 .get(&candidate.name)
                 .expect("eligible candidates are loaded")
                 .clone();
@@ -301,27 +351,29 @@ impl SandboxManager {
                 started_at_ms: now_ms(),
                 outcome: None,
             });
-            self.save(&mut record)?;
+            self.save(&mut record).await?;
 
             let expires = now_ms() + ttl_ms + HOLD_GRACE_MS;
-            if let Err(error) =
-                self.ledger
-                    .hold(&record.tenant, estimate, &hold_id, &candidate.name, expires)
+            if let Err(error) = self
+                .ledger
+                .hold_async(&record.tenant, estimate, &hold_id, &candidate.name, expires)
+                .await
             {
                 let message = error.to_string();
                 set_outcome(&mut record, message.clone());
-                self.fail(&mut record, message)?;
+                self.fail(&mut record, message).await?;
                 return Err(match error {
-                    LedgerError::InsufficientCredits { .. } | LedgerError::InvalidInput(_) => {
-                        ManagerError::Refused(error.to_string())
+                    LedgerError::InsufficientCredits { .. } => {
+                        ManagerError::InsufficientCredits(error.to_string())
                     }
+                    LedgerError::InvalidInput(_) => ManagerError::Refused(error.to_string()),
                     other => ManagerError::Ledger(other),
                 });
             }
             record.meter.hold = Some(estimate);
 
             let started = Instant::now();
-            match extension.create_keeping_kv(&spec) {
+            match extension.create_keeping_kv(&spec).await {
                 Ok((handle, pending_kv)) => {
                     let latency_ms = started.elapsed().as_millis() as u64;
                     let ready_at = now_ms();
@@ -337,17 +389,20 @@ impl SandboxManager {
                         pending_kv.apply(write)?;
                         health::apply_outcome(write, &instance, true, ready_at)?;
                         health::apply_latency(write, &instance, latency_ms)
-                    })?;
+                    })
+                    .await?;
                     return Ok(record);
                 }
                 Err(error) => {
                     let message = error.to_string();
-                    self.void_hold(&hold_id, &format!("create failed: {message}"))?;
+                    self.void_hold(&hold_id, &format!("create failed: {message}"))
+                        .await?;
                     record.meter.hold = None;
                     set_outcome(&mut record, message);
                     if error.is_retryable() {
                         self.health
-                            .record_outcome(&candidate.name, false, now_ms())?;
+                            .record_outcome(&candidate.name, false, now_ms())
+                            .await?;
                         continue;
                     }
                     break;
@@ -367,24 +422,25 @@ impl SandboxManager {
             })
             .collect::<Vec<_>>()
             .join("; ");
-        self.fail(&mut record, format!("every attempt failed: {attempts}"))?;
+        self.fail(&mut record, format!("every attempt failed: {attempts}"))
+            .await?;
         Err(ManagerError::CreateFailed { id, attempts })
     }
 
-    fn fail(&self, record: &mut SandboxStatus, note: String) -> Result<(), ManagerError> {
+    async fn fail(&self, record: &mut SandboxStatus, note: String) -> Result<(), ManagerError> {
         record.state = SandboxState::Failed;
         record.note = Some(note);
         record.finished_at_ms = Some(now_ms());
         record.retry_at_ms = None;
-        self.save(record)
+        self.save(record).await
     }
 
     /// Voids a hold, accepting that it may already be closed: a replay
     /// answers its first void; an expired or missing hold has nothing left
     /// to void. Only a settled hold (which never happens before ready) or a
     /// storage failure is an error.
-    fn void_hold(&self, hold_id: &str, reason: &str) -> Result<(), ManagerError> {
-        match self.ledger.void(hold_id, reason) {
+    async fn void_hold(&self, hold_id: &str, reason: &str) -> Result<(), ManagerError> {
+        match self.ledger.void_async(hold_id, reason).await {
             Ok(_) | Err(LedgerError::NoHold { .. }) => Ok(()),
             Err(error) => Err(error.into()),
         }
@@ -394,5 +450,22 @@ impl SandboxManager {
 fn set_outcome(record: &mut SandboxStatus, outcome: String) {
     if let Some(attempt) = record.attempts.last_mut() {
         attempt.outcome = Some(outcome);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_send<T: Send>(_: T) {}
+
+    /// The server awaits the manager on any worker thread: its futures must
+    /// be `Send`. This fails to compile, not to run, when one is not.
+    #[allow(dead_code)]
+    fn the_lifecycle_futures_are_send(manager: &SandboxManager, request: &CreateRequest) {
+        is_send(manager.create(request));
+        is_send(manager.destroy("sbx-0", false));
+        is_send(manager.reconcile(0, Retries::Due));
+        is_send(manager.sweep_expired(0, Retries::Due));
     }
 }

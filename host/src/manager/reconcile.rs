@@ -10,7 +10,7 @@
 //! asks for retries (the server's background loop, or `sandbox destroy` of
 //! that sandbox) tries it again, so ordinary commands never wait on it.
 
-use super::{ManagerError, SandboxManager, SandboxState, SandboxStatus};
+use super::{ManagerError, SandboxManager, SandboxState, SandboxStatus, now_ms};
 use sandboxer_credits::format_credits;
 
 /// What a reconcile pass did, one line per action.
@@ -37,9 +37,25 @@ impl Retries {
 }
 
 impl SandboxManager {
+    /// Whether a reconcile pass at `now` would act on some sandbox (and so
+    /// need the extensions loaded).
+    pub fn has_work(&self, now: u64, retries: Retries) -> Result<bool, ManagerError> {
+        Ok(self.records.all()?.iter().any(|record| {
+            let due = match record.state {
+                SandboxState::Requested
+                | SandboxState::Provisioning
+                | SandboxState::Destroying
+                | SandboxState::Expired => true,
+                SandboxState::Ready => record.expires_at_ms.is_some_and(|at| at <= now),
+                SandboxState::Destroyed | SandboxState::Failed => false,
+            };
+            due && retries.allows(record, now)
+        }))
+    }
+
     /// Destroys and settles every ready sandbox whose ttl has passed. A
     /// sandbox that cannot be destroyed is logged and left for later.
-    pub fn sweep_expired(
+    pub async fn sweep_expired(
         &self,
         now: u64,
         retries: Retries,
@@ -51,7 +67,7 @@ impl SandboxManager {
             if !(due || record.state == SandboxState::Expired) || !retries.allows(&record, now) {
                 continue;
             }
-            match self.expire_and_destroy(&record.id) {
+            match self.expire_and_destroy(&record.id).await {
                 Ok(Some(destroyed)) => swept.push(destroyed),
                 Ok(None) => {}
                 Err(error) => tracing::warn!(
@@ -63,58 +79,77 @@ impl SandboxManager {
         Ok(swept)
     }
 
-    fn expire_and_destroy(&self, id: &str) -> Result<Option<SandboxStatus>, ManagerError> {
-        let _guard = self.lock(id);
+    async fn expire_and_destroy(&self, id: &str) -> Result<Option<SandboxStatus>, ManagerError> {
+        // Busy: another operation of this process has it (a destroy).
+        let Some(_guard) = self.try_lock(id) else {
+            return Ok(None);
+        };
         let mut current = self.get(id)?;
         match current.state {
             SandboxState::Ready => {
                 current.state = SandboxState::Expired;
-                self.save(&mut current)?;
+                self.save(&mut current).await?;
             }
             SandboxState::Expired => {}
             // Someone else got to it first.
             _ => return Ok(None),
         }
-        self.destroy_locked(current, false).map(Some)
+        self.destroy_locked(current, false).await.map(Some)
     }
 
     /// Recovery after a crash; safe to run at any start (a healthy host has
     /// nothing to do). Only reading the records can fail it: what goes
     /// wrong with one sandbox is an action line, and the pass goes on.
-    pub fn reconcile(&self, now: u64, retries: Retries) -> Result<ReconcileReport, ManagerError> {
+    pub async fn reconcile(
+        &self,
+        now: u64,
+        retries: Retries,
+    ) -> Result<ReconcileReport, ManagerError> {
         let mut report = ReconcileReport::default();
-        for record in self.records.all()? {
-            let interrupted = matches!(
+        let interrupted = |record: &SandboxStatus| {
+            matches!(
                 record.state,
                 SandboxState::Requested | SandboxState::Provisioning | SandboxState::Destroying
-            );
-            if !interrupted || !retries.allows(&record, now) {
+            ) && retries.allows(record, now)
+        };
+        for record in self.records.all()? {
+            if !interrupted(&record) {
+                continue;
+            }
+            // A sandbox this process is working on (a create in flight in a
+            // server) is not interrupted: leave it to its operation.
+            let Some(_guard) = self.try_lock(&record.id) else {
+                continue;
+            };
+            let record = self.get(&record.id)?;
+            if !interrupted(&record) {
                 continue;
             }
             let was = record.state.name();
-            report.actions.push(match self.destroy(&record.id, false) {
-                Ok(done) if done.state == SandboxState::Destroyed => format!(
-                    "{}: interrupted {was}; destroyed and settled at {}",
-                    record.id,
-                    format_credits(done.meter.actual.unwrap_or(0))
-                ),
-                Ok(done) => format!(
-                    "{}: interrupted {was}; {} ({})",
-                    record.id,
-                    done.state.name(),
-                    done.note.as_deref().unwrap_or("")
-                ),
-                Err(error) => format!("{}: still cannot be destroyed: {error}", record.id),
-            });
+            let id = record.id.clone();
+            report
+                .actions
+                .push(match self.destroy_locked(record, false).await {
+                    Ok(done) if done.state == SandboxState::Destroyed => format!(
+                        "{id}: interrupted {was}; destroyed and settled at {}",
+                        format_credits(done.meter.actual.unwrap_or(0))
+                    ),
+                    Ok(done) => format!(
+                        "{id}: interrupted {was}; {} ({})",
+                        done.state.name(),
+                        done.note.as_deref().unwrap_or("")
+                    ),
+                    Err(error) => format!("{id}: still cannot be destroyed: {error}"),
+                });
         }
-        for swept in self.sweep_expired(now, retries)? {
+        for swept in self.sweep_expired(now, retries).await? {
             report.actions.push(format!(
                 "{}: ttl passed; destroyed and settled at {}",
                 swept.id,
                 format_credits(swept.meter.actual.unwrap_or(0))
             ));
         }
-        match self.void_orphan_holds() {
+        match self.void_orphan_holds().await {
             Ok(actions) => report.actions.extend(actions),
             Err(error) => report
                 .actions
@@ -128,8 +163,10 @@ impl SandboxManager {
             .filter(|record| record.state.is_live())
             .map(|record| record.id)
             .collect();
-        let tidy = crate::sandbox_reaper::reap(&self.extensions, &live, now);
-        report.actions.extend(tidy.lines());
+        if let Some(sandboxes_dir) = &self.sandboxes_dir {
+            let tidy = crate::sandbox_reaper::tidy_sandboxes(sandboxes_dir, &live, now, now_ms());
+            report.actions.extend(tidy.lines());
+        }
         for action in &report.actions {
             tracing::info!("reconciled: {action}");
         }
@@ -139,14 +176,17 @@ impl SandboxManager {
     /// Voids every open hold whose sandbox record is gone, finished, or on
     /// another attempt: a hold is owned by the live record whose current
     /// attempt it is.
-    fn void_orphan_holds(&self) -> Result<Vec<String>, ManagerError> {
+    async fn void_orphan_holds(&self) -> Result<Vec<String>, ManagerError> {
         let mut actions = Vec::new();
         for hold in self.ledger.open_holds()? {
             let sandbox_id = hold
                 .sandbox_id
                 .rsplit_once('.')
                 .map_or(hold.sandbox_id.as_str(), |(id, _)| id);
-            let _guard = self.lock(sandbox_id);
+            // A sandbox being worked on is checked on the next pass.
+            let Some(_guard) = self.try_lock(sandbox_id) else {
+                continue;
+            };
             let owned = self.records.get(sandbox_id)?.is_some_and(|record| {
                 record.state.is_live()
                     && record.meter.hold_id.as_deref() == Some(hold.sandbox_id.as_str())
@@ -157,7 +197,8 @@ impl SandboxManager {
             actions.push(
                 match self
                     .ledger
-                    .void(&hold.sandbox_id, "reconciled: no live sandbox holds it")
+                    .void_async(&hold.sandbox_id, "reconciled: no live sandbox holds it")
+                    .await
                 {
                     Ok(_) => format!(
                         "hold {}: no live sandbox; voided {}",

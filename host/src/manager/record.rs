@@ -123,6 +123,9 @@ pub struct SandboxStatus {
     /// When a failed destroy is due to be tried again (backoff).
     #[serde(default)]
     pub retry_at_ms: Option<u64>,
+    /// The creator's labels (E2B's metadata), kept and returned as given.
+    #[serde(default)]
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +138,25 @@ pub enum RecordError {
 
 pub(crate) fn storage(error: impl std::fmt::Display) -> RecordError {
     RecordError::Storage(error.to_string())
+}
+
+/// The write of one record, with what `also` adds to its transaction.
+fn record_write(
+    record: &SandboxStatus,
+    also: impl FnOnce(&WriteTransaction) -> Result<(), RecordError> + Send + 'static,
+) -> Result<impl FnOnce(&WriteTransaction) -> Result<(), String> + Send + 'static, RecordError> {
+    let json = serde_json::to_string(record).map_err(storage)?;
+    let id = record.id.clone();
+    Ok(move |write: &WriteTransaction| {
+        let mut table = write
+            .open_table(SANDBOXES)
+            .map_err(|error| error.to_string())?;
+        table
+            .insert(id.as_str(), json.as_str())
+            .map_err(|error| error.to_string())?;
+        drop(table);
+        also(write).map_err(|error| error.to_string())
+    })
 }
 
 /// Reads and writes sandbox records.
@@ -170,22 +192,27 @@ impl RecordStore {
         also: impl FnOnce(&WriteTransaction) -> Result<(), RecordError> + Send + 'static,
         durable: bool,
     ) -> Result<(), RecordError> {
-        let json = serde_json::to_string(record).map_err(storage)?;
-        let id = record.id.clone();
-        let write = move |write: &WriteTransaction| {
-            let mut table = write
-                .open_table(SANDBOXES)
-                .map_err(|error| error.to_string())?;
-            table
-                .insert(id.as_str(), json.as_str())
-                .map_err(|error| error.to_string())?;
-            drop(table);
-            also(write).map_err(|error| error.to_string())
-        };
+        let write = record_write(record, also)?;
         if durable {
             self.state.write(write)?;
         } else {
             self.state.write_eventually(write)?;
+        }
+        Ok(())
+    }
+
+    /// [`RecordStore::put_with_durability`], awaited.
+    pub async fn put_async(
+        &self,
+        record: &SandboxStatus,
+        also: impl FnOnce(&WriteTransaction) -> Result<(), RecordError> + Send + 'static,
+        durable: bool,
+    ) -> Result<(), RecordError> {
+        let write = record_write(record, also)?;
+        if durable {
+            self.state.write_async(write).await?;
+        } else {
+            self.state.write_eventually_async(write).await?;
         }
         Ok(())
     }
