@@ -13,7 +13,7 @@ use anyhow::Result;
 use sandboxer_host::ledger::{Ledger, LedgerOptions};
 use sandboxer_host::manager::{CreateRequest, SandboxManager, now_ms};
 use sandboxer_host::profile::Profile;
-use sandboxer_host::runtime::{ExtensionSet, Runtime};
+use sandboxer_host::runtime::{ExtensionCatalog, Runtime};
 use sandboxer_host::state_db::StateDb;
 use serde::Serialize;
 use std::path::Path;
@@ -48,7 +48,7 @@ struct World {
     _home: tempfile::TempDir,
     _runtime: Runtime,
     state: Arc<StateDb>,
-    extensions: ExtensionSet,
+    extensions: Arc<ExtensionCatalog>,
     ledger_path: std::path::PathBuf,
 }
 
@@ -64,8 +64,9 @@ fn world() -> Result<World> {
     }
     let state = Arc::new(StateDb::new(home.path().join("state.redb")));
     let runtime = Runtime::new(home.path().join("cache"), state.clone())?;
-    let extensions = runtime.load_dir(&dir)?;
+    let extensions = crate::block_on(runtime.load_dir(&dir))?;
     anyhow::ensure!(extensions.get("saas-stub").is_some(), "saas-stub loads");
+    let extensions = Arc::new(ExtensionCatalog::new(extensions));
     let ledger_path = home.path().join("ledger.redb");
     Ok(World {
         _home: home,
@@ -91,28 +92,29 @@ fn ledger(world: &World) -> Result<Ledger> {
 /// The whole lifecycle through the manager, on its own home.
 struct HostSide {
     _world: World,
-    manager: SandboxManager,
-    request: CreateRequest,
+    manager: Arc<SandboxManager>,
+    request: Arc<CreateRequest>,
 }
 
 impl HostSide {
     fn new() -> Result<Self> {
         let world = world()?;
-        let manager = SandboxManager::new(
+        let manager = Arc::new(SandboxManager::new(
             ledger(&world)?,
             world.state.clone(),
             world.extensions.clone(),
-        );
+        ));
         let profile = Profile::parse(
             "[sandbox]\nttl_secs = 60\n[route]\nstrategy = \"explicit\"\nextension = \"saas-stub\"\n",
             Path::new("bench.toml"),
         )?;
-        let request = CreateRequest {
+        let request = Arc::new(CreateRequest {
             profile,
             tenant: "bench".into(),
             ttl_secs: None,
             command: None,
-        };
+            metadata: Default::default(),
+        });
         Ok(Self {
             _world: world,
             manager,
@@ -122,22 +124,35 @@ impl HostSide {
 
     /// Seconds for `callers` x `per_caller` sandboxes; each create's
     /// latency is added to `latencies`.
-    fn round(&self, callers: usize, per_caller: usize, latencies: &Mutex<Vec<f64>>) -> f64 {
+    fn round(
+        &self,
+        executor: &tokio::runtime::Runtime,
+        callers: usize,
+        per_caller: usize,
+        latencies: &Arc<Mutex<Vec<f64>>>,
+    ) -> f64 {
         let started = Instant::now();
-        std::thread::scope(|scope| {
+        executor.block_on(async {
+            let mut tasks = tokio::task::JoinSet::new();
             for _ in 0..callers {
-                scope.spawn(|| {
+                let (manager, request, latencies) = (
+                    self.manager.clone(),
+                    self.request.clone(),
+                    latencies.clone(),
+                );
+                tasks.spawn(async move {
                     for _ in 0..per_caller {
                         let create_started = Instant::now();
-                        let record = self.manager.create(&self.request).expect("create");
+                        let record = manager.create(&request).await.expect("create");
                         latencies
                             .lock()
                             .unwrap()
                             .push(create_started.elapsed().as_nanos() as f64);
-                        self.manager.destroy(&record.id, false).expect("destroy");
+                        manager.destroy(&record.id, false).await.expect("destroy");
                     }
                 });
             }
+            while tasks.join_next().await.is_some() {}
         });
         started.elapsed().as_secs_f64()
     }
@@ -147,8 +162,8 @@ impl HostSide {
 /// ledger operations.
 struct FloorSide {
     world: World,
-    ledger: Ledger,
-    profile: Profile,
+    ledger: Arc<Ledger>,
+    profile: Arc<Profile>,
 }
 
 impl FloorSide {
@@ -161,33 +176,49 @@ impl FloorSide {
         )?;
         Ok(Self {
             world,
-            ledger,
-            profile,
+            ledger: Arc::new(ledger),
+            profile: Arc::new(profile),
         })
     }
 
-    fn round(&self, round: usize, callers: usize, per_caller: usize) -> f64 {
-        let stub = self.world.extensions.get("saas-stub").unwrap().clone();
+    fn round(
+        &self,
+        executor: &tokio::runtime::Runtime,
+        round: usize,
+        callers: usize,
+        per_caller: usize,
+    ) -> f64 {
+        let stub = self
+            .world
+            .extensions
+            .snapshot()
+            .get("saas-stub")
+            .unwrap()
+            .clone();
         let expires = now_ms() + 3_600_000;
         let started = Instant::now();
-        std::thread::scope(|scope| {
+        executor.block_on(async {
+            let mut tasks = tokio::task::JoinSet::new();
             for caller in 0..callers {
-                let (ledger, stub, profile) = (&self.ledger, &stub, &self.profile);
-                scope.spawn(move || {
+                let (ledger, stub, profile) =
+                    (self.ledger.clone(), stub.clone(), self.profile.clone());
+                tasks.spawn(async move {
                     for index in 0..per_caller {
                         let id = format!("floor-{round}-{caller}-{index}");
                         let spec = profile.spec(&id, Some(60));
-                        let estimate = stub.estimate_cost(&spec).unwrap();
+                        let estimate = stub.estimate_cost(&spec).await.unwrap();
                         ledger
-                            .hold("bench", estimate.amount, &id, "saas-stub", expires)
+                            .hold_async("bench", estimate.amount, &id, "saas-stub", expires)
+                            .await
                             .unwrap();
-                        let handle = stub.create(&spec).unwrap();
-                        let usage = stub.destroy(&spec, &handle).unwrap();
-                        let actual = stub.meter_actual(&spec, usage).unwrap();
-                        ledger.settle(&id, actual).unwrap();
+                        let handle = stub.create(&spec).await.unwrap();
+                        let usage = stub.destroy(&spec, &handle).await.unwrap();
+                        let actual = stub.meter_actual(&spec, usage).await.unwrap();
+                        ledger.settle_async(&id, actual).await.unwrap();
                     }
                 });
             }
+            while tasks.join_next().await.is_some() {}
         });
         started.elapsed().as_secs_f64()
     }
@@ -198,18 +229,23 @@ impl FloorSide {
 fn measure(callers: usize, per_caller: usize) -> Result<(f64, Vec<f64>, f64)> {
     let host = HostSide::new()?;
     let floor = FloorSide::new()?;
-    let latencies = Mutex::new(Vec::new());
+    // The server's shape: two worker threads, the callers as tasks.
+    let executor = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let latencies = Arc::new(Mutex::new(Vec::new()));
     let (mut host_secs, mut floor_secs) = (0.0, 0.0);
     for round in 0..ROUNDS {
-        host_secs += host.round(callers, per_caller, &latencies);
-        floor_secs += floor.round(round, callers, per_caller);
+        host_secs += host.round(&executor, callers, per_caller, &latencies);
+        floor_secs += floor.round(&executor, round, callers, per_caller);
     }
     anyhow::ensure!(
         host.manager.ledger().verify()?.ok,
         "the ledger stays consistent"
     );
     let sandboxes = (ROUNDS * callers * per_caller) as f64;
-    let mut latencies = latencies.into_inner().unwrap();
+    let mut latencies = std::mem::take(&mut *latencies.lock().unwrap());
     latencies.sort_by(f64::total_cmp);
     Ok((sandboxes / host_secs, latencies, sandboxes / floor_secs))
 }

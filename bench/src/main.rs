@@ -10,6 +10,19 @@ mod runtime;
 mod sqlite;
 mod stats;
 
+/// Drives one future to completion on this thread's runtime: the benches
+/// call the host's async API one call at a time (the bare-wasmtime baseline
+/// goes through the same, so ratios compare like with like).
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    thread_local! {
+        static RUNTIME: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime for the benches");
+    }
+    RUNTIME.with(|runtime| runtime.block_on(future))
+}
+
 fn main() -> anyhow::Result<()> {
     let suite = std::env::args().nth(1).unwrap_or_else(|| "all".into());
     match suite.as_str() {

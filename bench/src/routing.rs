@@ -71,7 +71,7 @@ pub fn run() -> Result<()> {
         }
         let state = Arc::new(StateDb::new(home.path().join("state.redb")));
         let runtime = Runtime::new(home.path().join("cache"), state.clone())?;
-        let set = runtime.load_dir(&dir)?;
+        let set = crate::block_on(runtime.load_dir(&dir))?;
         let health = RouteHealth::new(state);
         let list: Vec<String> = names.iter().map(|name| format!("\"{name}\"")).collect();
         let profile = Profile::parse(
@@ -83,21 +83,21 @@ pub fn run() -> Result<()> {
         )?;
         let spec = profile.spec("sbx-bench", None);
         let router = Router::new(&set, &health);
-        let decision = router.decide(&profile, &spec, 0)?;
+        let decision = crate::block_on(router.decide(&profile, &spec, 0))?;
         anyhow::ensure!(
             decision.chosen.as_deref() == names.last().map(String::as_str),
             "the cheapest is chosen"
         );
 
         let decisions = sample(20, DECISIONS, || {
-            black_box(router.decide(&profile, &spec, 0).unwrap());
+            black_box(crate::block_on(router.decide(&profile, &spec, 0)).unwrap());
         });
         // Another ttl each time: a spec the cache has never priced.
         let mut ttl = 1_000;
         let cold = sample(20, DECISIONS, || {
             ttl += 1;
             let spec = profile.spec("sbx-bench", Some(ttl));
-            black_box(router.decide(&profile, &spec, 0).unwrap());
+            black_box(crate::block_on(router.decide(&profile, &spec, 0)).unwrap());
         });
         let extensions: Vec<_> = names
             .iter()
@@ -105,7 +105,7 @@ pub fn run() -> Result<()> {
             .collect();
         let sequential = sample(20, DECISIONS, || {
             for extension in &extensions {
-                black_box(extension.estimate_cost(&spec).unwrap());
+                black_box(crate::block_on(extension.estimate_cost(&spec)).unwrap());
             }
         });
         rows.push(Row {

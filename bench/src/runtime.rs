@@ -168,7 +168,6 @@ fn bare_pre(
 
 fn bare_call(
     engine: &Engine,
-    executor: &tokio::runtime::Runtime,
     pre: &SelfHostedExtensionPre<BareState>,
     config: &Arc<BTreeMap<String, String>>,
     spec: &SandboxSpec,
@@ -181,7 +180,7 @@ fn bare_call(
     let mut store = Store::new(engine, state);
     store.set_epoch_deadline(u64::MAX / 2);
     store.set_fuel(u64::MAX).unwrap();
-    executor.block_on(async {
+    crate::block_on(async {
         let instance = pre.instantiate_async(&mut store).await.unwrap();
         instance
             .sandboxer_extension_backend()
@@ -232,7 +231,7 @@ pub fn run() -> Result<()> {
     let wasm_path = dir.join("saas-stub.wasm");
 
     let runtime = fresh_runtime(home.path())?;
-    let entry = runtime.load_file(&wasm_path);
+    let entry = crate::block_on(runtime.load_file(&wasm_path));
     let stub = entry
         .status
         .map_err(anyhow::Error::msg)
@@ -240,10 +239,10 @@ pub fn run() -> Result<()> {
     let spec = spec();
     let config = Arc::new(stub.config.clone());
 
-    let host_amount = stub.estimate_cost(&spec)?.amount;
+    let host_amount = crate::block_on(stub.estimate_cost(&spec))?.amount;
     let pre = bare_pre(runtime.engine(), stub.component())
         .map_err(|error| anyhow::anyhow!("{error:#}"))?;
-    let bare_amount = bare_call(runtime.engine(), runtime.executor(), &pre, &config, &spec);
+    let bare_amount = bare_call(runtime.engine(), &pre, &config, &spec);
     let native_amount = native_estimate(&config, &spec);
     anyhow::ensure!(
         host_amount == bare_amount && bare_amount == native_amount,
@@ -256,16 +255,10 @@ pub fn run() -> Result<()> {
     let mut bare_samples = Vec::new();
     for _ in 0..5 {
         host_samples.extend(sample(WARMUP / 5, CALLS / 5, || {
-            black_box(stub.estimate_cost(black_box(&spec)).unwrap());
+            black_box(crate::block_on(stub.estimate_cost(black_box(&spec))).unwrap());
         }));
         bare_samples.extend(sample(WARMUP / 5, CALLS / 5, || {
-            black_box(bare_call(
-                runtime.engine(),
-                runtime.executor(),
-                &pre,
-                &config,
-                black_box(&spec),
-            ));
+            black_box(bare_call(runtime.engine(), &pre, &config, black_box(&spec)));
         }));
     }
     host_samples.sort_by(f64::total_cmp);
@@ -279,7 +272,7 @@ pub fn run() -> Result<()> {
     let cache_entry = runtime.cache_entry_path(&stub.content_sha256);
     let cold_samples = sample(1, 10, || {
         let _ = std::fs::remove_file(&cache_entry);
-        let entry = runtime.load_file(&wasm_path);
+        let entry = crate::block_on(runtime.load_file(&wasm_path));
         assert_eq!(entry.extension().unwrap().cache, CacheOutcome::Compiled);
     });
     // A cached load is a later run's: by then the artifact written just now
@@ -290,7 +283,7 @@ pub fn run() -> Result<()> {
         black_box(Component::new(runtime.engine(), &wasm).unwrap());
     });
     let warm_samples = sample(5, 100, || {
-        let entry = runtime.load_file(&wasm_path);
+        let entry = crate::block_on(runtime.load_file(&wasm_path));
         assert_eq!(entry.extension().unwrap().cache, CacheOutcome::Hit);
     });
 
@@ -448,7 +441,11 @@ fn measure_languages(spec: &SandboxSpec) -> Result<Vec<LanguageRow>> {
         )?;
 
         let runtime = fresh_runtime(home.path())?;
-        let load = |file: &Path| runtime.load_file(file).status.map_err(anyhow::Error::msg);
+        let load = |file: &Path| {
+            crate::block_on(runtime.load_file(file))
+                .status
+                .map_err(anyhow::Error::msg)
+        };
         let first = sample(0, 1, || {
             load(&dir.join(format!("{instance}.wasm"))).expect("loads");
         });
@@ -469,10 +466,10 @@ fn measure_languages(spec: &SandboxSpec) -> Result<Vec<LanguageRow>> {
             black_box(unsafe { Component::deserialize_file(runtime.engine(), &artifact) }.unwrap());
         });
         let call_reused = sample(20, 500, || {
-            black_box(reused.estimate_cost(spec).unwrap());
+            black_box(crate::block_on(reused.estimate_cost(spec)).unwrap());
         });
         let call_fresh = sample(3, 40, || {
-            black_box(fresh.estimate_cost(spec).unwrap());
+            black_box(crate::block_on(fresh.estimate_cost(spec)).unwrap());
         });
         rows.push(LanguageRow {
             language,

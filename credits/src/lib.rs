@@ -57,10 +57,10 @@ impl std::error::Error for ParseCreditsError {}
 /// Parses decimal credits ("25", "0.5", "0.000001") into micro-credits.
 ///
 /// Accepts digits with an optional fractional part of 1 to 6 digits. Rejects
-/// signs, exponents, more than six places, and anything above `i64::MAX`
-/// micro-credits (so any parsed amount also fits a signed balance).
+/// signs, exponents, spaces, more than six places, and anything above
+/// `i64::MAX` micro-credits (so any parsed amount also fits a signed balance).
 pub fn parse_credits(input: &str) -> Result<u64, ParseCreditsError> {
-    let text = input.trim();
+    let text = input;
     if text.is_empty() {
         return Err(ParseCreditsError::Empty);
     }
@@ -153,7 +153,11 @@ mod tests {
         assert_eq!(parse_credits("25"), Ok(25_000_000));
         assert_eq!(parse_credits("0.5"), Ok(500_000));
         assert_eq!(parse_credits("0.000001"), Ok(1));
-        assert_eq!(parse_credits(" 1.25 "), Ok(1_250_000));
+        assert_eq!(
+            parse_credits(" 1.25 "),
+            Err(ParseCreditsError::NotANumber(" 1.25 ".into())),
+            "an amount is exactly its digits: no spaces"
+        );
         assert_eq!(parse_credits("0"), Ok(0));
         assert_eq!(
             parse_credits("1.5000000"),

@@ -26,6 +26,8 @@ pub mod sandbox_exec;
 pub mod sandbox_io;
 pub mod sandbox_reaper;
 pub mod scaffold;
+pub mod server;
+pub mod service;
 pub mod state_db;
 pub mod supervisor;
 pub mod toml_file;

@@ -6,7 +6,6 @@
 //! [`DEFAULT_RETENTION`]). The caller says which sandboxes are live; this
 //! module reads no records and calls no extension.
 
-use crate::runtime::ExtensionSet;
 use crate::runtime::process::{ProcessState, kill_tree, read_state};
 use std::collections::HashSet;
 use std::path::Path;
@@ -54,23 +53,6 @@ pub fn log_retention() -> Result<Duration, String> {
             format!("{RETENTION_ENV}={text:?} is not a whole number of seconds; sandbox logs are kept until it is")
         }),
     }
-}
-
-/// [`tidy_sandboxes`] on the sandboxes directory of `extensions` (where
-/// any loaded instance granted `process` starts its trees; none, nothing).
-pub fn reap(extensions: &ExtensionSet, live: &HashSet<String>, live_as_of_ms: u64) -> SandboxTidy {
-    extensions
-        .loaded()
-        .find_map(|extension| extension.process_capability())
-        .map(|process| {
-            tidy_sandboxes(
-                process.sandboxes_dir(),
-                live,
-                live_as_of_ms,
-                crate::runtime::process::now_ms(),
-            )
-        })
-        .unwrap_or_default()
 }
 
 /// Kills the process trees under `sandboxes_dir` that belong to none of

@@ -84,7 +84,7 @@ fn add_show_and_idempotent_keys() {
 }
 
 #[test]
-fn rejected_amounts_exit_1_and_change_nothing() {
+fn rejected_amounts_exit_2_and_change_nothing() {
     let home = TestHome::new();
     home.run(&["credits", "add", "10", "--tenant", "acme"]).ok();
     let before = home
@@ -99,10 +99,12 @@ fn rejected_amounts_exit_1_and_change_nothing() {
         ("1e3", "not an amount"),
         ("99999999999999999999", "too large"),
         ("", "empty"),
+        (" 5", "\" 5\" is not an amount of credits"),
+        ("5 ", "not an amount"),
     ] {
         let run = home
             .run(&["credits", "add", amount, "--tenant", "acme"])
-            .fails(1);
+            .fails(2);
         assert!(run.stderr.contains(needle), "{amount:?}: {}", run.stderr);
         assert_eq!(run.stderr.lines().count(), 1, "one line: {}", run.stderr);
     }
@@ -118,7 +120,7 @@ fn rejected_amounts_exit_1_and_change_nothing() {
     assert_eq!(shown["balance"], "10.000000");
     let bad_tenant = home
         .run(&["credits", "add", "1", "--tenant", "a b"])
-        .fails(1);
+        .fails(2);
     assert!(
         bad_tenant.stderr.contains("tenant name \"a b\" is invalid"),
         "{}",

@@ -59,7 +59,7 @@ fn run_bills_the_tenant_exactly_the_actual() {
     assert_eq!(shown["held"], "0.000000");
     home.run(&["ledger", "verify"]).ok();
 
-    let sandbox_id = summary["sandbox_id"].as_str().unwrap();
+    let sandbox_id = summary["id"].as_str().unwrap();
     let record = home
         .run(&["sandbox", "show", sandbox_id, "--json"])
         .ok()

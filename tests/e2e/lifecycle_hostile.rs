@@ -56,7 +56,7 @@ fn an_absurd_meter_actual_is_charged_at_most_the_hold_and_the_rest_disputed() {
         );
         assert_eq!(shown["available"], "0.999000");
 
-        let id = summary["sandbox_id"].as_str().unwrap();
+        let id = summary["id"].as_str().unwrap();
         let record = home.run(&["sandbox", "show", id, "--json"]).ok().json();
         let charge = &record["meter"]["charge"];
         assert_eq!(charge["asked"], "18446744073709.551615");

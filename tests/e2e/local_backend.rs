@@ -386,12 +386,7 @@ fn with_a_cgroup_limits_hold_for_the_whole_tree() {
     assert_eq!(run.code, 0, "{summary}");
     if summary["limits"] == "rlimits" {
         let shown = home
-            .run(&[
-                "sandbox",
-                "show",
-                summary["sandbox_id"].as_str().unwrap(),
-                "--json",
-            ])
+            .run(&["sandbox", "show", summary["id"].as_str().unwrap(), "--json"])
             .ok()
             .json();
         eprintln!(
@@ -423,12 +418,7 @@ fn with_a_cgroup_limits_hold_for_the_whole_tree() {
     let summary = run.json();
     assert_eq!(run.code, 0, "{summary}");
     let shown = home
-        .run(&[
-            "sandbox",
-            "show",
-            summary["sandbox_id"].as_str().unwrap(),
-            "--json",
-        ])
+        .run(&["sandbox", "show", summary["id"].as_str().unwrap(), "--json"])
         .ok()
         .json();
     let process = &shown["process"];
@@ -729,8 +719,8 @@ fn without_bubblewrap_burst_sandbox_falls_back_to_the_saas_stub() {
     );
 }
 
-#[test]
-fn the_process_capability_starts_only_granted_programs() {
+#[tokio::test]
+async fn the_process_capability_starts_only_granted_programs() {
     let home = TestHome::new();
     let fixtures = built_fixtures();
     install(&fixtures, "spawner", &home.extensions(), "wrong-program");
@@ -745,7 +735,7 @@ fn the_process_capability_starts_only_granted_programs() {
         home.path().join("sandboxes"),
         env!("CARGO_BIN_EXE_sandboxer-host").into(),
     );
-    let set = runtime.load_dir(&home.extensions()).unwrap();
+    let set = runtime.load_dir(&home.extensions()).await.unwrap();
 
     let reason = set.entry("ungranted").unwrap().status.as_ref().unwrap_err();
     assert!(
@@ -757,6 +747,7 @@ fn the_process_capability_starts_only_granted_programs() {
         .get("wrong-program")
         .unwrap()
         .create(&spec("sbx-escape"))
+        .await
         .unwrap_err();
     assert!(
         error

@@ -21,6 +21,7 @@ mod routing;
 mod runtime_cache;
 mod runtime_hostile;
 mod runtime_state;
+mod server;
 mod soak;
 mod support;
 mod tidy;

@@ -40,19 +40,20 @@ fn fixture(home: &TestHome, name: &str, sidecar: &str) {
 }
 
 impl World {
-    fn new(setup: impl FnOnce(&TestHome)) -> Self {
+    async fn new(setup: impl FnOnce(&TestHome)) -> Self {
         let home = TestHome::new();
         setup(&home);
-        let set = home.runtime().load_dir(&home.extensions()).unwrap();
+        let set = home.runtime().load_dir(&home.extensions()).await.unwrap();
         let health = RouteHealth::new(Arc::new(StateDb::new(home.path().join("state.redb"))));
         Self { home, set, health }
     }
 
-    fn decide(&self, profile_text: &str, now: u64) -> RouteDecision {
+    async fn decide(&self, profile_text: &str, now: u64) -> RouteDecision {
         let profile = Profile::parse(profile_text, Path::new("test.toml")).unwrap();
         let spec = profile.spec("sbx-route", None);
         Router::new(&self.set, &self.health)
             .decide(&profile, &spec, now)
+            .await
             .unwrap()
     }
 }
@@ -86,29 +87,35 @@ fn reason<'a>(decision: &'a RouteDecision, name: &str) -> &'a str {
     candidate.reason.as_deref().unwrap()
 }
 
-#[test]
-fn explicit_takes_the_named_instance_even_when_dearer() {
+#[tokio::test]
+async fn explicit_takes_the_named_instance_even_when_dearer() {
     let world = World::new(|home| {
         stub(home, "cheap", "0.01");
         stub(home, "pricey", "1.0");
-    });
-    let decision = world.decide(
-        "[route]\nstrategy = \"explicit\"\nextension = \"pricey\"\n",
-        NOW,
-    );
+    })
+    .await;
+    let decision = world
+        .decide(
+            "[route]\nstrategy = \"explicit\"\nextension = \"pricey\"\n",
+            NOW,
+        )
+        .await;
     assert_eq!(decision.chosen.as_deref(), Some("pricey"));
     assert_eq!(order(&decision), ["pricey"]);
 }
 
-#[test]
-fn lowest_cost_orders_by_estimate_and_ties_keep_the_listed_order() {
+#[tokio::test]
+async fn lowest_cost_orders_by_estimate_and_ties_keep_the_listed_order() {
     let world = World::new(|home| {
         stub(home, "a", "0.5");
         stub(home, "b", "0.1");
         stub(home, "c", "0.5");
         stub(home, "d", "0.3");
-    });
-    let decision = world.decide(&route("lowest-cost", &["c", "a", "b", "d"], ""), NOW);
+    })
+    .await;
+    let decision = world
+        .decide(&route("lowest-cost", &["c", "a", "b", "d"], ""), NOW)
+        .await;
     assert_eq!(
         order(&decision),
         ["b", "d", "c", "a"],
@@ -123,28 +130,31 @@ fn lowest_cost_orders_by_estimate_and_ties_keep_the_listed_order() {
     assert_eq!(decision.candidates[0].estimate, Some(100_000));
 }
 
-#[test]
-fn prefer_self_hosted_puts_self_hosted_first_in_listed_order() {
+#[tokio::test]
+async fn prefer_self_hosted_puts_self_hosted_first_in_listed_order() {
     let world = World::new(|home| {
         stub(home, "cloud-a", "0.1");
         fixture(home, "box-1", "[config]\nkind = \"self-hosted\"\n");
         stub(home, "cloud-b", "0.01");
         fixture(home, "box-2", "[config]\nkind = \"self-hosted\"\n");
-    });
-    let decision = world.decide(
-        &route(
-            "prefer-self-hosted",
-            &["cloud-a", "box-2", "cloud-b", "box-1"],
-            "",
-        ),
-        NOW,
-    );
+    })
+    .await;
+    let decision = world
+        .decide(
+            &route(
+                "prefer-self-hosted",
+                &["cloud-a", "box-2", "cloud-b", "box-1"],
+                "",
+            ),
+            NOW,
+        )
+        .await;
     assert_eq!(order(&decision), ["box-2", "box-1", "cloud-a", "cloud-b"]);
     assert_eq!(decision.candidates[0].kind, Some("self-hosted"));
 }
 
-#[test]
-fn lowest_latency_uses_measured_averages_and_tries_the_unmeasured() {
+#[tokio::test]
+async fn lowest_latency_uses_measured_averages_and_tries_the_unmeasured() {
     let world = World::new(|home| {
         stub(home, "slow", "0.1");
         stub(home, "fast", "0.1");
@@ -155,14 +165,17 @@ fn lowest_latency_uses_measured_averages_and_tries_the_unmeasured() {
             "[routing]\nexpected_latency_ms = 300\n[config]\nrate_per_vcpu_hour = \"0.1\"\n",
         )
         .unwrap();
-    });
-    world.health.record_latency("slow", 900).unwrap();
-    world.health.record_latency("fast", 200).unwrap();
-    world.health.record_latency("fast", 250).unwrap();
-    let decision = world.decide(
-        &route("lowest-latency", &["slow", "fast", "hinted", "new"], ""),
-        NOW,
-    );
+    })
+    .await;
+    world.health.record_latency("slow", 900).await.unwrap();
+    world.health.record_latency("fast", 200).await.unwrap();
+    world.health.record_latency("fast", 250).await.unwrap();
+    let decision = world
+        .decide(
+            &route("lowest-latency", &["slow", "fast", "hinted", "new"], ""),
+            NOW,
+        )
+        .await;
     assert_eq!(
         order(&decision),
         ["new", "fast", "hinted", "slow"],
@@ -180,17 +193,22 @@ fn lowest_latency_uses_measured_averages_and_tries_the_unmeasured() {
             .home
             .runtime()
             .load_dir(&world.home.extensions())
+            .await
             .unwrap(),
         ..world
     };
     assert_eq!(
-        order(&again.decide(&route("lowest-latency", &["slow", "fast"], ""), NOW)),
+        order(
+            &again
+                .decide(&route("lowest-latency", &["slow", "fast"], ""), NOW)
+                .await
+        ),
         ["fast", "slow"]
     );
 }
 
-#[test]
-fn every_ineligible_candidate_says_why() {
+#[tokio::test]
+async fn every_ineligible_candidate_says_why() {
     let world = World::new(|home| {
         stub(home, "ok", "0.1");
         stub(home, "dear", "5");
@@ -206,20 +224,27 @@ fn every_ineligible_candidate_says_why() {
             "[limits]\ntimeout_ms = 100\n[config]\nmisbehave = \"endless-loop\"\n",
         );
         std::fs::write(home.extensions().join("junk.wasm"), b"junk").unwrap();
-    });
+    })
+    .await;
     for _ in 0..FAILURE_THRESHOLD {
-        world.health.record_outcome("flaky", false, NOW).unwrap();
+        world
+            .health
+            .record_outcome("flaky", false, NOW)
+            .await
+            .unwrap();
     }
-    let decision = world.decide(
-        &route(
-            "lowest-cost",
-            &[
-                "missing", "junk", "flaky", "broken", "spinning", "dear", "ok",
-            ],
-            "max_cost = \"1\"",
-        ),
-        NOW + 1_000,
-    );
+    let decision = world
+        .decide(
+            &route(
+                "lowest-cost",
+                &[
+                    "missing", "junk", "flaky", "broken", "spinning", "dear", "ok",
+                ],
+                "max_cost = \"1\"",
+            ),
+            NOW + 1_000,
+        )
+        .await;
     assert_eq!(decision.chosen.as_deref(), Some("ok"));
     assert_eq!(
         reason(&decision, "missing"),
@@ -251,21 +276,26 @@ fn every_ineligible_candidate_says_why() {
     );
 }
 
-#[test]
-fn the_breaker_opens_cools_down_and_probes() {
+#[tokio::test]
+async fn the_breaker_opens_cools_down_and_probes() {
     let world = World::new(|home| {
         stub(home, "primary", "0.1");
         stub(home, "backup", "0.2");
-    });
+    })
+    .await;
     let profile = route("lowest-cost", &["primary", "backup"], "");
     for _ in 0..FAILURE_THRESHOLD {
-        world.health.record_outcome("primary", false, NOW).unwrap();
+        world
+            .health
+            .record_outcome("primary", false, NOW)
+            .await
+            .unwrap();
     }
-    let cooling = world.decide(&profile, NOW + 1);
+    let cooling = world.decide(&profile, NOW + 1).await;
     assert_eq!(order(&cooling), ["backup"]);
     assert_eq!(cooling.candidates[1].breaker, Some("open"));
 
-    let probing = world.decide(&profile, NOW + BASE_COOLDOWN_MS);
+    let probing = world.decide(&profile, NOW + BASE_COOLDOWN_MS).await;
     assert_eq!(
         order(&probing),
         ["primary", "backup"],
@@ -277,13 +307,14 @@ fn the_breaker_opens_cools_down_and_probes() {
     world
         .health
         .record_outcome("primary", false, NOW + BASE_COOLDOWN_MS)
+        .await
         .unwrap();
     assert_eq!(
-        order(&world.decide(&profile, NOW + 2 * BASE_COOLDOWN_MS)),
+        order(&world.decide(&profile, NOW + 2 * BASE_COOLDOWN_MS).await),
         ["backup"]
     );
     assert_eq!(
-        order(&world.decide(&profile, NOW + 3 * BASE_COOLDOWN_MS)),
+        order(&world.decide(&profile, NOW + 3 * BASE_COOLDOWN_MS).await),
         ["primary", "backup"]
     );
 
@@ -291,18 +322,20 @@ fn the_breaker_opens_cools_down_and_probes() {
     world
         .health
         .record_outcome("primary", true, NOW + 3 * BASE_COOLDOWN_MS)
+        .await
         .unwrap();
     assert_eq!(
         world
             .decide(&profile, NOW + 3 * BASE_COOLDOWN_MS)
+            .await
             .candidates[0]
             .breaker,
         Some("closed")
     );
 }
 
-#[test]
-fn slow_estimates_are_asked_concurrently() {
+#[tokio::test]
+async fn slow_estimates_are_asked_concurrently() {
     let world = World::new(|home| {
         for name in ["slow-1", "slow-2", "slow-3", "slow-4"] {
             fixture(
@@ -311,12 +344,15 @@ fn slow_estimates_are_asked_concurrently() {
                 "[limits]\ntimeout_ms = 5000\n[config]\nmisbehave = \"sleep\"\nsleep_ms = 400\n",
             );
         }
-    });
+    })
+    .await;
     let started = std::time::Instant::now();
-    let decision = world.decide(
-        &route("lowest-cost", &["slow-1", "slow-2", "slow-3", "slow-4"], ""),
-        NOW,
-    );
+    let decision = world
+        .decide(
+            &route("lowest-cost", &["slow-1", "slow-2", "slow-3", "slow-4"], ""),
+            NOW,
+        )
+        .await;
     let elapsed = started.elapsed();
     assert_eq!(order(&decision).len(), 4);
     // One after another they would take 1.6 s.
@@ -326,13 +362,16 @@ fn slow_estimates_are_asked_concurrently() {
     );
 }
 
-#[test]
-fn without_fallback_only_the_chosen_one_is_tried() {
+#[tokio::test]
+async fn without_fallback_only_the_chosen_one_is_tried() {
     let world = World::new(|home| {
         stub(home, "a", "0.1");
         stub(home, "b", "0.2");
-    });
-    let decision = world.decide(&route("lowest-cost", &["a", "b"], "fallback = false"), NOW);
+    })
+    .await;
+    let decision = world
+        .decide(&route("lowest-cost", &["a", "b"], "fallback = false"), NOW)
+        .await;
     assert_eq!(order(&decision), ["a"]);
     assert_eq!(
         decision
@@ -344,8 +383,8 @@ fn without_fallback_only_the_chosen_one_is_tried() {
     );
 }
 
-#[test]
-fn chosen_is_always_eligible_and_never_beaten_on_cost() {
+#[tokio::test]
+async fn chosen_is_always_eligible_and_never_beaten_on_cost() {
     let seed = 7;
     let mut rng = StdRng::seed_from_u64(seed);
     let names: Vec<String> = (0..8).map(|index| format!("i{index}")).collect();
@@ -357,7 +396,8 @@ fn chosen_is_always_eligible_and_never_beaten_on_cost() {
         for (name, rate) in names.iter().zip(&rates) {
             stub(home, name, &sandboxer_credits::format_credits(*rate));
         }
-    });
+    })
+    .await;
     for case in 0..60 {
         let context = format!("seed {seed} case {case}");
         let count = rng.random_range(1..=names.len());
@@ -372,6 +412,7 @@ fn chosen_is_always_eligible_and_never_beaten_on_cost() {
                 world
                     .health
                     .record_outcome(victim, false, NOW + case * 1_000_000)
+                    .await
                     .unwrap();
             }
         }
@@ -380,10 +421,12 @@ fn chosen_is_always_eligible_and_never_beaten_on_cost() {
         } else {
             String::new()
         };
-        let decision = world.decide(
-            &route("lowest-cost", &candidates, &max_cost),
-            NOW + case * 1_000_000 + 1,
-        );
+        let decision = world
+            .decide(
+                &route("lowest-cost", &candidates, &max_cost),
+                NOW + case * 1_000_000 + 1,
+            )
+            .await;
         match &decision.chosen {
             None => assert!(
                 decision

@@ -55,8 +55,8 @@ fn set_mtime(path: &Path, when: SystemTime) {
         .unwrap();
 }
 
-#[test]
-fn a_same_size_same_mtime_rewrite_and_a_corrupt_artifact_are_never_run_from_the_cache() {
+#[tokio::test]
+async fn a_same_size_same_mtime_rewrite_and_a_corrupt_artifact_are_never_run_from_the_cache() {
     let home = TestHome::new();
     std::fs::create_dir_all(home.extensions()).unwrap();
     let stub = std::fs::read(built_extensions().join("saas-stub.wasm")).unwrap();
@@ -67,9 +67,10 @@ fn a_same_size_same_mtime_rewrite_and_a_corrupt_artifact_are_never_run_from_the_
     let an_old_time = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
     std::fs::write(&file, &first).unwrap();
     set_mtime(&file, an_old_time);
-    let load = || {
+    let load = async || {
         home.runtime()
             .load_dir(&home.extensions())
+            .await
             .unwrap()
             .get("backend")
             .unwrap()
@@ -77,14 +78,14 @@ fn a_same_size_same_mtime_rewrite_and_a_corrupt_artifact_are_never_run_from_the_
     };
 
     std::thread::sleep(SETTLE);
-    let loaded = load();
+    let loaded = load().await;
     assert_eq!(loaded.cache, CacheOutcome::Compiled);
     assert_eq!(loaded.info.id, "saas-stub");
     std::thread::sleep(SETTLE);
     // The artifact has settled: verified once more by its digest, then
     // trusted by its identity.
-    assert_eq!(load().cache, CacheOutcome::Hit);
-    let loaded = load();
+    assert_eq!(load().await.cache, CacheOutcome::Hit);
+    let loaded = load().await;
     assert_eq!(loaded.cache, CacheOutcome::Hit);
     assert_eq!(loaded.info.id, "saas-stub");
 
@@ -96,15 +97,15 @@ fn a_same_size_same_mtime_rewrite_and_a_corrupt_artifact_are_never_run_from_the_
     bytes[middle] ^= 0xFF;
     std::fs::write(&artifact, &bytes).unwrap();
     set_mtime(&artifact, artifact_mtime);
-    let reloaded = load();
+    let reloaded = load().await;
     assert_eq!(
         reloaded.cache,
         CacheOutcome::Replaced,
         "a corrupt artifact is rejected and recompiled"
     );
     assert_eq!(
-        reloaded.estimate_cost(&spec("sbx-a")).unwrap().amount,
-        loaded.estimate_cost(&spec("sbx-a")).unwrap().amount,
+        reloaded.estimate_cost(&spec("sbx-a")).await.unwrap().amount,
+        loaded.estimate_cost(&spec("sbx-a")).await.unwrap().amount,
         "the recompiled component works"
     );
 
@@ -115,15 +116,15 @@ fn a_same_size_same_mtime_rewrite_and_a_corrupt_artifact_are_never_run_from_the_
     let metadata = std::fs::metadata(&file).unwrap();
     assert_eq!(metadata.len() as usize, size);
     assert_eq!(metadata.modified().unwrap(), an_old_time);
-    let replaced = load();
+    let replaced = load().await;
     assert_eq!(
         replaced.info.id, "flat-fee",
         "the new component runs, not the old one's artifact"
     );
     assert_ne!(replaced.content_sha256, loaded.content_sha256);
     assert_ne!(
-        replaced.estimate_cost(&spec("sbx-b")).unwrap().amount,
-        loaded.estimate_cost(&spec("sbx-b")).unwrap().amount,
+        replaced.estimate_cost(&spec("sbx-b")).await.unwrap().amount,
+        loaded.estimate_cost(&spec("sbx-b")).await.unwrap().amount,
         "a different backend answers"
     );
 }

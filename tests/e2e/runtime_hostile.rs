@@ -29,7 +29,7 @@ struct Hostile {
 }
 
 impl Hostile {
-    fn load() -> Self {
+    async fn load() -> Self {
         let home = TestHome::new().with_saas_stub();
         let fixtures = built_fixtures();
         for name in FIXTURES {
@@ -43,7 +43,7 @@ impl Hostile {
         // The smallest valid core module: magic and version, no sections.
         std::fs::write(dir.join("core-module.wasm"), b"\0asm\x01\0\0\0").unwrap();
         // The runtime may go: loaded extensions keep what they need.
-        let set = home.runtime().load_dir(&dir).unwrap();
+        let set = home.runtime().load_dir(&dir).await.unwrap();
         Self { _home: home, set }
     }
 
@@ -60,7 +60,7 @@ impl Hostile {
             .clone()
     }
 
-    fn call_error(&self, name: &str, function: &str) -> CallError {
+    async fn call_error(&self, name: &str, function: &str) -> CallError {
         let extension = self
             .set
             .get(name)
@@ -77,20 +77,21 @@ impl Hostile {
             egress_bytes: 0,
         };
         let error = match function {
-            "estimate-cost" => extension.estimate_cost(&spec).err(),
-            "create" => extension.create(&spec).err(),
-            "destroy" => extension.destroy(&spec, &handle).err(),
-            "meter-actual" => extension.meter_actual(&spec, usage).err(),
+            "estimate-cost" => extension.estimate_cost(&spec).await.err(),
+            "create" => extension.create(&spec).await.err(),
+            "destroy" => extension.destroy(&spec, &handle).await.err(),
+            "meter-actual" => extension.meter_actual(&spec, usage).await.err(),
             other => panic!("unknown function {other}"),
         };
         error.unwrap_or_else(|| panic!("{name} {function} should fail"))
     }
 
     /// The control: the well-behaved extension in the same process still works.
-    fn assert_saas_stub_answers(&self) {
+    async fn assert_saas_stub_answers(&self) {
         let stub = self.set.get("saas-stub").expect("saas-stub stays loaded");
         let estimate = stub
             .estimate_cost(&spec("sbx-control"))
+            .await
             .expect("saas-stub keeps answering");
         assert_eq!(
             estimate.amount, 66_600,
@@ -111,9 +112,9 @@ fn pseudo_random_bytes(length: usize) -> Vec<u8> {
         .collect()
 }
 
-#[test]
-fn every_bad_file_is_rejected_with_a_one_line_reason_and_the_rest_load() {
-    let hostile = Hostile::load();
+#[tokio::test]
+async fn every_bad_file_is_rejected_with_a_one_line_reason_and_the_rest_load() {
+    let hostile = Hostile::load().await;
     for (name, needle) in [
         ("random-bytes", "not WebAssembly"),
         ("empty", "empty file"),
@@ -144,14 +145,14 @@ fn every_bad_file_is_rejected_with_a_one_line_reason_and_the_rest_load() {
     ] {
         assert!(hostile.set.get(name).is_some(), "{name} loads");
     }
-    hostile.assert_saas_stub_answers();
+    hostile.assert_saas_stub_answers().await;
 }
 
-#[test]
-fn an_endless_loop_is_stopped_at_its_wall_clock_limit() {
-    let hostile = Hostile::load();
+#[tokio::test]
+async fn an_endless_loop_is_stopped_at_its_wall_clock_limit() {
+    let hostile = Hostile::load().await;
     let started = Instant::now();
-    let error = hostile.call_error("endless-loop", "estimate-cost");
+    let error = hostile.call_error("endless-loop", "estimate-cost").await;
     let elapsed = started.elapsed();
     assert!(
         matches!(error, CallError::Timeout { limit_ms: 200, .. }),
@@ -170,14 +171,14 @@ fn an_endless_loop_is_stopped_at_its_wall_clock_limit() {
         "stopped promptly: {elapsed:?}"
     );
     assert!(error.is_retryable());
-    hostile.assert_saas_stub_answers();
+    hostile.assert_saas_stub_answers().await;
 }
 
-#[test]
-fn a_call_blocked_in_a_host_call_is_stopped_at_its_wall_clock_limit() {
-    let hostile = Hostile::load();
+#[tokio::test]
+async fn a_call_blocked_in_a_host_call_is_stopped_at_its_wall_clock_limit() {
+    let hostile = Hostile::load().await;
     let started = Instant::now();
-    let error = hostile.call_error("sleeper", "estimate-cost");
+    let error = hostile.call_error("sleeper", "estimate-cost").await;
     let elapsed = started.elapsed();
     assert!(
         matches!(error, CallError::Timeout { limit_ms: 200, .. }),
@@ -187,13 +188,13 @@ fn a_call_blocked_in_a_host_call_is_stopped_at_its_wall_clock_limit() {
         elapsed < Duration::from_secs(5),
         "a one-minute WASI sleep is cut at the deadline: {elapsed:?}"
     );
-    hostile.assert_saas_stub_answers();
+    hostile.assert_saas_stub_answers().await;
 }
 
-#[test]
-fn a_fuel_budget_stops_a_loop_before_the_deadline() {
-    let hostile = Hostile::load();
-    let error = hostile.call_error("fuel-burner", "estimate-cost");
+#[tokio::test]
+async fn a_fuel_budget_stops_a_loop_before_the_deadline() {
+    let hostile = Hostile::load().await;
+    let error = hostile.call_error("fuel-burner", "estimate-cost").await;
     assert!(
         matches!(
             error,
@@ -208,13 +209,13 @@ fn a_fuel_budget_stops_a_loop_before_the_deadline() {
         error.to_string().contains("fuel limit of 5000000"),
         "{error}"
     );
-    hostile.assert_saas_stub_answers();
+    hostile.assert_saas_stub_answers().await;
 }
 
-#[test]
-fn memory_growth_stops_at_the_cap() {
-    let hostile = Hostile::load();
-    let error = hostile.call_error("memory-growth", "estimate-cost");
+#[tokio::test]
+async fn memory_growth_stops_at_the_cap() {
+    let hostile = Hostile::load().await;
+    let error = hostile.call_error("memory-growth", "estimate-cost").await;
     assert!(
         matches!(error, CallError::MemoryLimit { limit_mb: 16, .. }),
         "{error}"
@@ -223,15 +224,15 @@ fn memory_growth_stops_at_the_cap() {
         error.to_string(),
         "extension `memory-growth` estimate-cost: stopped at its memory limit of 16 MiB"
     );
-    hostile.assert_saas_stub_answers();
+    hostile.assert_saas_stub_answers().await;
 }
 
-#[test]
-fn a_trap_in_each_function_is_a_failed_call_naming_the_function() {
-    let hostile = Hostile::load();
+#[tokio::test]
+async fn a_trap_in_each_function_is_a_failed_call_naming_the_function() {
+    let hostile = Hostile::load().await;
     for function in ["estimate-cost", "create", "destroy", "meter-actual"] {
         let name = format!("trap-in-{function}");
-        let error = hostile.call_error(&name, function);
+        let error = hostile.call_error(&name, function).await;
         assert!(matches!(error, CallError::Trap { .. }), "{error}");
         assert!(
             error
@@ -245,14 +246,15 @@ fn a_trap_in_each_function_is_a_failed_call_naming_the_function() {
         if function != "estimate-cost" {
             extension
                 .estimate_cost(&spec("sbx-after-trap"))
+                .await
                 .expect("a fresh instance answers");
         }
-        hostile.assert_saas_stub_answers();
+        hostile.assert_saas_stub_answers().await;
     }
 }
 
-#[test]
-fn a_reused_instance_that_traps_is_never_reused() {
+#[tokio::test]
+async fn a_reused_instance_that_traps_is_never_reused() {
     let home = TestHome::new();
     install(&built_fixtures(), "hostile", &home.extensions(), "reused");
     std::fs::write(
@@ -260,7 +262,7 @@ fn a_reused_instance_that_traps_is_never_reused() {
         "[limits]\nreuse_instances = true\n[config]\nmisbehave = \"trap\"\nin = \"create\"\n",
     )
     .unwrap();
-    let set = home.runtime().load_dir(&home.extensions()).unwrap();
+    let set = home.runtime().load_dir(&home.extensions()).await.unwrap();
     let reused = set.get("reused").unwrap();
     assert!(reused.limits.reuse_instances);
     for round in 0..3 {
@@ -268,20 +270,24 @@ fn a_reused_instance_that_traps_is_never_reused() {
         // away, and the next call works on another.
         for _ in 0..5 {
             assert_eq!(
-                reused.estimate_cost(&spec("sbx-reuse")).unwrap().amount,
+                reused
+                    .estimate_cost(&spec("sbx-reuse"))
+                    .await
+                    .unwrap()
+                    .amount,
                 1_000,
                 "round {round}"
             );
         }
-        let error = reused.create(&spec("sbx-reuse")).unwrap_err();
+        let error = reused.create(&spec("sbx-reuse")).await.unwrap_err();
         assert!(matches!(error, CallError::Trap { .. }), "{error}");
     }
 }
 
-#[test]
-fn an_oversized_string_is_refused() {
-    let hostile = Hostile::load();
-    let error = hostile.call_error("oversized-string", "create");
+#[tokio::test]
+async fn an_oversized_string_is_refused() {
+    let hostile = Hostile::load().await;
+    let error = hostile.call_error("oversized-string", "create").await;
     assert!(
         matches!(
             error,
@@ -294,24 +300,25 @@ fn an_oversized_string_is_refused() {
         ),
         "{error}"
     );
-    hostile.assert_saas_stub_answers();
+    hostile.assert_saas_stub_answers().await;
 }
 
-#[test]
-fn a_log_flood_is_muted_and_the_call_still_answers() {
-    let hostile = Hostile::load();
+#[tokio::test]
+async fn a_log_flood_is_muted_and_the_call_still_answers() {
+    let hostile = Hostile::load().await;
     let extension = hostile.set.get("log-flood").unwrap();
     let estimate = extension
         .estimate_cost(&spec("sbx-flood"))
+        .await
         .expect("the flooding call completes");
     assert_eq!(estimate.amount, 1_000);
-    hostile.assert_saas_stub_answers();
+    hostile.assert_saas_stub_answers().await;
 }
 
-#[test]
-fn backend_errors_are_the_extensions_own_answer() {
-    let hostile = Hostile::load();
-    let error = hostile.call_error("always-unavailable", "create");
+#[tokio::test]
+async fn backend_errors_are_the_extensions_own_answer() {
+    let hostile = Hostile::load().await;
+    let error = hostile.call_error("always-unavailable", "create").await;
     assert!(
         matches!(error.ext_error(), Some(ExtError::Unavailable(_))),
         "{error}"
@@ -321,12 +328,15 @@ fn backend_errors_are_the_extensions_own_answer() {
         "extension `always-unavailable` create: unavailable: this backend is always down"
     );
     assert!(error.is_retryable());
-    let invalid = hostile.set.get("saas-stub").unwrap().estimate_cost(
-        &sandboxer_host::runtime::SandboxSpec {
+    let invalid = hostile
+        .set
+        .get("saas-stub")
+        .unwrap()
+        .estimate_cost(&sandboxer_host::runtime::SandboxSpec {
             cpu_millis: 0,
             ..spec("sbx-invalid")
-        },
-    );
+        })
+        .await;
     let invalid = invalid.unwrap_err();
     assert!(
         matches!(invalid.ext_error(), Some(ExtError::InvalidSpec(_))),
@@ -371,8 +381,8 @@ fn deleting_keys_that_were_never_written_keeps_nothing_in_host_memory() {
     }
 }
 
-#[test]
-fn a_huge_error_message_is_refused_before_the_host_copies_it() {
+#[tokio::test]
+async fn a_huge_error_message_is_refused_before_the_host_copies_it() {
     // 100 MiB of "x " used to take the host to 1 GB: copies, and a list of
     // its 50 million words.
     let (run, peak_mib) = run_with_fixtures(&["huge-error"], &["ext", "estimate", "huge-error"]);
@@ -399,11 +409,12 @@ fn a_huge_error_message_is_refused_before_the_host_copies_it() {
         "[config]\nmisbehave = \"huge-error\"\nsize_mb = 1\nunit = \"x \"\n",
     )
     .unwrap();
-    let set = home.runtime().load_dir(&home.extensions()).unwrap();
+    let set = home.runtime().load_dir(&home.extensions()).await.unwrap();
     let error = set
         .get("long-error")
         .unwrap()
         .estimate_cost(&spec("sbx-long-error"))
+        .await
         .unwrap_err();
     let Some(ExtError::Internal(message)) = error.ext_error() else {
         panic!("{error}");

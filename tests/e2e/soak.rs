@@ -207,7 +207,7 @@ pub fn soak(kills: u64, seed: u64) -> (u64, u64, u64, u64, bool) {
                         Intent::Run => {
                             acknowledged
                                 .runs
-                                .insert(answer["sandbox_id"].as_str().unwrap().to_string());
+                                .insert(answer["id"].as_str().unwrap().to_string());
                         }
                         Intent::Create => {
                             let id = answer["id"].as_str().unwrap().to_string();

@@ -29,6 +29,11 @@ fn docs_mention_every_cli_command() {
         "sandbox logs",
         "events tail",
         "ext new",
+        "serve",
+        "tenant create",
+        "tenant list",
+        "tenant revoke",
+        "completions",
     ] {
         assert!(
             docs.contains(command),
@@ -70,6 +75,27 @@ fn module_boundaries_hold() {
             !text.contains("crate::manager"),
             "{file}: the router knows nothing of lifecycles"
         );
+    }
+    for (file, text) in sources("cli") {
+        for forbidden in [
+            "ledger::Ledger",
+            "SandboxManager",
+            "Router::new",
+            "state_db::StateDb::new",
+        ] {
+            assert!(
+                !text.contains(forbidden),
+                "{file}: the command line only calls the service layer ({forbidden})"
+            );
+        }
+    }
+    for (file, text) in sources("server") {
+        for forbidden in ["Ledger::open", "SandboxManager::new", "router::Router"] {
+            assert!(
+                !text.contains(forbidden),
+                "{file}: the server only calls the service layer ({forbidden})"
+            );
+        }
     }
     for (file, text) in sources("ledger") {
         for forbidden in ["wasmtime::", "use wasmtime", "crate::runtime"] {

@@ -23,6 +23,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Global options")]
 pub struct GlobalArgs {
     /// Directory for the ledger, the state store and the compiled-extension cache
     /// [default: $XDG_DATA_HOME/sandboxer or ~/.local/share/sandboxer]
@@ -51,6 +52,11 @@ pub struct GlobalArgs {
     /// Also deliver meter events to this webhook (a CloudEvents batch per POST)
     #[arg(long, global = true, env = "SANDBOXER_HUB_URL", value_name = "URL")]
     pub hub_url: Option<String>,
+
+    /// Talk to this server instead of opening the home [default: the server that owns the
+    /// home, found from <home>/server.json, if one runs]
+    #[arg(long, global = true, env = "SANDBOXER_SERVER", value_name = "URL")]
+    pub server: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -100,6 +106,66 @@ Example: sandboxer-host run --profile local -- python3 -c 'print(6*7)'")]
     /// See how a profile picks its backend
     #[command(subcommand)]
     Route(RouteCommand),
+
+    /// Run the host as a server: the native API, the E2B-compatible API, /metrics
+    #[command(after_help = "\
+The server owns the home: commands run meanwhile on the same home go through it.
+It reaps expired sandboxes on time, retries failed destroys, delivers meter events
+and reloads the extensions directory when it changes. SIGTERM or SIGINT stops it
+after the requests in flight.
+
+Example: sandboxer-host serve --listen 127.0.0.1:3000")]
+    Serve {
+        /// Address to listen on
+        #[arg(
+            long,
+            env = "SANDBOXER_LISTEN",
+            default_value = "127.0.0.1:3000",
+            value_name = "ADDR"
+        )]
+        listen: String,
+        /// A file holding the operator's key [default: SANDBOXER_OPERATOR_KEY, else
+        /// <home>/operator.key, made on first start]
+        #[arg(long, value_name = "FILE")]
+        operator_key_file: Option<PathBuf>,
+    },
+
+    /// Register tenants and their API keys
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+
+    /// Print a shell completion script
+    #[command(
+        after_help = "Example: sandboxer-host completions bash > /etc/bash_completion.d/sandboxer-host"
+    )]
+    Completions {
+        /// bash, zsh or fish
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Register a tenant and print its API key (shown once; only its hash is kept)
+    #[command(after_help = "Example: sandboxer-host tenant create acme")]
+    Create {
+        /// The tenant's name: letters, digits, '-', '_' and '.', up to 64
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tenants (never their keys)
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a tenant's key: it stops working at once (its credits and sandboxes stay)
+    #[command(after_help = "Example: sandboxer-host tenant revoke acme")]
+    Revoke {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]

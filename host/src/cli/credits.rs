@@ -1,71 +1,44 @@
 //! `credits show | add | history` and `ledger verify`.
 
-use super::AlreadyReported;
 use super::args::{CreditsCommand, LedgerCommand};
 use super::output::{print_json, print_table};
-use anyhow::{Context, Result};
-use sandboxer_credits::{format_credits, format_micros, parse_credits};
-use sandboxer_host::ledger::{
-    DEFAULT_STARTING_CREDITS, JournalEntry, Ledger, LedgerOptions, TenantSummary, rfc3339_millis,
-};
-use sandboxer_host::paths::HostPaths;
-use sandboxer_host::state_db::StateDb;
-use serde_json::json;
-
-/// Ledger options, with the default tenant's starting credits from
-/// SANDBOXER_DEFAULT_CREDITS.
-pub fn ledger_options() -> Result<LedgerOptions> {
-    let default_credits = match std::env::var("SANDBOXER_DEFAULT_CREDITS") {
-        Ok(text) => parse_credits(&text).context("SANDBOXER_DEFAULT_CREDITS")?,
-        Err(_) => DEFAULT_STARTING_CREDITS,
-    };
-    Ok(LedgerOptions {
-        default_credits,
-        ..LedgerOptions::default()
-    })
-}
-
-/// Opens the ledger, waiting (bounded) while another process has it.
-pub fn open_ledger(paths: &HostPaths) -> Result<Ledger> {
-    let options = ledger_options()?;
-    super::wait_for_home(|| Ok(Ledger::open(&paths.ledger_file(), options.clone())?))
-}
+use super::{AlreadyReported, Context};
+use anyhow::Result;
+use sandboxer_credits::parse_credits;
+use sandboxer_host::service::ServiceError;
+use sandboxer_host::service::api::AddCredits;
 
 /// Runs a credits command, then delivers the events it wrote.
-pub fn run_credits(
-    command: CreditsCommand,
-    paths: &HostPaths,
-    hub_url: Option<String>,
-) -> Result<()> {
+pub async fn run_credits(command: CreditsCommand, context: &Context) -> Result<()> {
+    let json = match &command {
+        CreditsCommand::Show { json, .. }
+        | CreditsCommand::Add { json, .. }
+        | CreditsCommand::History { json, .. } => *json,
+    };
     // Bad input changes nothing: not even a new ledger file.
     if let CreditsCommand::Add { amount, .. } = &command {
-        parse_credits(amount)?;
+        parse_credits(amount).map_err(|error| ServiceError::InvalidInput(error.to_string()))?;
     }
-    let ledger = open_ledger(paths)?;
-    let outcome = credits_command(command, &ledger);
-    let state = StateDb::new(paths.state_file());
-    super::sandbox::deliver(&super::sandbox::sinks(paths, hub_url), &ledger, &state);
+    let api = context.connect(json).await?;
+    let outcome = credits_command(&api, command).await;
+    api.close().await;
     outcome
 }
 
-fn credits_command(command: CreditsCommand, ledger: &Ledger) -> Result<()> {
+async fn credits_command(api: &super::api::Api, command: CreditsCommand) -> Result<()> {
     match command {
         CreditsCommand::Show { tenant, json } => {
-            let summary = ledger.summary(&tenant)?;
+            let credits = api.credits(&tenant).await?;
             if json {
-                return print_json(&summary_json(&summary));
+                return print_json(&credits);
             }
             println!(
                 "tenant {}: balance {}, held {}, available {} credits",
-                summary.tenant,
-                format_micros(summary.balance),
-                format_credits(summary.held),
-                format_micros(summary.available)
+                credits.tenant, credits.balance, credits.held, credits.available
             );
-            if summary.available < 0 {
+            if let Some(owed) = credits.available.strip_prefix('-') {
                 println!(
-                    "  it owes {} from an overrun; new sandboxes wait until credits are added",
-                    format_micros(-summary.available)
+                    "  it owes {owed} from an overrun; new sandboxes wait until credits are added"
                 );
             }
             Ok(())
@@ -76,35 +49,30 @@ fn credits_command(command: CreditsCommand, ledger: &Ledger) -> Result<()> {
             key,
             json,
         } => {
-            let micros = parse_credits(&amount)?;
-            let receipt = ledger.grant(&tenant, micros, key.as_deref())?;
-            let summary = ledger.summary(&tenant)?;
+            let grant = api
+                .add_credits(
+                    &tenant,
+                    &AddCredits {
+                        amount,
+                        key: key.clone(),
+                    },
+                )
+                .await?;
             if json {
-                let mut value = summary_json(&summary);
-                value["added"] = json!(if receipt.replayed {
-                    format_credits(0)
-                } else {
-                    format_credits(micros)
-                });
-                value["replayed"] = json!(receipt.replayed);
-                return print_json(&value);
+                return print_json(&grant);
             }
-            if receipt.replayed {
+            if grant.replayed {
                 println!(
                     "key {:?} was already used: {} credits were added to {} then (entry {}); nothing added now",
                     key.unwrap_or_default(),
-                    format_credits(receipt.amount),
-                    receipt.tenant,
-                    receipt.seq
+                    grant.amount,
+                    grant.tenant,
+                    grant.seq
                 );
             } else {
-                println!("added {} credits to {}", format_credits(micros), tenant);
+                println!("added {} credits to {}", grant.added, grant.tenant);
             }
-            println!(
-                "balance {}, available {}",
-                format_micros(summary.balance),
-                format_micros(summary.available)
-            );
+            println!("balance {}, available {}", grant.balance, grant.available);
             Ok(())
         }
         CreditsCommand::History {
@@ -112,10 +80,9 @@ fn credits_command(command: CreditsCommand, ledger: &Ledger) -> Result<()> {
             limit,
             json,
         } => {
-            let entries = ledger.history(&tenant, limit)?;
+            let entries = api.history(&tenant, limit).await?;
             if json {
-                let rows: Vec<_> = entries.iter().map(entry_json).collect();
-                return print_json(&rows);
+                return print_json(&entries);
             }
             if entries.is_empty() {
                 println!("no entries for tenant {tenant}");
@@ -126,9 +93,9 @@ fn credits_command(command: CreditsCommand, ledger: &Ledger) -> Result<()> {
                 .map(|entry| {
                     vec![
                         entry.seq.to_string(),
-                        rfc3339_millis(entry.time_ms),
-                        entry.kind.name().to_string(),
-                        format_credits(entry.amount),
+                        entry.time.clone(),
+                        entry.kind.clone(),
+                        entry.amount.clone(),
                         entry.debit.clone(),
                         entry.credit.clone(),
                         entry.sandbox_id.clone().unwrap_or_else(|| "-".into()),
@@ -146,55 +113,31 @@ fn credits_command(command: CreditsCommand, ledger: &Ledger) -> Result<()> {
     }
 }
 
-pub fn run_ledger(command: LedgerCommand, paths: &HostPaths) -> Result<()> {
-    match command {
-        LedgerCommand::Verify { json } => {
-            let ledger = open_ledger(paths)?;
-            let report = ledger.verify()?;
-            if json {
-                print_json(&report)?;
-            } else if report.ok {
-                println!(
-                    "ledger ok: {} journal entries, {} accounts, {} open holds; every invariant holds",
-                    report.journal_entries, report.accounts, report.open_holds
-                );
-            } else {
-                for violation in &report.violations {
-                    eprintln!("violation [{}]: {}", violation.check, violation.message);
-                }
-                eprintln!(
-                    "error: the ledger breaks {} invariant(s)",
-                    report.violations.len()
-                );
-            }
-            if report.ok {
-                Ok(())
-            } else {
-                Err(AlreadyReported.into())
-            }
+pub async fn run_ledger(command: LedgerCommand, context: &Context) -> Result<()> {
+    let LedgerCommand::Verify { json } = command;
+    let api = context.connect(json).await?;
+    let report = api.verify().await;
+    api.close().await;
+    let report = report?;
+    if json {
+        print_json(&report)?;
+    } else if report.ok {
+        println!(
+            "ledger ok: {} journal entries, {} accounts, {} open holds; every invariant holds",
+            report.journal_entries, report.accounts, report.open_holds
+        );
+    } else {
+        for violation in &report.violations {
+            eprintln!("violation [{}]: {}", violation.check, violation.message);
         }
+        eprintln!(
+            "error: the ledger breaks {} invariant(s)",
+            report.violations.len()
+        );
     }
-}
-
-fn summary_json(summary: &TenantSummary) -> serde_json::Value {
-    json!({
-        "tenant": summary.tenant,
-        "balance": format_micros(summary.balance),
-        "held": format_credits(summary.held),
-        "available": format_micros(summary.available),
-    })
-}
-
-fn entry_json(entry: &JournalEntry) -> serde_json::Value {
-    json!({
-        "seq": entry.seq,
-        "time": rfc3339_millis(entry.time_ms),
-        "kind": entry.kind.name(),
-        "amount": format_credits(entry.amount),
-        "debit": entry.debit,
-        "credit": entry.credit,
-        "key": entry.key,
-        "sandbox_id": entry.sandbox_id,
-        "overrun": format_credits(entry.overrun),
-    })
+    if report.ok {
+        Ok(())
+    } else {
+        Err(AlreadyReported.into())
+    }
 }

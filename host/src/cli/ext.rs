@@ -1,23 +1,27 @@
 //! `ext list | check | info | estimate`.
 
-use super::AlreadyReported;
 use super::args::ExtCommand;
 use super::output::{print_json, print_table};
+use super::{AlreadyReported, Context as CliContext};
 use anyhow::{Context, Result, anyhow, bail};
 use sandboxer_credits::format_credits;
 use sandboxer_host::manager::disputes::{self, DisputeTally};
 use sandboxer_host::paths::HostPaths;
 use sandboxer_host::runtime::{Extension, ExtensionEntry, Runtime, SandboxSpec, kind_name};
 use sandboxer_host::scaffold;
+use sandboxer_host::service::ServiceError;
+use sandboxer_host::service::api::ExtensionListing;
+use sandboxer_host::service::client::Client;
 use sandboxer_host::state_db::StateDb;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub fn run(command: ExtCommand, paths: &HostPaths) -> Result<()> {
+pub async fn run(command: ExtCommand, context: &CliContext) -> Result<()> {
+    let paths = &context.paths;
     if let ExtCommand::New { name, lang, dir } = &command {
-        let language = scaffold::Language::parse(lang).map_err(anyhow::Error::msg)?;
+        let language = scaffold::Language::parse(lang).map_err(ServiceError::InvalidInput)?;
         let dir = dir.clone().unwrap_or_else(|| PathBuf::from(name));
         let written = scaffold::create(&dir, name, language).map_err(anyhow::Error::msg)?;
         println!(
@@ -43,14 +47,14 @@ pub fn run(command: ExtCommand, paths: &HostPaths) -> Result<()> {
     let runtime = open_runtime(paths)?;
     match command {
         ExtCommand::New { .. } => unreachable!("handled above"),
-        ExtCommand::List { json } => list(&runtime, paths, json),
+        ExtCommand::List { json } => list(&runtime, context, json).await,
         ExtCommand::Check { file, json } => {
             if !file.is_file() {
                 bail!("{}: no such file", file.display());
             }
-            let entry = runtime.load_file(&file);
+            let entry = runtime.load_file(&file).await;
             if json {
-                print_json(&ListedExtension::from(&entry))?;
+                print_json(&ExtensionListing::from(&entry))?;
             }
             match &entry.status {
                 Ok(extension) => {
@@ -75,7 +79,7 @@ pub fn run(command: ExtCommand, paths: &HostPaths) -> Result<()> {
             }
         }
         ExtCommand::Info { name, json } => {
-            let extension = find(&runtime, paths, &name)?;
+            let extension = find(&runtime, paths, &name).await?;
             let mut details = ExtensionDetails::from(extension.as_ref());
             // Only a home that has recorded sandboxes has disputes to show.
             if paths.state_file().is_file() {
@@ -96,7 +100,7 @@ pub fn run(command: ExtCommand, paths: &HostPaths) -> Result<()> {
             template,
             json,
         } => {
-            let extension = find(&runtime, paths, &name)?;
+            let extension = find(&runtime, paths, &name).await?;
             let spec = SandboxSpec {
                 sandbox_id: "estimate-only".into(),
                 profile: "cli".into(),
@@ -108,7 +112,7 @@ pub fn run(command: ExtCommand, paths: &HostPaths) -> Result<()> {
                 env: Vec::new(),
                 network: false,
             };
-            let estimate = extension.estimate_cost(&spec)?;
+            let estimate = extension.estimate_cost(&spec).await?;
             if json {
                 return print_json(&serde_json::json!({
                     "extension": name,
@@ -138,8 +142,26 @@ pub fn open_runtime_with_state(paths: &HostPaths) -> Result<(Runtime, Arc<StateD
     Ok((runtime, state))
 }
 
-fn find(runtime: &Runtime, paths: &HostPaths, name: &str) -> Result<Arc<Extension>> {
-    let set = runtime.load_dir(&paths.extensions_dir)?;
+/// Loads the one instance called `name` (its `.wasm` only, not the whole
+/// directory).
+async fn find(runtime: &Runtime, paths: &HostPaths, name: &str) -> Result<Arc<Extension>> {
+    let file = paths.extensions_dir.join(format!("{name}.wasm"));
+    let set = if file.is_file() {
+        sandboxer_host::runtime::ExtensionSet {
+            entries: vec![runtime.load_file(&file).await],
+        }
+    } else {
+        sandboxer_host::runtime::ExtensionSet {
+            entries: Runtime::extension_files(&paths.extensions_dir)?
+                .into_iter()
+                .map(|(name, file)| ExtensionEntry {
+                    name,
+                    file,
+                    status: Err(String::new()),
+                })
+                .collect(),
+        }
+    };
     match set.entry(name) {
         Some(ExtensionEntry {
             status: Ok(extension),
@@ -172,11 +194,21 @@ fn find(runtime: &Runtime, paths: &HostPaths, name: &str) -> Result<Arc<Extensio
     }
 }
 
-fn list(runtime: &Runtime, paths: &HostPaths, json: bool) -> Result<()> {
-    let set = runtime
-        .load_dir(&paths.extensions_dir)
-        .with_context(|| "cannot list extensions".to_string())?;
-    let listed: Vec<ListedExtension> = set.entries.iter().map(ListedExtension::from).collect();
+async fn list(runtime: &Runtime, context: &CliContext, json: bool) -> Result<()> {
+    let paths = &context.paths;
+    // A server owning the home lists what it serves (it reloads on change).
+    let listed: Vec<ExtensionListing> =
+        match Client::discover(paths, context.server.as_deref()).await? {
+            Some(client) => client.list_extensions().await?,
+            None => runtime
+                .load_dir(&paths.extensions_dir)
+                .await
+                .with_context(|| "cannot list extensions".to_string())?
+                .entries
+                .iter()
+                .map(ExtensionListing::from)
+                .collect(),
+        };
     if json {
         return print_json(&listed);
     }
@@ -193,8 +225,8 @@ fn list(runtime: &Runtime, paths: &HostPaths, json: bool) -> Result<()> {
         .map(|entry| {
             vec![
                 entry.name.clone(),
-                entry.status.to_string(),
-                entry.kind.map_or_else(dash, str::to_string),
+                entry.status.clone(),
+                entry.kind.clone().unwrap_or_else(dash),
                 entry.version.clone().unwrap_or_else(dash),
                 entry.id.clone().unwrap_or_else(dash),
                 entry.reason.clone().unwrap_or_default(),
@@ -206,37 +238,6 @@ fn list(runtime: &Runtime, paths: &HostPaths, json: bool) -> Result<()> {
         &rows,
     );
     Ok(())
-}
-
-/// One entry of `ext list --json`.
-#[derive(Serialize)]
-struct ListedExtension {
-    name: String,
-    id: Option<String>,
-    version: Option<String>,
-    kind: Option<&'static str>,
-    status: &'static str,
-    reason: Option<String>,
-    file: String,
-}
-
-impl From<&ExtensionEntry> for ListedExtension {
-    fn from(entry: &ExtensionEntry) -> Self {
-        let info = entry.extension().map(|extension| &extension.info);
-        Self {
-            name: entry.name.clone(),
-            id: info.map(|info| info.id.clone()),
-            version: info.map(|info| info.version.clone()),
-            kind: info.map(|info| kind_name(info.kind)),
-            status: if entry.status.is_ok() {
-                "loaded"
-            } else {
-                "rejected"
-            },
-            reason: entry.status.as_ref().err().cloned(),
-            file: entry.file.display().to_string(),
-        }
-    }
 }
 
 /// `ext info --json`.

@@ -1,21 +1,33 @@
-//! The command-line front end. It parses arguments, calls the library and
-//! prints; no business logic lives here.
+//! The command-line front end. It parses arguments, calls the service
+//! layer (the home opened here, or the server that owns it) and prints; no
+//! business logic lives here. It blocks only here, in `main`, on one tokio
+//! runtime.
 //!
-//! Exit codes: 0 success, 1 the operation failed, 2 usage error (clap's).
-//! Every error prints as one line with its whole cause chain.
+//! Exit codes: 0 success, 1 the operation failed, 2 usage error (clap's, and
+//! input the service refuses as invalid), 75 the home stayed busy past the
+//! wait; `run` and `sandbox exec` exit with their command's status. Every
+//! error prints as one line with its whole cause chain; under `--json` it is
+//! also a JSON object on stdout.
 
+mod api;
 mod args;
 mod credits;
 mod ext;
 mod output;
 mod route;
 mod sandbox;
+mod serve;
+mod tenant;
 
 use anyhow::Result;
 use args::{Cli, Command};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use sandboxer_host::paths::{HostPaths, default_home};
+use sandboxer_host::service::{ServiceConfig, ServiceError};
+use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// An operation that ran but failed, after printing its own report (as
 /// `ext check` and `ledger verify` do): exit 1 without another message.
@@ -23,68 +35,33 @@ use std::process::ExitCode;
 #[error("reported")]
 pub struct AlreadyReported;
 
-/// Exit status when another process kept the home busy past the wait.
-pub const EXIT_HOME_BUSY: u8 = 75;
+/// Whether the command asked for `--json` (its errors are JSON too).
+static JSON_OUTPUT: AtomicBool = AtomicBool::new(false);
 
-/// The home stayed in use by another process for the whole wait.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "gave up after waiting {waited_secs} s: {cause} (set SANDBOXER_LOCK_WAIT_SECS to wait longer)"
-)]
-pub struct HomeBusy {
-    pub waited_secs: u64,
-    pub cause: String,
+/// What a command needs to reach the host.
+pub struct Context {
+    pub paths: HostPaths,
+    pub hub_url: Option<String>,
+    pub server: Option<String>,
 }
 
-/// How long a command waits for another process to release the home's
-/// files (SANDBOXER_LOCK_WAIT_SECS, default 120 s).
-fn lock_patience() -> std::time::Duration {
-    let secs = std::env::var("SANDBOXER_LOCK_WAIT_SECS")
-        .ok()
-        .and_then(|text| text.parse().ok())
-        .unwrap_or(120);
-    std::time::Duration::from_secs(secs)
-}
-
-/// Calls `open` until the home's files are free (another process holds
-/// them), saying so once on stderr, for at most the lock patience.
-pub fn wait_for_home<T>(mut open: impl FnMut() -> Result<T>) -> Result<T> {
-    let started = std::time::Instant::now();
-    let patience = lock_patience();
-    let mut announced = false;
-    loop {
-        match open() {
-            Err(error) if is_in_use(&error) => {
-                if started.elapsed() >= patience {
-                    return Err(HomeBusy {
-                        waited_secs: started.elapsed().as_secs(),
-                        cause: format!("{error:#}"),
-                    }
-                    .into());
-                }
-                if !announced {
-                    eprintln!("waiting for another sandboxer-host process to finish ({error:#})");
-                    announced = true;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-            other => return other,
+impl Context {
+    /// The service configuration of this home, from the options and the
+    /// environment, with progress lines on a terminal (not under --json).
+    pub fn config(&self, json: bool) -> Result<ServiceConfig> {
+        let mut config = ServiceConfig::from_env(self.paths.clone(), self.hub_url.clone())?;
+        config.on_wait = Some(Arc::new(|line: &str| eprintln!("{line}")));
+        if !json && std::io::stderr().is_terminal() {
+            config.on_compile = Some(Arc::new(|file: &str| {
+                eprintln!("compiling {file} (first load; later loads use the cache)…");
+            }));
         }
+        Ok(config)
     }
-}
 
-fn is_in_use(error: &anyhow::Error) -> bool {
-    use sandboxer_host::ledger::LedgerError;
-    use sandboxer_host::state_db::StateDbError;
-    error.chain().any(|cause| {
-        matches!(
-            cause.downcast_ref::<LedgerError>(),
-            Some(LedgerError::InUse { .. })
-        ) || matches!(
-            cause.downcast_ref::<StateDbError>(),
-            Some(StateDbError::InUse { .. })
-        )
-    })
+    pub async fn connect(&self, json: bool) -> Result<api::Api> {
+        Ok(api::Api::connect(self.config(json)?, self.server.as_deref()).await?)
+    }
 }
 
 pub fn main() -> ExitCode {
@@ -95,7 +72,7 @@ pub fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     install_panic_hook();
-    // The supervisor of a sandbox process: internal, not a user command.
+    // Internal entry points, not user commands: single-threaded on purpose.
     let mut args = std::env::args_os().skip(1);
     match (
         args.next().as_deref().and_then(|arg| arg.to_str()),
@@ -116,41 +93,124 @@ pub fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     init_logging();
-    let paths = HostPaths::new(
-        cli.global.home.clone().unwrap_or_else(default_home),
-        cli.global.extensions_dir.clone(),
-        cli.global.profiles_dir.clone(),
-    );
-    match run(cli.command, &paths, cli.global.hub_url) {
-        Ok(code) => code,
-        Err(error) if error.is::<AlreadyReported>() => ExitCode::FAILURE,
-        Err(error) if error.is::<HomeBusy>() => {
-            eprintln!("error: {}", output::one_line_chain(&error));
-            ExitCode::from(EXIT_HOME_BUSY)
-        }
+    let context = Context {
+        paths: HostPaths::new(
+            cli.global.home.clone().unwrap_or_else(default_home),
+            cli.global.extensions_dir.clone(),
+            cli.global.profiles_dir.clone(),
+        ),
+        hub_url: cli.global.hub_url.clone(),
+        server: cli.global.server.clone(),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("error: {}", output::one_line_chain(&error));
-            ExitCode::FAILURE
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
         }
+    };
+    let outcome = runtime.block_on(run(cli.command, &context));
+    // A sandbox's process outlives this command; nothing here must wait on
+    // tasks left behind (an idle stdin reader, say).
+    runtime.shutdown_background();
+    match outcome {
+        Ok(code) => code,
+        Err(error) => report_error(&error),
     }
 }
 
-fn run(command: Command, paths: &HostPaths, hub_url: Option<String>) -> Result<ExitCode> {
+/// Prints an error (one line on stderr; JSON on stdout under --json) and
+/// picks the exit status from its kind.
+fn report_error(error: &anyhow::Error) -> ExitCode {
+    if error.is::<AlreadyReported>() {
+        return ExitCode::FAILURE;
+    }
+    let line = output::one_line_chain(error);
+    let service_error = error.downcast_ref::<ServiceError>();
+    let code = service_error.map_or(1, ServiceError::exit_code);
+    eprintln!("error: {line}");
+    if JSON_OUTPUT.load(Ordering::Relaxed) {
+        let body = serde_json::json!({
+            "error": {
+                "kind": service_error.map_or("failed", ServiceError::kind),
+                "message": line,
+                "exit_code": code,
+            }
+        });
+        println!("{body}");
+    }
+    ExitCode::from(code)
+}
+
+async fn run(command: Command, context: &Context) -> Result<ExitCode> {
+    JSON_OUTPUT.store(command_wants_json(&command), Ordering::Relaxed);
     let done = match command {
-        // These two exit with the status of the command they ran.
+        // These exit with the status of the command they ran.
         Command::Run {
             target,
             json,
             command,
-        } => return sandbox::run(paths, hub_url, target, json, command),
-        Command::Sandbox(command) => return sandbox::run_sandbox(paths, hub_url, command),
-        Command::Events(command) => sandbox::run_events(paths, command),
-        Command::Ext(command) => ext::run(command, paths),
-        Command::Credits(command) => credits::run_credits(command, paths, hub_url),
-        Command::Ledger(command) => credits::run_ledger(command, paths),
-        Command::Route(command) => route::run(command, paths),
+        } => return sandbox::run(context, target, json, command).await,
+        Command::Sandbox(command) => return sandbox::run_sandbox(context, command).await,
+        Command::Events(command) => sandbox::run_events(&context.paths, command),
+        Command::Ext(command) => ext::run(command, context).await,
+        Command::Credits(command) => credits::run_credits(command, context).await,
+        Command::Ledger(command) => credits::run_ledger(command, context).await,
+        Command::Route(command) => route::run(command, context).await,
+        Command::Tenant(command) => tenant::run(command, context).await,
+        Command::Serve {
+            listen,
+            operator_key_file,
+        } => serve::run(context, &listen, operator_key_file).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "sandboxer-host",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
     };
     done.map(|()| ExitCode::SUCCESS)
+}
+
+fn command_wants_json(command: &Command) -> bool {
+    use args::{
+        CreditsCommand, ExtCommand, LedgerCommand, RouteCommand, SandboxCommand, TenantCommand,
+    };
+    match command {
+        Command::Run { json, .. } => *json,
+        Command::Sandbox(
+            SandboxCommand::Create { json, .. }
+            | SandboxCommand::List { json, .. }
+            | SandboxCommand::Show { json, .. }
+            | SandboxCommand::Destroy { json, .. },
+        ) => *json,
+        Command::Ext(
+            ExtCommand::List { json }
+            | ExtCommand::Check { json, .. }
+            | ExtCommand::Info { json, .. }
+            | ExtCommand::Estimate { json, .. },
+        ) => *json,
+        Command::Credits(
+            CreditsCommand::Show { json, .. }
+            | CreditsCommand::Add { json, .. }
+            | CreditsCommand::History { json, .. },
+        ) => *json,
+        Command::Ledger(LedgerCommand::Verify { json }) => *json,
+        Command::Route(RouteCommand::Explain { json, .. }) => *json,
+        Command::Tenant(
+            TenantCommand::Create { json, .. }
+            | TenantCommand::List { json }
+            | TenantCommand::Revoke { json, .. },
+        ) => *json,
+        _ => false,
+    }
 }
 
 /// Logs to stderr, filtered by SANDBOXER_LOG (default: warnings and errors).
@@ -160,7 +220,7 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .without_time()
         .init();

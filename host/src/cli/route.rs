@@ -1,93 +1,51 @@
 //! `route explain`.
 
-use super::AlreadyReported;
 use super::args::RouteCommand;
-use super::ext::open_runtime_with_state;
 use super::output::{print_json, print_table};
+use super::{AlreadyReported, Context};
 use anyhow::Result;
-use sandboxer_credits::format_credits;
-use sandboxer_host::paths::HostPaths;
-use sandboxer_host::profile::{MAX_TTL_SECS, Profile};
-use sandboxer_host::router::health::RouteHealth;
-use sandboxer_host::router::{RouteDecision, Router};
-use serde_json::json;
+use sandboxer_host::service::api::RouteExplainView;
 
-pub fn run(command: RouteCommand, paths: &HostPaths) -> Result<()> {
-    match command {
-        RouteCommand::Explain { profile, ttl, json } => {
-            let profile = Profile::find(&profile, &paths.profiles_dir)?;
-            if let Some(ttl) = ttl {
-                anyhow::ensure!(
-                    (1..=MAX_TTL_SECS).contains(&ttl),
-                    "--ttl must be between 1 and {MAX_TTL_SECS} seconds"
-                );
-            }
-            let (runtime, state) = open_runtime_with_state(paths)?;
-            let extensions = runtime.load_dir(&paths.extensions_dir)?;
-            let health = RouteHealth::new(state);
-            let spec = profile.spec("route-explain", ttl);
-            let decision = Router::new(&extensions, &health).decide(&profile, &spec, now_ms())?;
-            if json {
-                print_json(&decision_json(&decision))?;
-            } else {
-                print_decision(&decision);
-            }
-            if decision.chosen.is_none() {
-                eprintln!(
-                    "error: no eligible backend for profile `{}`: {}",
-                    decision.profile,
-                    decision.reasons()
-                );
-                return Err(AlreadyReported.into());
-            }
-            Ok(())
-        }
+pub async fn run(command: RouteCommand, context: &Context) -> Result<()> {
+    let RouteCommand::Explain { profile, ttl, json } = command;
+    let api = context.connect(json).await?;
+    let decision = api.route_explain(&profile, ttl).await;
+    api.close().await;
+    let decision = decision?;
+    if json {
+        print_json(&decision)?;
+    } else {
+        print_decision(&decision);
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_millis() as u64)
-}
-
-/// `route explain --json`: estimates as decimal-credit strings.
-pub fn decision_json(decision: &RouteDecision) -> serde_json::Value {
-    let candidates: Vec<_> = decision
-        .candidates
-        .iter()
-        .map(|candidate| {
-            json!({
-                "name": candidate.name,
-                "kind": candidate.kind,
-                "eligible": candidate.eligible,
-                "reason": candidate.reason,
-                "estimate": candidate.estimate.map(format_credits),
-                "latency_ms": candidate.latency_ms,
-                "latency_samples": candidate.latency_samples,
-                "breaker": candidate.breaker,
-                "rank": candidate.rank,
+    if decision.chosen.is_none() {
+        let reasons: Vec<String> = decision
+            .candidates
+            .iter()
+            .filter(|candidate| !candidate.eligible)
+            .map(|candidate| {
+                format!(
+                    "{}: {}",
+                    candidate.name,
+                    candidate.reason.as_deref().unwrap_or("ineligible")
+                )
             })
-        })
-        .collect();
-    json!({
-        "profile": decision.profile,
-        "strategy": decision.strategy,
-        "fallback": decision.fallback,
-        "max_cost": decision.max_cost.map(format_credits),
-        "chosen": decision.chosen,
-        "candidates": candidates,
-    })
+            .collect();
+        eprintln!(
+            "error: no eligible backend for profile `{}`: {}",
+            decision.profile,
+            reasons.join("; ")
+        );
+        return Err(AlreadyReported.into());
+    }
+    Ok(())
 }
 
-pub fn print_decision(decision: &RouteDecision) {
+pub fn print_decision(decision: &RouteExplainView) {
     println!(
         "profile {}: strategy {}, max_cost {}, fallback {}",
         decision.profile,
         decision.strategy,
-        decision
-            .max_cost
-            .map_or_else(|| "none".to_string(), format_credits),
+        decision.max_cost.as_deref().unwrap_or("none"),
         if decision.fallback { "on" } else { "off" }
     );
     let dash = || "-".to_string();
@@ -98,12 +56,12 @@ pub fn print_decision(decision: &RouteDecision) {
             vec![
                 candidate.rank.map_or_else(dash, |rank| rank.to_string()),
                 candidate.name.clone(),
-                candidate.kind.map_or_else(dash, str::to_string),
-                candidate.estimate.map_or_else(dash, format_credits),
+                candidate.kind.clone().unwrap_or_else(dash),
+                candidate.estimate.clone().unwrap_or_else(dash),
                 candidate
                     .latency_ms
                     .map_or_else(dash, |latency| format!("{latency} ms")),
-                candidate.breaker.map_or_else(dash, str::to_string),
+                candidate.breaker.clone().unwrap_or_else(dash),
                 candidate.reason.clone().unwrap_or_default(),
             ]
         })

@@ -205,6 +205,25 @@ impl Ledger {
         )
     }
 
+    /// Raises an open hold by `add` and moves its expiry (an extended
+    /// sandbox); refused, changing nothing, when the tenant cannot cover it.
+    pub async fn extend_async(
+        &self,
+        sandbox_id: &str,
+        add: u64,
+        expires_at_ms: u64,
+    ) -> Result<ExtendReceipt, LedgerError> {
+        let operation = Operation::Extend {
+            sandbox_id: sandbox_id.into(),
+            add,
+            expires_at_ms,
+        };
+        match self.submit_async(operation).await? {
+            Receipt::Extend(receipt) => Ok(receipt),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Closes every open hold that expires at or before `now_ms`.
     pub fn expire_due(&self, now_ms: u64) -> Result<Vec<ExpiredHold>, LedgerError> {
         into_expired(self.submit(Operation::ExpireDue { now_ms })?)
@@ -266,6 +285,30 @@ impl Ledger {
             .map_err(storage)?
             .map(|row| store::totals_from_row(row.value()))
             .unwrap_or_default())
+    }
+
+    /// Micro-credits charged in all: the posted credits of every
+    /// extension's revenue account (saturating).
+    pub fn revenue_total(&self) -> Result<u64, LedgerError> {
+        let read = self.database.begin_read().map_err(storage)?;
+        let accounts = read.open_table(store::ACCOUNTS).map_err(storage)?;
+        let mut total = 0u64;
+        for row in accounts.range("revenue:".."revenue;").map_err(storage)? {
+            let (_, totals) = row.map_err(storage)?;
+            total = total.saturating_add(store::totals_from_row(totals.value()).credits_posted);
+        }
+        Ok(total)
+    }
+
+    /// The newest outbox sequence number (0 when empty): where a live
+    /// stream of new events starts.
+    pub fn outbox_last_seq(&self) -> Result<u64, LedgerError> {
+        let read = self.database.begin_read().map_err(storage)?;
+        let outbox = read.open_table(store::OUTBOX).map_err(storage)?;
+        Ok(outbox
+            .last()
+            .map_err(storage)?
+            .map_or(0, |(seq, _)| seq.value()))
     }
 
     fn has_key(&self, key: &str) -> Result<bool, LedgerError> {

@@ -207,6 +207,11 @@ impl<'txn> Batch<'txn> {
             Operation::Settle { sandbox_id, actual } => self.settle(sandbox_id, *actual)?,
             Operation::Void { sandbox_id, reason } => self.void(sandbox_id, reason)?,
             Operation::ExpireDue { now_ms } => self.expire_due(*now_ms)?,
+            Operation::Extend {
+                sandbox_id,
+                add,
+                expires_at_ms,
+            } => self.extend(sandbox_id, *add, *expires_at_ms)?,
         };
         if let Some(key) = operation.key() {
             self.remember(&key, operation, &receipt)?;
@@ -489,6 +494,71 @@ impl<'txn> Batch<'txn> {
         }))
     }
 
+    fn extend(
+        &mut self,
+        sandbox_id: &str,
+        add: u64,
+        expires_at_ms: u64,
+    ) -> Result<Receipt, ApplyError> {
+        let mut record = self.get_hold(sandbox_id)?;
+        match record.state {
+            HoldState::Open => {}
+            HoldState::Settled => return Err(refused(closed(sandbox_id, "settled"))),
+            HoldState::Voided => return Err(refused(closed(sandbox_id, "voided"))),
+            HoldState::Expired => return Err(refused(closed(sandbox_id, "expired"))),
+        }
+        if expires_at_ms <= self.now_ms {
+            return Err(refused(LedgerError::InvalidInput(format!(
+                "the hold for sandbox `{sandbox_id}` would expire in the past"
+            ))));
+        }
+        let mut seq = None;
+        if add > 0 {
+            let available = self.tenant_summary(&record.tenant)?.available();
+            if available < i128::from(add) {
+                return Err(refused(LedgerError::InsufficientCredits {
+                    tenant: record.tenant.clone(),
+                    available,
+                    requested: add,
+                }));
+            }
+            let amount = record.amount.checked_add(add).ok_or_else(|| {
+                refused(LedgerError::Overflow {
+                    account: tenant_account(&record.tenant),
+                })
+            })?;
+            let seqs = self.write(
+                &format!("extend/{sandbox_id}/{expires_at_ms}"),
+                vec![Draft {
+                    kind: EntryKind::Hold,
+                    debit: tenant_account(&record.tenant),
+                    credit: HOLDS_ACCOUNT.into(),
+                    amount: add,
+                    tenant: record.tenant.clone(),
+                    sandbox_id: Some(sandbox_id.into()),
+                    overrun: 0,
+                    reason: None,
+                    extension: Some(record.extension.clone()),
+                }],
+            )?;
+            record.amount = amount;
+            seq = Some(seqs[0]);
+        }
+        self.hold_expiry
+            .remove((record.expires_at_ms, sandbox_id))?;
+        self.hold_expiry.insert((expires_at_ms, sandbox_id), ())?;
+        record.expires_at_ms = expires_at_ms;
+        self.put_hold(&record)?;
+        Ok(Receipt::Extend(ExtendReceipt {
+            sandbox_id: sandbox_id.into(),
+            tenant: record.tenant.clone(),
+            amount: record.amount,
+            expires_at_ms,
+            seq,
+            replayed: false,
+        }))
+    }
+
     fn expire_due(&mut self, now_ms: u64) -> Result<Receipt, ApplyError> {
         let mut due = Vec::new();
         for entry in self.hold_expiry.range(..=(now_ms, "\u{10ffff}"))? {
@@ -653,5 +723,8 @@ fn describe(operation: &Operation) -> String {
         }
         Operation::Void { sandbox_id, .. } => format!("voiding the hold of sandbox `{sandbox_id}`"),
         Operation::ExpireDue { .. } => "expiring holds".into(),
+        Operation::Extend { sandbox_id, .. } => {
+            format!("extending the hold of sandbox `{sandbox_id}`")
+        }
     }
 }

@@ -236,6 +236,14 @@ pub enum Operation {
     ExpireDue {
         now_ms: u64,
     },
+    /// Raises an open hold by `add` (checked against the tenant's available
+    /// credits) and moves its expiry to `expires_at_ms`: a sandbox whose
+    /// life was extended. Keyed by the hold and the new expiry.
+    Extend {
+        sandbox_id: String,
+        add: u64,
+        expires_at_ms: u64,
+    },
 }
 
 impl Operation {
@@ -248,6 +256,11 @@ impl Operation {
             Self::Settle { sandbox_id, .. } => Some(format!("settle/{sandbox_id}")),
             Self::Void { sandbox_id, .. } => Some(format!("void/{sandbox_id}")),
             Self::ExpireDue { .. } => None,
+            Self::Extend {
+                sandbox_id,
+                expires_at_ms,
+                ..
+            } => Some(format!("extend/{sandbox_id}/{expires_at_ms}")),
         }
     }
 }
@@ -303,6 +316,19 @@ pub struct VoidReceipt {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtendReceipt {
+    pub sandbox_id: String,
+    pub tenant: String,
+    /// What the hold reserves now.
+    pub amount: u64,
+    pub expires_at_ms: u64,
+    /// The entry that raised it; none when only the expiry moved.
+    pub seq: Option<u64>,
+    #[serde(default)]
+    pub replayed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExpiredHold {
     pub sandbox_id: String,
     pub tenant: String,
@@ -319,6 +345,7 @@ pub enum Receipt {
     Settle(SettleReceipt),
     Void(VoidReceipt),
     Expired { holds: Vec<ExpiredHold> },
+    Extend(ExtendReceipt),
 }
 
 impl Receipt {
@@ -328,6 +355,7 @@ impl Receipt {
             Self::Hold(receipt) => receipt.replayed = true,
             Self::Settle(receipt) => receipt.replayed = true,
             Self::Void(receipt) => receipt.replayed = true,
+            Self::Extend(receipt) => receipt.replayed = true,
             Self::Expired { .. } => {}
         }
         self

@@ -57,6 +57,9 @@ pub(crate) fn verify(read: &ReadTransaction) -> Result<VerifyReport, LedgerError
     let outbox = read.open_table(OUTBOX).map_err(storage)?;
     let mut replayed: HashMap<String, AccountTotals> = HashMap::new();
     let mut hold_entries: HashMap<u64, JournalEntry> = HashMap::new();
+    // What every hold entry of a sandbox adds up to: a hold that was
+    // extended has its first entry and one per extension.
+    let mut held_by_sandbox: HashMap<String, u64> = HashMap::new();
     let mut expected_seq = 1;
     let mut entries = 0u64;
     for row in journal.iter().map_err(storage)? {
@@ -118,6 +121,10 @@ pub(crate) fn verify(read: &ReadTransaction) -> Result<VerifyReport, LedgerError
             violation("replay", message);
         }
         if entry.kind == EntryKind::Hold {
+            if let Some(sandbox_id) = &entry.sandbox_id {
+                let held = held_by_sandbox.entry(sandbox_id.clone()).or_default();
+                *held = held.saturating_add(entry.amount);
+            }
             hold_entries.insert(seq, entry);
         }
     }
@@ -210,7 +217,7 @@ pub(crate) fn verify(read: &ReadTransaction) -> Result<VerifyReport, LedgerError
         match hold_entries.get(&record.hold_seq) {
             Some(entry)
                 if entry.sandbox_id.as_deref() == Some(record.sandbox_id.as_str())
-                    && entry.amount == record.amount
+                    && held_by_sandbox.get(&record.sandbox_id) == Some(&record.amount)
                     && entry.tenant == record.tenant => {}
             _ => violation(
                 "holds",

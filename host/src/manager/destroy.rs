@@ -49,7 +49,7 @@ impl SandboxManager {
                 return Ok(record);
             }
             SandboxState::Provisioning => match self.recover_create(record, force).await? {
-                Recovery::Finished(record) => return Ok(record),
+                Recovery::Finished(record) => return Ok(*record),
                 Recovery::ToDestroy(recovered) => record = *recovered,
             },
             SandboxState::Ready | SandboxState::Expired | SandboxState::Destroying => {}
@@ -284,7 +284,7 @@ impl SandboxManager {
         let Some(hold_id) = record.meter.hold_id.clone() else {
             self.fail(&mut record, "create was interrupted before it began".into())
                 .await?;
-            return Ok(Recovery::Finished(record));
+            return Ok(Recovery::Finished(Box::new(record)));
         };
         let hold = self.ledger.hold_record(&hold_id)?;
         match hold.map(|hold| hold.state) {
@@ -295,7 +295,7 @@ impl SandboxManager {
                         .into(),
                 )
                 .await?;
-                Ok(Recovery::Finished(record))
+                Ok(Recovery::Finished(Box::new(record)))
             }
             Some(HoldState::Voided) => {
                 record.meter.hold = None;
@@ -304,7 +304,7 @@ impl SandboxManager {
                     "create was interrupted after its attempt ended; its hold was voided".into(),
                 )
                 .await?;
-                Ok(Recovery::Finished(record))
+                Ok(Recovery::Finished(Box::new(record)))
             }
             Some(HoldState::Settled) => {
                 let charged = self
@@ -319,7 +319,7 @@ impl SandboxManager {
                     disputed: 0,
                 };
                 let record = self.settle_and_finish(record, decision).await?;
-                Ok(Recovery::Finished(record))
+                Ok(Recovery::Finished(Box::new(record)))
             }
             Some(HoldState::Open | HoldState::Expired) => {
                 record.meter.hold = Some(record.meter.estimate.unwrap_or(0));
@@ -334,13 +334,13 @@ impl SandboxManager {
                             format!("forced: create was interrupted and its extension is not loaded ({why}); hold voided"),
                         )
                         .await?;
-                        return Ok(Recovery::Finished(record));
+                        return Ok(Recovery::Finished(Box::new(record)));
                     }
                     Err(why) => {
                         return self
                             .cannot_destroy(record, false, why)
                             .await
-                            .map(Recovery::Finished);
+                            .map(|record| Recovery::Finished(Box::new(record)));
                     }
                 };
                 match extension.create_keeping_kv(&record.spec).await {
@@ -370,7 +370,7 @@ impl SandboxManager {
                             format!("create was interrupted; the backend has nothing to destroy ({message}); hold voided"),
                         )
                         .await?;
-                        Ok(Recovery::Finished(record))
+                        Ok(Recovery::Finished(Box::new(record)))
                     }
                     Err(error) if force => {
                         self.void_hold(&hold_id, "forced: create was interrupted")
@@ -381,12 +381,12 @@ impl SandboxManager {
                             format!("forced after: {error}; create was interrupted; hold voided"),
                         )
                         .await?;
-                        Ok(Recovery::Finished(record))
+                        Ok(Recovery::Finished(Box::new(record)))
                     }
                     Err(error) => self
                         .destroy_failed(record, false, error)
                         .await
-                        .map(Recovery::Finished),
+                        .map(|record| Recovery::Finished(Box::new(record))),
                 }
             }
         }
@@ -396,7 +396,7 @@ impl SandboxManager {
 /// Where recovering an interrupted create left a record.
 enum Recovery {
     /// Nothing more to do (failed, finished, or an error was returned).
-    Finished(SandboxStatus),
+    Finished(Box<SandboxStatus>),
     /// Its handle was recovered: destroy it now.
     ToDestroy(Box<SandboxStatus>),
 }

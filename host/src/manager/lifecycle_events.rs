@@ -142,3 +142,18 @@ pub fn after(
     }
     Ok(events)
 }
+
+/// The newest lifecycle event's sequence number (0 when none).
+pub fn last_seq(state: &crate::state_db::StateDb) -> Result<u64, RecordError> {
+    let database = state.database()?;
+    let read = database.begin_read().map_err(storage)?;
+    let table = match read.open_table(OUTBOX) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+        Err(error) => return Err(storage(error)),
+    };
+    Ok(table
+        .last()
+        .map_err(storage)?
+        .map_or(0, |(seq, _)| seq.value()))
+}

@@ -10,6 +10,7 @@
 pub mod charge;
 mod destroy;
 pub mod disputes;
+mod extend;
 pub mod lifecycle_events;
 mod reconcile;
 pub mod record;
@@ -58,6 +59,9 @@ pub enum ManagerError {
     },
     #[error("{0}")]
     Refused(String),
+    /// The tenant's available credits do not cover the hold.
+    #[error("{0}")]
+    InsufficientCredits(String),
     #[error("sandbox {id} could not be created: {attempts}")]
     CreateFailed { id: String, attempts: String },
     #[error("no sandbox `{0}`")]
@@ -98,6 +102,8 @@ pub struct CreateRequest {
     pub ttl_secs: Option<u32>,
     /// Replaces the profile's command when given.
     pub command: Option<Vec<String>>,
+    /// Kept on the record as given.
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 pub struct SandboxManager {
@@ -109,6 +115,9 @@ pub struct SandboxManager {
     busy: Mutex<HashSet<String>>,
     /// Woken each time a sandbox is released.
     released: tokio::sync::Notify,
+    /// Where sandboxes' process trees live, for reconcile to kill the ones
+    /// no live sandbox owns.
+    sandboxes_dir: Option<std::path::PathBuf>,
 }
 
 /// Holds a sandbox for one operation of this process.
@@ -138,7 +147,15 @@ impl SandboxManager {
             health: RouteHealth::new(state),
             busy: Mutex::new(HashSet::new()),
             released: tokio::sync::Notify::new(),
+            sandboxes_dir: None,
         }
+    }
+
+    /// Lets reconcile kill process trees under `dir` that no live sandbox
+    /// owns (and remove directories past their log retention).
+    pub fn with_sandboxes_dir(mut self, dir: std::path::PathBuf) -> Self {
+        self.sandboxes_dir = Some(dir);
+        self
     }
 
     pub fn ledger(&self) -> &Ledger {
@@ -194,6 +211,18 @@ impl SandboxManager {
             }
             released.await;
         }
+    }
+
+    /// Holds `id` if no other operation of this process works on it.
+    fn try_lock(&self, id: &str) -> Option<BusyGuard<'_>> {
+        let mut busy = self
+            .busy
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        busy.insert(id.to_string()).then(|| BusyGuard {
+            manager: self,
+            id: id.to_string(),
+        })
     }
 
     /// Writes `record` with the event of its current state.
@@ -275,6 +304,7 @@ impl SandboxManager {
             note: None,
             destroy_failures: 0,
             retry_at_ms: None,
+            metadata: request.metadata.clone(),
         };
         crate::ledger::check_name("tenant", &request.tenant).map_err(ManagerError::Refused)?;
         self.save(&mut record).await?;
@@ -333,9 +363,10 @@ impl SandboxManager {
                 set_outcome(&mut record, message.clone());
                 self.fail(&mut record, message).await?;
                 return Err(match error {
-                    LedgerError::InsufficientCredits { .. } | LedgerError::InvalidInput(_) => {
-                        ManagerError::Refused(error.to_string())
+                    LedgerError::InsufficientCredits { .. } => {
+                        ManagerError::InsufficientCredits(error.to_string())
                     }
+                    LedgerError::InvalidInput(_) => ManagerError::Refused(error.to_string()),
                     other => ManagerError::Ledger(other),
                 });
             }

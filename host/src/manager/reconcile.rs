@@ -10,7 +10,7 @@
 //! asks for retries (the server's background loop, or `sandbox destroy` of
 //! that sandbox) tries it again, so ordinary commands never wait on it.
 
-use super::{ManagerError, SandboxManager, SandboxState, SandboxStatus};
+use super::{ManagerError, SandboxManager, SandboxState, SandboxStatus, now_ms};
 use sandboxer_credits::format_credits;
 
 /// What a reconcile pass did, one line per action.
@@ -37,6 +37,22 @@ impl Retries {
 }
 
 impl SandboxManager {
+    /// Whether a reconcile pass at `now` would act on some sandbox (and so
+    /// need the extensions loaded).
+    pub fn has_work(&self, now: u64, retries: Retries) -> Result<bool, ManagerError> {
+        Ok(self.records.all()?.iter().any(|record| {
+            let due = match record.state {
+                SandboxState::Requested
+                | SandboxState::Provisioning
+                | SandboxState::Destroying
+                | SandboxState::Expired => true,
+                SandboxState::Ready => record.expires_at_ms.is_some_and(|at| at <= now),
+                SandboxState::Destroyed | SandboxState::Failed => false,
+            };
+            due && retries.allows(record, now)
+        }))
+    }
+
     /// Destroys and settles every ready sandbox whose ttl has passed. A
     /// sandbox that cannot be destroyed is logged and left for later.
     pub async fn sweep_expired(
@@ -64,7 +80,10 @@ impl SandboxManager {
     }
 
     async fn expire_and_destroy(&self, id: &str) -> Result<Option<SandboxStatus>, ManagerError> {
-        let _guard = self.lock(id).await;
+        // Busy: another operation of this process has it (a destroy).
+        let Some(_guard) = self.try_lock(id) else {
+            return Ok(None);
+        };
         let mut current = self.get(id)?;
         match current.state {
             SandboxState::Ready => {
@@ -87,30 +106,40 @@ impl SandboxManager {
         retries: Retries,
     ) -> Result<ReconcileReport, ManagerError> {
         let mut report = ReconcileReport::default();
-        for record in self.records.all()? {
-            let interrupted = matches!(
+        let interrupted = |record: &SandboxStatus| {
+            matches!(
                 record.state,
                 SandboxState::Requested | SandboxState::Provisioning | SandboxState::Destroying
-            );
-            if !interrupted || !retries.allows(&record, now) {
+            ) && retries.allows(record, now)
+        };
+        for record in self.records.all()? {
+            if !interrupted(&record) {
+                continue;
+            }
+            // A sandbox this process is working on (a create in flight in a
+            // server) is not interrupted: leave it to its operation.
+            let Some(_guard) = self.try_lock(&record.id) else {
+                continue;
+            };
+            let record = self.get(&record.id)?;
+            if !interrupted(&record) {
                 continue;
             }
             let was = record.state.name();
+            let id = record.id.clone();
             report
                 .actions
-                .push(match self.destroy(&record.id, false).await {
+                .push(match self.destroy_locked(record, false).await {
                     Ok(done) if done.state == SandboxState::Destroyed => format!(
-                        "{}: interrupted {was}; destroyed and settled at {}",
-                        record.id,
+                        "{id}: interrupted {was}; destroyed and settled at {}",
                         format_credits(done.meter.actual.unwrap_or(0))
                     ),
                     Ok(done) => format!(
-                        "{}: interrupted {was}; {} ({})",
-                        record.id,
+                        "{id}: interrupted {was}; {} ({})",
                         done.state.name(),
                         done.note.as_deref().unwrap_or("")
                     ),
-                    Err(error) => format!("{}: still cannot be destroyed: {error}", record.id),
+                    Err(error) => format!("{id}: still cannot be destroyed: {error}"),
                 });
         }
         for swept in self.sweep_expired(now, retries).await? {
@@ -134,8 +163,10 @@ impl SandboxManager {
             .filter(|record| record.state.is_live())
             .map(|record| record.id)
             .collect();
-        let tidy = crate::sandbox_reaper::reap(&self.extensions.snapshot(), &live, now);
-        report.actions.extend(tidy.lines());
+        if let Some(sandboxes_dir) = &self.sandboxes_dir {
+            let tidy = crate::sandbox_reaper::tidy_sandboxes(sandboxes_dir, &live, now, now_ms());
+            report.actions.extend(tidy.lines());
+        }
         for action in &report.actions {
             tracing::info!("reconciled: {action}");
         }
@@ -152,7 +183,10 @@ impl SandboxManager {
                 .sandbox_id
                 .rsplit_once('.')
                 .map_or(hold.sandbox_id.as_str(), |(id, _)| id);
-            let _guard = self.lock(sandbox_id).await;
+            // A sandbox being worked on is checked on the next pass.
+            let Some(_guard) = self.try_lock(sandbox_id) else {
+                continue;
+            };
             let owned = self.records.get(sandbox_id)?.is_some_and(|record| {
                 record.state.is_live()
                     && record.meter.hold_id.as_deref() == Some(hold.sandbox_id.as_str())

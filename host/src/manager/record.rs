@@ -123,6 +123,9 @@ pub struct SandboxStatus {
     /// When a failed destroy is due to be tried again (backoff).
     #[serde(default)]
     pub retry_at_ms: Option<u64>,
+    /// The creator's labels (E2B's metadata), kept and returned as given.
+    #[serde(default)]
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, thiserror::Error)]

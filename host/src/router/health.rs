@@ -339,16 +339,16 @@ mod tests {
         assert_eq!(latency.samples, 2);
     }
 
-    #[test]
-    fn health_survives_reopening_the_state_store() {
+    #[tokio::test]
+    async fn health_survives_reopening_the_state_store() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
         {
             let health = RouteHealth::new(Arc::new(StateDb::new(path.clone())));
             for _ in 0..FAILURE_THRESHOLD {
-                health.record_outcome("flaky", false, 10).unwrap();
+                health.record_outcome("flaky", false, 10).await.unwrap();
             }
-            health.record_latency("fast", 120).unwrap();
+            health.record_latency("fast", 120).await.unwrap();
         }
         let health = RouteHealth::new(Arc::new(StateDb::new(path)));
         let names = [

@@ -57,6 +57,8 @@ pub(crate) struct Invoker {
     pub idle: Option<Mutex<Vec<IdleInstance>>>,
     /// Keeps deadlines ticking for as long as any extension can be called.
     pub _ticker: Arc<super::engine::EpochTicker>,
+    /// How its calls ended, for `/metrics`.
+    pub stats: Arc<super::stats::CallStats>,
 }
 
 /// One call of the `backend` interface, with its arguments. An enum rather
@@ -92,6 +94,19 @@ pub(crate) enum Answer {
     MeterActual(Result<MicroCredits, ExtError>),
 }
 
+impl Answer {
+    /// Whether the extension answered with one of its WIT errors.
+    fn is_backend_error(&self) -> bool {
+        match self {
+            Self::Info(_) => false,
+            Self::EstimateCost(answer) => answer.is_err(),
+            Self::Create(answer) => answer.is_err(),
+            Self::Destroy(answer) => answer.is_err(),
+            Self::MeterActual(answer) => answer.is_err(),
+        }
+    }
+}
+
 impl Invoker {
     /// Runs `call` against a fresh instance under the instance's limits,
     /// with `timeout` as the wall-clock deadline. Key-value writes are
@@ -116,6 +131,22 @@ impl Invoker {
     /// host call (a WASI sleep, a socket wait) runs no guest code, and is
     /// dropped when the same deadline passes.
     pub async fn call_keeping_kv(
+        &self,
+        call: Call<'_>,
+        timeout: Duration,
+    ) -> Result<(Answer, KvSession), CallError> {
+        let function = call.function();
+        let outcome = self.call_counted(call, timeout).await;
+        let counted = match &outcome {
+            Ok((answer, _)) if answer.is_backend_error() => "backend-error",
+            Ok(_) => "ok",
+            Err(error) => super::stats::outcome(error),
+        };
+        self.stats.record(function, counted);
+        outcome
+    }
+
+    async fn call_counted(
         &self,
         call: Call<'_>,
         timeout: Duration,
@@ -361,6 +392,11 @@ impl Extension {
     /// The process capability, when this instance is granted it.
     pub fn process_capability(&self) -> Option<&ProcessCapability> {
         self.invoker.process.as_deref()
+    }
+
+    /// How this instance's calls ended so far: (function, outcome, calls).
+    pub fn call_stats(&self) -> Vec<(&'static str, &'static str, u64)> {
+        self.invoker.stats.snapshot()
     }
 
     /// The component this instance runs (for benchmarks and diagnostics).

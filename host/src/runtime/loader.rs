@@ -234,6 +234,7 @@ pub(super) fn prepare(runtime: &Runtime, path: &Path) -> Result<Prepared, String
             .reuse_instances
             .then(|| std::sync::Mutex::new(Vec::new())),
         _ticker: runtime.ticker.clone(),
+        stats: Arc::default(),
     };
     // info() is a declaration: a function of the component and what its
     // sidecar gives it (docs/extensions.md). Its answer is kept beside the

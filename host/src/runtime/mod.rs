@@ -26,6 +26,7 @@ pub mod process;
 mod process_host;
 mod secrets;
 pub mod sidecar;
+pub mod stats;
 
 pub mod bindings {
     //! Host-side bindings generated from `wit/`.
