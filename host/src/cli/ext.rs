@@ -328,6 +328,36 @@ fn print_details(details: &ExtensionDetails) {
         )
         .collect();
     println!("         process {}", none_or(programs));
+    let http: Vec<String> = details
+        .grants
+        .http
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    println!("         http {}", none_or(http));
+    // By name and source only: the host reads a value when a request needs it.
+    let secrets: Vec<String> = details
+        .grants
+        .secrets
+        .iter()
+        .map(|(name, secret)| {
+            let source = match &secret.source {
+                sandboxer_host::runtime::SecretSource::Env(variable) => {
+                    format!("env {variable}")
+                }
+                sandboxer_host::runtime::SecretSource::File(path) => {
+                    format!("file {}", path.display())
+                }
+            };
+            if secret.hosts.is_empty() {
+                format!("{name} ({source})")
+            } else {
+                let hosts: Vec<String> = secret.hosts.iter().map(ToString::to_string).collect();
+                format!("{name} ({source}, sent only to {})", hosts.join(", "))
+            }
+        })
+        .collect();
+    println!("secrets: {}", none_or(secrets));
     if details.config.is_empty() {
         println!("config:  none");
     } else {
