@@ -119,7 +119,7 @@ fn backend_error(outcome: Result<impl std::fmt::Debug, CallError>) -> (ExtError,
 
 /// The rate card's price of `spec`'s size for `wall_ms`, billed per started
 /// second: 0.0504 per vCPU-hour and 0.0162 per GiB-hour.
-fn rate_card_price(cpu_millis: u64, memory_mb: u64, wall_ms: u64) -> u64 {
+pub fn rate_card_price(cpu_millis: u64, memory_mb: u64, wall_ms: u64) -> u64 {
     let billed_ms = wall_ms.div_ceil(1000) * 1000;
     sandboxer_credits::prorate(50_400, cpu_millis, 1000, billed_ms).unwrap()
         + sandboxer_credits::prorate(16_200, memory_mb, 1024, billed_ms).unwrap()

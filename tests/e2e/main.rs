@@ -8,6 +8,7 @@ mod cli_credits;
 mod cli_ext;
 mod crash_points;
 mod e2b_backend;
+mod federation;
 mod http_egress;
 mod languages;
 mod ledger_concurrency;

@@ -18,8 +18,14 @@ pub struct Server {
 
 impl Server {
     pub fn start(home: TestHome) -> Self {
+        Self::start_with_env(home, &[])
+    }
+
+    /// Starts it with these environment variables set too (its log level).
+    pub fn start_with_env(home: TestHome, env: &[(&str, &str)]) -> Self {
         let child = home
             .command()
+            .envs(env.iter().copied())
             .args(["serve", "--listen", "127.0.0.1:0"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -177,7 +183,7 @@ fn sdk_installed(root: &Path, sdk: &str) -> bool {
     }
 }
 
-fn charges_of(home: &TestHome, tenant: &str) -> Vec<Value> {
+pub fn charges_of(home: &TestHome, tenant: &str) -> Vec<Value> {
     home.run(&["credits", "history", "--tenant", tenant, "--json"])
         .ok()
         .json()
