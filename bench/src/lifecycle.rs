@@ -224,6 +224,22 @@ impl FloorSide {
     }
 }
 
+/// The host side alone, one round of `callers` x `per_caller` sandboxes on
+/// a fresh home: (sandboxes/s, create latencies). `bench serve` compares the
+/// HTTP path with it.
+pub fn measure_host(callers: usize, per_caller: usize) -> Result<(f64, Vec<f64>)> {
+    let host = HostSide::new()?;
+    let executor = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let secs = host.round(&executor, callers, per_caller, &latencies);
+    let mut latencies = std::mem::take(&mut *latencies.lock().unwrap());
+    latencies.sort_by(f64::total_cmp);
+    Ok(((callers * per_caller) as f64 / secs, latencies))
+}
+
 /// Host and floor in alternating rounds, so that the shared disk's drift
 /// hits both alike: (host sandboxes/s, create latencies, floor sandboxes/s).
 fn measure(callers: usize, per_caller: usize) -> Result<(f64, Vec<f64>, f64)> {

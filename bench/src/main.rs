@@ -1,4 +1,4 @@
-//! `cargo xtask bench [runtime|routing|ledger|lifecycle|all]`: each suite measures the host
+//! `cargo xtask bench [runtime|routing|ledger|lifecycle|serve|all]`: each suite measures the host
 //! against a baseline measured in the same run, prints a table with the
 //! ratios and writes target/bench/<suite>.json. The machine is shared and
 //! noisy: read medians and ratios, not single runs.
@@ -7,6 +7,7 @@ mod ledger;
 mod lifecycle;
 mod routing;
 mod runtime;
+mod serve;
 mod sqlite;
 mod stats;
 
@@ -30,14 +31,18 @@ fn main() -> anyhow::Result<()> {
         "ledger" => ledger::run(),
         "routing" => routing::run(),
         "lifecycle" => lifecycle::run(),
+        "serve" => serve::run(),
         "all" => {
             runtime::run()?;
             routing::run()?;
             ledger::run()?;
-            lifecycle::run()
+            lifecycle::run()?;
+            serve::run()
         }
         other => {
-            anyhow::bail!("unknown suite `{other}`: use runtime, routing, ledger, lifecycle or all")
+            anyhow::bail!(
+                "unknown suite `{other}`: use runtime, routing, ledger, lifecycle, serve or all"
+            )
         }
     }
 }

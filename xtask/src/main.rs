@@ -13,7 +13,7 @@
 //!   clippy with `-D warnings`, and `cargo test --workspace`: the gate CI runs;
 //! - `demo`: builds everything and runs the main job against a fresh home;
 //! - `soak [KILLS]`: the soak test with many kills (1000 by default);
-//! - `bench [SUITE]`: runs a benchmark suite (runtime, routing, ledger, lifecycle, all) and writes
+//! - `bench [SUITE]`: runs a benchmark suite (runtime, routing, ledger, lifecycle, serve, all) and writes
 //!   `target/bench/<suite>.json`.
 
 use anyhow::{Context, Result, bail};
@@ -61,7 +61,7 @@ commands:
   test               all of that (and bubblewrap, if missing), then fmt check,
                      clippy -D warnings, cargo test --workspace
   demo               build and run the main job against a fresh home
-  bench [SUITE]      benchmarks: runtime, routing, ledger, lifecycle or all (default)
+  bench [SUITE]      benchmarks: runtime, routing, ledger, lifecycle, serve or all (default)
   soak [KILLS]       concurrent commands on one home under random SIGKILLs (default 1000
                      kills), then prints kills, lost, doubled, stuck and verify"
             );
@@ -529,11 +529,16 @@ fn soak(root: &Path, kills: Option<&str>) -> Result<()> {
 }
 
 fn bench(root: &Path, suite: &str) -> Result<()> {
-    if !["runtime", "routing", "ledger", "lifecycle", "all"].contains(&suite) {
-        bail!("unknown bench suite `{suite}`: use runtime, routing, ledger, lifecycle or all");
+    if !["runtime", "routing", "ledger", "lifecycle", "serve", "all"].contains(&suite) {
+        bail!(
+            "unknown bench suite `{suite}`: use runtime, routing, ledger, lifecycle, serve or all"
+        );
     }
     build_extensions(root)?;
+    // `bench serve` starts the real server binary.
+    let host = host_binary(root)?;
     run(cargo()
         .args(["run", "--package", "sandboxer-bench", "--"])
-        .arg(suite))
+        .arg(suite)
+        .env("SANDBOXER_HOST_BIN", host))
 }
