@@ -315,16 +315,17 @@ fn a_b_slower_than_the_request_timeout_falls_back_and_keeps_nothing_on_b() {
     let b = host_b();
     let key = b.tenant("host-a", "10");
     // B makes the sandbox at once; its answer reaches A only after A's
-    // create request has given up (1 s): the create is ambiguous.
+    // create request has given up (2 s; B takes milliseconds to create): the
+    // create is ambiguous.
     let relay = Relay::start(
         port_of(&b.url),
-        OnCreate::HoldAnswer(Duration::from_secs(4)),
+        OnCreate::HoldAnswer(Duration::from_secs(6)),
     );
     let a = host_a(
         &relay.url,
         relay.port,
         &key,
-        "request_timeout_ms = \"1000\"\n",
+        "request_timeout_ms = \"2000\"\n",
     );
     let a_id = falls_back(&a, "did not answer the create in time");
     // A's e2b found what B made by its tag and killed it before falling
