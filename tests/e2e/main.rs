@@ -6,6 +6,7 @@
 
 mod cli_credits;
 mod cli_ext;
+mod console;
 mod crash_points;
 mod languages;
 mod ledger_concurrency;
@@ -23,3 +24,4 @@ mod server;
 mod soak;
 mod support;
 mod tidy;
+mod webdriver;
