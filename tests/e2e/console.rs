@@ -362,7 +362,7 @@ fn the_console_shows_what_the_api_answers_in_a_real_browser() {
         .map(|point| text(&point["actual"]))
         .collect();
     assert_eq!(
-        browser.attributes("#drift-chart rect.actual", "data-actual"),
+        browser.attributes("#drift-chart rect.actual[data-sandbox]", "data-actual"),
         points
     );
     browser.screenshot(&shots.join("extension.png"));

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 pub const CHROMIUM: &str = "/usr/bin/chromium";
 pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 /// The key W3C WebDriver names an element by.
-const ELEMENT_KEY: &str = "element-6066-11e4-a07c-4f96e4de6f7e";
+const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// Panics with how to install the browser when it is missing.
 pub fn require_chromium() {
@@ -69,7 +69,8 @@ impl Browser {
                 .get(&format!("{base}/status"))
                 .call()
                 .ok()
-                .and_then(|response| response.into_body().read_json::<Value>().ok())
+                .and_then(|response| response.into_body().read_to_string().ok())
+                .and_then(|text| serde_json::from_str::<Value>(&text).ok())
                 .is_some_and(|status| status["value"]["ready"] == true);
             if ready {
                 break;
@@ -130,7 +131,12 @@ impl Browser {
         }
         .unwrap_or_else(|error| panic!("WebDriver {method} {path}: {error}"));
         let status = response.status().as_u16();
-        let answer: Value = response.into_body().read_json().unwrap_or(Value::Null);
+        let answer: Value = response
+            .into_body()
+            .read_to_string()
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or(Value::Null);
         assert!(
             status == 200,
             "WebDriver {method} {path} answered {status}: {answer}"
@@ -160,7 +166,10 @@ impl Browser {
             "/element",
             Some(json!({"using": "css selector", "value": css})),
         );
-        found[ELEMENT_KEY].as_str().unwrap().to_string()
+        found[ELEMENT_KEY]
+            .as_str()
+            .unwrap_or_else(|| panic!("no element {css}: {found}"))
+            .to_string()
     }
 
     pub fn text(&self, css: &str) -> String {
