@@ -53,7 +53,12 @@ function eventsLive(container) {
     cell(row, data.tenant);
     cell(row, data.sandbox_id);
     cell(row, data.amount !== undefined ? data.amount : data.state);
-    body.insertBefore(row, body.firstChild);
+    // Two outboxes (money, lifecycle) arrive in turn: keep the table in
+    // time order, newest first, whichever sent the event.
+    row.dataset.time = event.time || "";
+    let before = body.firstChild;
+    while (before && before.dataset.time > row.dataset.time) before = before.nextSibling;
+    body.insertBefore(row, before);
     while (body.rows.length > 500) body.deleteRow(body.rows.length - 1);
   }
   // Server-sent events read by fetch, so every event type arrives through

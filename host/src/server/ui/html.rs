@@ -152,7 +152,7 @@ fn micros(amount: &str) -> u64 {
 const CHART_WIDTH: u64 = 640;
 const CHART_HEIGHT: u64 = 200;
 const BASELINE: u64 = 180;
-const BAR_AREA: u64 = 170;
+const BAR_AREA: u64 = 150;
 
 /// Height in pixels of `value` on a scale whose top is `max` (integers
 /// only: money is never a float, not even on its way to a pixel).
