@@ -803,7 +803,7 @@ fn breaker_text(breaker: &BreakerView) -> String {
     match &breaker.open_until {
         Some(until) => format!("{} until {}", esc(&breaker.state), esc(until)),
         None if breaker.consecutive_failures > 0 => format!(
-            "{} ({} failures)",
+            "{} ({} failed in a row)",
             esc(&breaker.state),
             breaker.consecutive_failures
         ),
