@@ -108,7 +108,7 @@ fn the_console_shows_what_the_api_answers_in_a_real_browser() {
     browser.goto(&ui("/ui/sandboxes"));
     assert!(browser.url().ends_with("/ui/login"), "{}", browser.url());
     browser.type_into("#key", "sk-operator-not-the-key");
-    browser.click("#login");
+    browser.click_and_wait("#login");
     assert!(browser.url().ends_with("/ui/login"), "{}", browser.url());
     let refusal = browser.text("#notice");
     assert!(
@@ -118,7 +118,7 @@ fn the_console_shows_what_the_api_answers_in_a_real_browser() {
     browser.screenshot(&shots.join("login-wrong-key.png"));
     let tenant_key = server.tenant("initech", "1");
     browser.type_into("#key", &tenant_key);
-    browser.click("#login");
+    browser.click_and_wait("#login");
     assert!(
         browser
             .text("#notice")
@@ -128,7 +128,7 @@ fn the_console_shows_what_the_api_answers_in_a_real_browser() {
     // The operator key opens the console; the key is in no URL, and the
     // browser holds only an HttpOnly, SameSite=Strict session cookie.
     browser.type_into("#key", &key);
-    browser.click("#login");
+    browser.click_and_wait("#login");
     assert!(
         browser.url().ends_with("/ui/sandboxes"),
         "{}",
@@ -276,7 +276,7 @@ fn the_console_shows_what_the_api_answers_in_a_real_browser() {
             .unwrap(),
     );
     browser.type_into("#amount", "5");
-    browser.click("#add-credits");
+    browser.click_and_wait("#add-credits");
     let added = browser.text("#notice");
     assert!(
         added.starts_with("Added 5.000000 credits to acme"),
@@ -305,7 +305,7 @@ fn the_console_shows_what_the_api_answers_in_a_real_browser() {
         "{twice}"
     );
     browser.type_into("#amount", "-3");
-    browser.click("#add-credits");
+    browser.click_and_wait("#add-credits");
     let refused = browser.text("#notice");
     assert!(refused.starts_with("Nothing added: "), "{refused}");
     let forged = browser.script(
@@ -423,9 +423,48 @@ fn the_console_shows_what_the_api_answers_in_a_real_browser() {
     browser.screenshot(&shots.join("sandboxes-phone.png"));
     browser.resize(1280, 800);
 
+    // The session cookie reads the API but never writes through it: a POST
+    // without the key is refused and adds nothing.
+    let cookie_post = browser.script(
+        "return fetch('/api/v1/credits/acme', {method: 'POST', \
+             headers: {'content-type': 'application/json'}, body: '{\"amount\": \"100\"}'})\
+             .then(response => response.status);",
+        json!([]),
+    );
+    assert_eq!(cookie_post, 401);
+    let balance = micros(
+        get(&server, &key, "/api/v1/credits/acme")["balance"]
+            .as_str()
+            .unwrap(),
+    );
+    assert_eq!(balance, after);
+
+    // The views the console reads are the API's, with its refusals.
+    let (status, _, body) = http(
+        "GET",
+        &format!("{}/api/v1/credits/acme/spend?bucket_secs=0", server.url),
+        Some(&key),
+        None,
+    );
+    assert_eq!(status, 400);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("bucket_secs must be between 1 and"),
+        "{body}"
+    );
+    let (status, _, body) = http(
+        "GET",
+        &format!("{}/api/v1/extensions/saas-stub", server.url),
+        Some(&tenant_key),
+        None,
+    );
+    assert_eq!(status, 403, "{body}");
+
     // Logging out ends the session: the pages lead to the login again, and
     // the API no longer takes the old cookie.
-    browser.click(".logout button");
+    browser.click_and_wait(".logout button");
     assert!(browser.url().ends_with("/ui/login"), "{}", browser.url());
     browser.goto(&ui("/ui/tenants"));
     assert!(browser.url().ends_with("/ui/login"), "{}", browser.url());

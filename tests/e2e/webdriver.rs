@@ -119,6 +119,12 @@ impl Browser {
 
     /// One WebDriver command; returns its `value`, panicking on an error.
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        self.try_call(method, path, body)
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// One WebDriver command; its `value`, or what went wrong.
+    fn try_call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
         let url = format!("{}{path}", self.base);
         let response = match method {
             "GET" => self.agent.get(&url).call(),
@@ -129,7 +135,7 @@ impl Browser {
                 .header("content-type", "application/json")
                 .send(body.unwrap_or_else(|| json!({})).to_string().as_bytes()),
         }
-        .unwrap_or_else(|error| panic!("WebDriver {method} {path}: {error}"));
+        .map_err(|error| format!("WebDriver {method} {path}: {error}"))?;
         let status = response.status().as_u16();
         let answer: Value = response
             .into_body()
@@ -137,11 +143,12 @@ impl Browser {
             .ok()
             .and_then(|text| serde_json::from_str(&text).ok())
             .unwrap_or(Value::Null);
-        assert!(
-            status == 200,
-            "WebDriver {method} {path} answered {status}: {answer}"
-        );
-        answer["value"].clone()
+        if status != 200 {
+            return Err(format!(
+                "WebDriver {method} {path} answered {status}: {answer}"
+            ));
+        }
+        Ok(answer["value"].clone())
     }
 
     fn session_call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
@@ -203,6 +210,22 @@ impl Browser {
         );
     }
 
+    /// Clicks what submits a form or follows a link, and waits until the
+    /// next page has loaded (WebDriver's click does not wait for a
+    /// navigation it starts).
+    pub fn click_and_wait(&self, css: &str) {
+        self.script(
+            "document.documentElement.dataset.leaving = 'yes';",
+            json!([]),
+        );
+        self.click(css);
+        self.wait_for(
+            "the next page",
+            "return document.readyState === 'complete' \
+                 && document.documentElement.dataset.leaving === undefined;",
+        );
+    }
+
     /// Runs `script` (a function body; `arguments` are `args`) and returns
     /// what it returns, awaiting a promise.
     pub fn script(&self, script: &str, args: Value) -> Value {
@@ -259,7 +282,10 @@ impl Browser {
     /// Waits (bounded) until `script` returns true.
     pub fn wait_for(&self, what: &str, script: &str) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while self.script(script, json!([])) != Value::Bool(true) {
+        let body = json!({"script": script, "args": []});
+        let path = format!("/session/{}/execute/sync", self.session);
+        // A script run while the page changes may fail: try again.
+        while self.try_call("POST", &path, Some(body.clone())) != Ok(Value::Bool(true)) {
             assert!(Instant::now() < deadline, "gave up waiting for {what}");
             std::thread::sleep(Duration::from_millis(100));
         }
