@@ -409,6 +409,16 @@ fn the_console_shows_what_the_api_answers_in_a_real_browser() {
         .collect();
     assert!(types.contains("sandboxer.credits.granted"), "{types:?}");
     assert!(types.contains("sandboxer.credits.voided"), "{types:?}");
+    // Live: a sandbox created now appears without a reload.
+    let newest = create(&server, "saas-stub", "globex");
+    browser.wait_for(
+        "the new sandbox's events, live",
+        &format!(
+            "return Array.from(document.querySelectorAll('#events tbody tr'))\
+             .some(row => row.textContent.includes('{newest}') \
+                 && row.textContent.includes('sandboxer.sandbox.ready'));"
+        ),
+    );
     browser.screenshot(&shots.join("events.png"));
 
     // A phone's width: the page itself does not scroll sideways (wide
