@@ -6,6 +6,7 @@
 
 mod cli_credits;
 mod cli_ext;
+mod console;
 mod crash_points;
 mod e2b_backend;
 mod federation;
@@ -26,3 +27,4 @@ mod server;
 mod soak;
 mod support;
 mod tidy;
+mod webdriver;

@@ -219,6 +219,25 @@ fn ensure_bubblewrap() -> Result<()> {
     if found {
         return Ok(());
     }
+    eprintln!("bubblewrap (bwrap) is missing: the local backend's tests need it; installing");
+    apt_install(&["bubblewrap"])
+}
+
+/// Debian's Chromium and its WebDriver: the console's browser test
+/// (tests/e2e/console.rs) drives them.
+fn ensure_chromium() -> Result<()> {
+    if Path::new("/usr/bin/chromium").is_file() && Path::new("/usr/bin/chromedriver").is_file() {
+        return Ok(());
+    }
+    eprintln!(
+        "chromium or chromedriver is missing: the console's browser test needs them; installing"
+    );
+    apt_install(&["chromium", "chromium-driver"])
+}
+
+/// `apt-get install` (through sudo unless root), updating the package
+/// lists first only when the install fails without.
+fn apt_install(packages: &[&str]) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let apt_get = |args: &[&str]| {
@@ -232,11 +251,15 @@ fn ensure_bubblewrap() -> Result<()> {
         command.args(args).env("DEBIAN_FRONTEND", "noninteractive");
         command
     };
-    eprintln!("bubblewrap (bwrap) is missing: the local backend's tests need it; installing");
-    if run(&mut apt_get(&["install", "-y", "bubblewrap"])).is_err() {
+    let install: Vec<&str> = ["install", "-y"].iter().chain(packages).copied().collect();
+    if run(&mut apt_get(&install)).is_err() {
         run(&mut apt_get(&["update"]))?;
-        run(&mut apt_get(&["install", "-y", "bubblewrap"]))
-            .context("install bubblewrap by hand (apt-get install bubblewrap), then run again")?;
+        run(&mut apt_get(&install)).with_context(|| {
+            format!(
+                "install them by hand (apt-get install {}), then run again",
+                packages.join(" ")
+            )
+        })?;
     }
     Ok(())
 }
@@ -244,6 +267,7 @@ fn ensure_bubblewrap() -> Result<()> {
 fn test(root: &Path) -> Result<()> {
     build_extensions(root)?;
     ensure_bubblewrap()?;
+    ensure_chromium()?;
     build_examples(root)?;
     install_e2b_sdks(root)?;
     run(cargo().args(["fmt", "--all", "--check"]))?;

@@ -276,6 +276,21 @@ impl Ledger {
         Ok(entries.next().is_some())
     }
 
+    /// Every tenant with an account (one that ever had an entry), sorted.
+    pub fn tenant_names(&self) -> Result<Vec<String>, LedgerError> {
+        let read = self.database.begin_read().map_err(storage)?;
+        let accounts = read.open_table(store::ACCOUNTS).map_err(storage)?;
+        let mut names = Vec::new();
+        // ';' sorts right after ':': the range is every `tenant:` account.
+        for row in accounts.range("tenant:".."tenant;").map_err(storage)? {
+            let (account, _) = row.map_err(storage)?;
+            if let Some(name) = account.value().strip_prefix("tenant:") {
+                names.push(name.to_string());
+            }
+        }
+        Ok(names)
+    }
+
     /// Totals of any account (`tenant:…`, `revenue:…`, `system:…`).
     pub fn account_totals(&self, account: &str) -> Result<AccountTotals, LedgerError> {
         let read = self.database.begin_read().map_err(storage)?;

@@ -2,13 +2,13 @@
 //!
 //! The server owns the home (it keeps the [`Service`] open) and serves:
 //! the E2B-compatible control plane ([`e2b`]), the native API under
-//! `/api/v1` ([`native`], [`events`]), `/openapi.json`, `/metrics` and
-//! `/healthz`. In the background it reaps, retries and delivers
-//! ([`crate::service::background`]) and reloads the extensions directory
-//! ([`reload`]). Every request but `/healthz`, `/metrics` and
-//! `/openapi.json` needs a key in `X-API-KEY`: a tenant's (its own sandboxes
-//! and credits) or the operator's. Handlers only translate: the service
-//! decides.
+//! `/api/v1` ([`native`], [`events`]), the operator console at `/ui/`
+//! ([`ui`]), `/openapi.json`, `/metrics` and `/healthz`. In the background
+//! it reaps, retries and delivers ([`crate::service::background`]) and
+//! reloads the extensions directory ([`reload`]). Every request but
+//! `/healthz`, `/metrics`, `/openapi.json` and the console (its own login)
+//! needs a key in `X-API-KEY`: a tenant's (its own sandboxes and credits)
+//! or the operator's. Handlers only translate: the service decides.
 
 pub mod e2b;
 pub mod error;
@@ -17,9 +17,10 @@ pub mod metrics;
 pub mod native;
 pub mod openapi;
 pub mod reload;
+pub mod ui;
 
 use crate::manager::Retries;
-use crate::service::api::ExtensionListing;
+use crate::service::api::{ExtensionListing, ExtensionReportView};
 use crate::service::client::{ServerFile, operator_key_file, server_file};
 use crate::service::tenants::{self, OPERATOR_KEY_PREFIX, new_key};
 use crate::service::{Caller, Service, ServiceConfig, ServiceError, background};
@@ -46,6 +47,8 @@ pub struct AppState {
     /// Turns true when the server stops: long-lived streams end then, so the
     /// graceful shutdown does not wait on them forever.
     pub stopping: watch::Receiver<bool>,
+    /// The console's signed-in browsers (see [`ui`]).
+    pub console_sessions: Arc<ui::Sessions>,
 }
 
 impl AppState {
@@ -63,10 +66,23 @@ impl AppState {
             })
             .collect()
     }
+
+    /// One extension in depth, with why a changed file did not load.
+    pub async fn extension_report(
+        &self,
+        caller: &Caller,
+        name: &str,
+    ) -> Result<ExtensionReportView, ServiceError> {
+        let mut report = self.service.extension_report(caller, name).await?;
+        report.listing.reload_error = self.reloader.failure(name);
+        Ok(report)
+    }
 }
 
 /// The caller a request's `X-API-KEY` names; a missing or unknown key is a
-/// 401.
+/// 401. Without the header, a GET carrying a live console session cookie is
+/// the operator (the console's live pages read the API that way); writes
+/// always need the key, so a cookie alone never changes anything.
 pub struct Authenticated(pub Caller);
 
 impl FromRequestParts<AppState> for Authenticated {
@@ -78,6 +94,11 @@ impl FromRequestParts<AppState> for Authenticated {
             .get("x-api-key")
             .and_then(|value| value.to_str().ok())
         else {
+            if parts.method == axum::http::Method::GET
+                && state.console_sessions.signed_in(&parts.headers)
+            {
+                return Ok(Self(Caller::Operator));
+            }
             return Err(ServiceError::Unauthorized(
                 "no API key: send it in the X-API-KEY header".into(),
             )
@@ -130,10 +151,15 @@ pub fn router(state: AppState) -> Router {
             axum::routing::delete(native::revoke_tenant),
         )
         .route("/api/v1/reload", post(native::reload))
+        .route("/api/v1/credits", get(native::all_credits))
+        .route("/api/v1/credits/{tenant}/spend", get(native::spend))
+        .route("/api/v1/profiles", get(native::profiles))
+        .route("/api/v1/extensions/{name}", get(native::extension_report))
         .route("/api/v1/events", get(events::stream))
         .route("/openapi.json", get(openapi_json))
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(healthz))
+        .merge(ui::routes())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -331,6 +357,7 @@ pub async fn serve(
         metrics: metrics.clone(),
         reloader: reloader.clone(),
         stopping: stopped.clone(),
+        console_sessions: Arc::default(),
     };
     let upkeep = tokio::spawn(background::run(service.clone(), stopped.clone()));
     let watcher = tokio::spawn(reload::watch(

@@ -275,3 +275,60 @@ pub async fn reload(
         .await;
     Ok(Json(state.listings()))
 }
+
+#[utoipa::path(get, path = "/api/v1/credits", tag = "credits",
+    responses((status = 200, body = Vec<CreditsView>), (status = 403, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn all_credits(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+) -> Answer<Vec<CreditsView>> {
+    Ok(Json(state.service.all_credits(&caller).await?))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct SpendParams {
+    /// Width of each bucket in seconds (default 3600).
+    bucket_secs: Option<u64>,
+}
+
+#[utoipa::path(get, path = "/api/v1/credits/{tenant}/spend", tag = "credits",
+    params(("tenant" = String, Path), SpendParams),
+    responses((status = 200, body = SpendView), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn spend(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Path(tenant): Path<String>,
+    params: Result<Query<SpendParams>, QueryRejection>,
+) -> Answer<SpendView> {
+    let bucket_secs = query(params)?.bucket_secs.unwrap_or(3600);
+    Ok(Json(state.service.spend(
+        &caller,
+        Some(&tenant),
+        bucket_secs,
+    )?))
+}
+
+#[utoipa::path(get, path = "/api/v1/profiles", tag = "extensions",
+    responses((status = 200, body = Vec<ProfileView>)), security(("api_key" = [])))]
+pub async fn profiles(
+    State(state): State<AppState>,
+    Authenticated(_caller): Authenticated,
+) -> Answer<Vec<ProfileView>> {
+    Ok(Json(state.service.list_profiles()))
+}
+
+#[utoipa::path(get, path = "/api/v1/extensions/{name}", tag = "extensions",
+    params(("name" = String, Path)),
+    responses((status = 200, body = ExtensionReportView), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn extension_report(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Path(name): Path<String>,
+) -> Answer<ExtensionReportView> {
+    Ok(Json(state.extension_report(&caller, &name).await?))
+}

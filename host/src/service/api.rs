@@ -415,3 +415,113 @@ impl From<&crate::ledger::VerifyReport> for VerifyView {
         }
     }
 }
+
+/// A tenant's charges summed per time bucket (the console's spend chart).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SpendView {
+    pub tenant: String,
+    /// Width of each bucket in seconds; buckets start at multiples of it
+    /// since the Unix epoch.
+    pub bucket_secs: u64,
+    /// Every charge of the tenant, summed.
+    pub total: String,
+    /// Oldest first, from the bucket of the first charge to that of the
+    /// last, empty buckets included; none when nothing was charged.
+    pub buckets: Vec<SpendBucket>,
+}
+
+/// The charges of one time bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SpendBucket {
+    /// Where the bucket starts (RFC 3339).
+    pub start: String,
+    /// The sum of the charges in it.
+    pub charged: String,
+    /// How many charges.
+    pub charges: u64,
+}
+
+/// A profile of the profiles directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ProfileView {
+    pub name: String,
+    pub description: String,
+    /// `explicit`, `prefer-self-hosted`, `lowest-cost` or `lowest-latency`;
+    /// none when the file does not parse.
+    pub strategy: Option<String>,
+    pub candidates: Vec<String>,
+    /// Why the file does not parse, when it does not.
+    pub error: Option<String>,
+}
+
+/// The limits each call of an extension runs under.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LimitsView {
+    pub timeout_ms: u64,
+    pub memory_mb: u64,
+    pub fuel: Option<u64>,
+    pub reuse_instances: bool,
+    pub kv_quota_mb: u64,
+}
+
+/// An extension's circuit breaker (docs/routing.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BreakerView {
+    /// `closed`, `open` (cooling down) or `half-open`.
+    pub state: String,
+    pub consecutive_failures: u32,
+    /// While open: when it may be tried again.
+    pub open_until: Option<String>,
+}
+
+/// An extension's measured time to ready.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LatencyView {
+    /// Moving average of create-to-ready; none before the first sample.
+    pub average_ms: Option<u64>,
+    pub samples: u64,
+}
+
+/// One billed sandbox of an extension: what it estimated, what it charged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DriftPoint {
+    pub sandbox_id: String,
+    pub finished_at: Option<String>,
+    pub estimate: String,
+    pub actual: String,
+    /// actual − estimate.
+    pub drift: String,
+}
+
+/// Estimate against actual over an extension's billed sandboxes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DriftView {
+    /// Billed sandboxes counted.
+    pub sandboxes: u64,
+    pub estimated: String,
+    pub charged: String,
+    /// charged − estimated.
+    pub drift: String,
+    /// What meter-actual asked above the charge policy's ceiling.
+    pub disputed: String,
+    /// The newest billed sandboxes (at most 100), oldest first.
+    pub points: Vec<DriftPoint>,
+}
+
+/// One extension in depth: its listing, limits and grants, how routing sees
+/// it, and how its bills compared with its estimates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExtensionReportView {
+    pub listing: ExtensionListing,
+    /// None for a rejected extension.
+    pub limits: Option<LimitsView>,
+    /// The sidecar's grants (`network`, `process`, ...); none for a rejected
+    /// extension.
+    #[schema(value_type = Option<Object>)]
+    pub grants: Option<serde_json::Value>,
+    /// The most it may charge, as a multiple of what the host can justify.
+    pub charge_tolerance: Option<String>,
+    pub breaker: BreakerView,
+    pub latency: LatencyView,
+    pub drift: DriftView,
+}

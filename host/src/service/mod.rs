@@ -19,6 +19,7 @@ pub mod background;
 pub mod client;
 pub mod config;
 mod error;
+mod insight;
 pub mod run;
 pub mod tenants;
 
