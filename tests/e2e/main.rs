@@ -6,6 +6,7 @@
 
 mod cli_credits;
 mod cli_ext;
+mod cli_usage;
 mod crash_points;
 mod languages;
 mod ledger_concurrency;

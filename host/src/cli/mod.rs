@@ -62,6 +62,12 @@ impl Context {
     pub async fn connect(&self, json: bool) -> Result<api::Api> {
         Ok(api::Api::connect(self.config(json)?, self.server.as_deref()).await?)
     }
+
+    /// [`Context::connect`] for a command that only reads: it creates
+    /// nothing in a fresh home.
+    pub async fn connect_read_only(&self, json: bool) -> Result<api::Api> {
+        Ok(api::Api::connect_read_only(self.config(json)?, self.server.as_deref()).await?)
+    }
 }
 
 pub fn main() -> ExitCode {
@@ -91,7 +97,10 @@ pub fn main() -> ExitCode {
         }
         _ => {}
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return report_usage_error(error),
+    };
     init_logging();
     let context = Context {
         paths: HostPaths::new(
@@ -121,6 +130,34 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(error) => report_error(&error),
     }
+}
+
+/// clap's refusal of the command line: its own text on stderr (help and
+/// --version are not errors), and under --json also a JSON error on stdout,
+/// as for every other error.
+fn report_usage_error(error: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let is_error = !matches!(
+        error.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    );
+    if is_error && std::env::args_os().any(|arg| arg == "--json") {
+        let rendered = error.render().to_string();
+        let message = rendered
+            .lines()
+            .find(|line| !line.trim().is_empty())
+            .unwrap_or("usage error")
+            .trim_start_matches("error: ")
+            .to_string();
+        let body = serde_json::json!({
+            "error": {"kind": "usage", "message": message, "exit_code": 2}
+        });
+        println!("{body}");
+    }
+    let _ = error.print();
+    ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(2))
 }
 
 /// Prints an error (one line on stderr; JSON on stdout under --json) and

@@ -1,9 +1,10 @@
 //! Loading one `.wasm` file: every check an extension must pass, in order,
 //! each failure a one-line reason.
 //!
-//! size cap → WebAssembly header (component, not core module) → sidecar →
-//! compile or verified cache → imports against grants → exports the
-//! `backend` interface → pre-instantiate → `info()` under a short deadline
+//! instance name (the file stem) → size cap → WebAssembly header
+//! (component, not core module) → sidecar → compile or verified cache →
+//! imports against grants → exports the `backend` interface →
+//! pre-instantiate → `info()` under a short deadline
 //! (or its answer kept in the cache for this component and sidecar) →
 //! plausible info.
 //!
@@ -67,6 +68,12 @@ pub(super) struct Prepared {
 /// disk bound: the async loader runs it on a blocking thread.
 pub(super) fn prepare(runtime: &Runtime, path: &Path) -> Result<Prepared, String> {
     let name = instance_name(path);
+    // Profiles, sandbox records and ledger accounts name an instance by its
+    // stem: a stem outside the name rule would load as an instance nothing
+    // can name (or one that breaks a file name or an account key).
+    crate::names::check_name("extension", &name).map_err(|reason| {
+        format!("{reason} (an instance is named by its file stem: rename the file)")
+    })?;
     // Taken before the file is looked at: a digest remembered from this read
     // can only vouch for versions that had settled by then.
     let observed_ns = now_ns();
