@@ -16,6 +16,7 @@ mod lifecycle;
 mod lifecycle_hostile;
 mod local_backend;
 mod profiles;
+mod readme_tour;
 mod routing;
 mod runtime_cache;
 mod runtime_hostile;
