@@ -165,3 +165,89 @@ async fn two_homes_share_the_users_cache_and_two_processes_may_fill_it_at_once()
     let loaded = set.get("saas-stub").unwrap();
     assert_eq!(loaded.cache, sandboxer_host::runtime::CacheOutcome::Hit);
 }
+
+#[test]
+fn usage_errors_exit_2_with_one_line_and_under_json_a_json_error() {
+    let home = TestHome::new().with_saas_stub().with_shipped_profiles();
+    let ttl = home
+        .run(&["run", "--profile", "saas-stub", "--ttl", "0", "--json"])
+        .fails(2);
+    let error = &ttl.json()["error"];
+    assert_eq!(error["kind"], "invalid-input", "{}", ttl.stdout);
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("the ttl must be between 1 and"),
+        "{}",
+        ttl.stdout
+    );
+    let scratch = tempfile::tempdir().unwrap();
+    let go = home
+        .run(&[
+            "ext",
+            "new",
+            "my-backend",
+            "--lang",
+            "go",
+            "--dir",
+            &scratch.path().join("my-backend").display().to_string(),
+        ])
+        .fails(2);
+    assert!(go.stderr.contains("go"), "{}", go.stderr);
+    assert!(!scratch.path().join("my-backend").exists(), "nothing made");
+    // clap's own refusals are JSON under --json too.
+    let unknown = home
+        .run(&["credits", "show", "--tenantt", "acme", "--json"])
+        .fails(2);
+    assert_eq!(
+        unknown.json()["error"]["kind"],
+        "usage",
+        "{}",
+        unknown.stdout
+    );
+    assert!(
+        unknown.stderr.contains("unexpected argument '--tenantt'"),
+        "{}",
+        unknown.stderr
+    );
+}
+
+#[test]
+fn credits_of_a_mistyped_tenant_say_it_is_unknown_instead_of_zeros() {
+    let home = TestHome::new();
+    home.run(&["credits", "add", "5", "--tenant", "acme"]).ok();
+    for command in ["show", "history"] {
+        let typo = home
+            .run(&["credits", command, "--tenant", "acmee"])
+            .fails(1);
+        assert!(
+            typo.stderr.contains("no tenant `acmee`"),
+            "credits {command}: {}",
+            typo.stderr
+        );
+    }
+}
+
+#[test]
+fn completions_print_a_script_for_each_shell_and_refuse_others() {
+    let home = TestHome::new();
+    for (shell, marker) in [
+        ("bash", "complete -F _sandboxer__host"),
+        ("zsh", "#compdef sandboxer-host"),
+        ("fish", "complete -c sandboxer-host"),
+    ] {
+        let script = home.run(&["completions", shell]).ok();
+        assert!(script.stdout.contains(marker), "{shell}: {}", script.stdout);
+        assert!(
+            script.stdout.contains("ledger") && script.stdout.contains("hub-url"),
+            "{shell} completes subcommands and options"
+        );
+    }
+    let tcsh = home.run(&["completions", "tcsh"]).fails(2);
+    assert!(
+        tcsh.stderr.contains("invalid value 'tcsh'"),
+        "{}",
+        tcsh.stderr
+    );
+}
