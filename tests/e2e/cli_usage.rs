@@ -251,3 +251,62 @@ fn completions_print_a_script_for_each_shell_and_refuse_others() {
         tcsh.stderr
     );
 }
+
+/// Runs the binary with `args` in `home`, its terminal a pseudo-terminal
+/// (`script` from util-linux), with the user cache `cache`; returns what the
+/// terminal showed.
+fn on_a_terminal(home: &TestHome, cache: &Path, args: &str) -> String {
+    let binary = env!("CARGO_BIN_EXE_sandboxer-host");
+    let mut command = std::process::Command::new("script");
+    command.env_clear();
+    for (name, value) in home.command().get_envs() {
+        if let Some(value) = value {
+            command.env(name, value);
+        }
+    }
+    let output = command
+        .env("SANDBOXER_CACHE_DIR", cache)
+        .env("TERM", "xterm")
+        .args(["-qec", &format!("{binary} {args}"), "/dev/null"])
+        .output()
+        .expect("`script` (util-linux) runs a command on a pseudo-terminal");
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn a_terminal_sees_each_first_compile_and_json_or_a_pipe_sees_none() {
+    let home = TestHome::new().with_saas_stub();
+    install(&built_extensions(), "local", &home.extensions(), "local");
+    let cache = tempfile::tempdir().unwrap();
+    let first = on_a_terminal(&home, cache.path(), "ext list");
+    for file in ["saas-stub.wasm", "local.wasm"] {
+        assert!(
+            first.contains(&format!("compiling {file}"))
+                && first.contains("later loads use the cache"),
+            "{first}"
+        );
+    }
+    assert!(
+        first.contains("saas-stub") && first.contains("loaded"),
+        "{first}"
+    );
+    // Cached: nothing to show.
+    let again = on_a_terminal(&home, cache.path(), "ext list");
+    assert!(!again.contains("compiling"), "{again}");
+
+    // Under --json, or with stderr not a terminal, no progress at all.
+    let json_cache = tempfile::tempdir().unwrap();
+    let json = on_a_terminal(&home, json_cache.path(), "ext list --json");
+    assert!(!json.contains("compiling"), "{json}");
+    let piped_cache = tempfile::tempdir().unwrap();
+    let piped = Run::from(
+        home.command()
+            .env("SANDBOXER_CACHE_DIR", piped_cache.path())
+            .args(["ext", "list"])
+            .output()
+            .unwrap(),
+    )
+    .ok();
+    assert!(!piped.stderr.contains("compiling"), "{}", piped.stderr);
+}

@@ -52,9 +52,7 @@ impl Context {
         let mut config = ServiceConfig::from_env(self.paths.clone(), self.hub_url.clone())?;
         config.on_wait = Some(Arc::new(|line: &str| eprintln!("{line}")));
         if !json && std::io::stderr().is_terminal() {
-            config.on_compile = Some(Arc::new(|file: &str| {
-                eprintln!("compiling {file} (first load; later loads use the cache)…");
-            }));
+            config.on_compile = Some(compile_progress());
         }
         Ok(config)
     }
@@ -68,6 +66,46 @@ impl Context {
     pub async fn connect_read_only(&self, json: bool) -> Result<api::Api> {
         Ok(api::Api::connect_read_only(self.config(json)?, self.server.as_deref()).await?)
     }
+}
+
+/// A spinner per extension compiling (several compile at once), with the
+/// time it has taken so far: a big guest's first compile takes seconds, and
+/// a silent terminal looks stuck. Each line is cleared when its compile
+/// ends; later loads use the cache and show nothing.
+pub fn compile_progress() -> sandboxer_host::runtime::CompileProgress {
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    use sandboxer_host::runtime::CompileStage;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    let bars = MultiProgress::new();
+    let compiling: Mutex<HashMap<String, ProgressBar>> = Mutex::new(HashMap::new());
+    let style = ProgressStyle::with_template(
+        "{spinner} compiling {msg} ({elapsed}; first load, later loads use the cache)",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    Arc::new(move |file: &str, stage: CompileStage| {
+        let mut compiling = compiling
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match stage {
+            CompileStage::Started => {
+                let bar = bars.add(ProgressBar::new_spinner().with_style(style.clone()));
+                let name = std::path::Path::new(file).file_name().map_or_else(
+                    || file.to_string(),
+                    |name| name.to_string_lossy().into_owned(),
+                );
+                bar.set_message(name);
+                bar.enable_steady_tick(std::time::Duration::from_millis(120));
+                compiling.insert(file.to_string(), bar);
+            }
+            CompileStage::Finished => {
+                if let Some(bar) = compiling.remove(file) {
+                    bar.finish_and_clear();
+                    bars.remove(&bar);
+                }
+            }
+        }
+    })
 }
 
 pub fn main() -> ExitCode {

@@ -11,7 +11,6 @@
 //! A cached load reads the file's first bytes and its identity, not the
 //! whole file: the cache remembers each version's digest (see `cache.rs`).
 
-use super::Runtime;
 use super::bindings::SelfHostedExtensionPre;
 use super::bindings::sandboxer::extension::types::ExtensionInfo;
 use super::cache::{CacheOutcome, Lookup, content_sha256, info_inputs_sha256};
@@ -22,6 +21,7 @@ use super::file_identity::{FileIdentity, ObservedDigest, now_ns};
 use super::network::NetworkPolicy;
 use super::process::ProcessCapability;
 use super::sidecar::{INFO_TIMEOUT_MS, Sidecar};
+use super::{CompileStage, Runtime};
 use std::fs::File;
 use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
@@ -153,19 +153,20 @@ pub(super) fn prepare(runtime: &Runtime, path: &Path) -> Result<Prepared, String
                 }
             };
             let outcome = match lookup {
-                Lookup::Missing => {
-                    if let Some(notice) = &runtime.on_compile {
-                        notice(&path.display().to_string());
-                    }
-                    CacheOutcome::Compiled
-                }
+                Lookup::Missing => CacheOutcome::Compiled,
                 _ => CacheOutcome::Replaced,
             };
-            let component = runtime
+            let file_name = path.display().to_string();
+            if let Some(notice) = &runtime.on_compile {
+                notice(&file_name, CompileStage::Started);
+            }
+            let compiled = runtime
                 .cache
-                .compile_and_store(&runtime.engine, &bytes, &sha256)
-                .map_err(invalid)?;
-            (component, outcome)
+                .compile_and_store(&runtime.engine, &bytes, &sha256);
+            if let Some(notice) = &runtime.on_compile {
+                notice(&file_name, CompileStage::Finished);
+            }
+            (compiled.map_err(invalid)?, outcome)
         }
     };
 
