@@ -41,7 +41,7 @@ impl Api {
     }
 
     /// Like [`Api::connect`], for a command that only reads. A home with
-    /// neither a ledger nor a state store yet is not given them: the same
+    /// neither a ledger, a state store nor sandboxes yet is not given them: the same
     /// service opened on an empty scratch directory (with this home's
     /// extensions and profiles directories) answers, so the answers are
     /// exactly an empty home's ("no sandbox ...", "no tenant ...", an empty
@@ -54,7 +54,12 @@ impl Api {
             return Ok(Self::remote(client));
         }
         let paths = &config.paths;
-        if paths.ledger_file().exists() || paths.state_file().exists() {
+        // Sandbox directories without a ledger (a crash right after a first
+        // spawn) are a home with work to reconcile, not an empty one.
+        if paths.ledger_file().exists()
+            || paths.state_file().exists()
+            || paths.sandboxes_dir().exists()
+        {
             return Self::open_local(config, None).await;
         }
         let scratch = tempfile::Builder::new()
