@@ -310,3 +310,31 @@ fn a_terminal_sees_each_first_compile_and_json_or_a_pipe_sees_none() {
     .ok();
     assert!(!piped.stderr.contains("compiling"), "{}", piped.stderr);
 }
+
+#[test]
+fn commands_that_need_no_extension_load_none() {
+    let home = TestHome::new().with_saas_stub().with_shipped_profiles();
+    let cache = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        Run::from(
+            home.command()
+                .env("SANDBOXER_CACHE_DIR", cache.path())
+                .args(args)
+                .output()
+                .unwrap(),
+        )
+        .ok()
+    };
+    run(&["credits", "add", "5", "--tenant", "acme"]);
+    run(&["credits", "show", "--tenant", "acme"]);
+    run(&["sandbox", "list", "--all"]);
+    run(&["ledger", "verify"]);
+    assert!(
+        files_under(cache.path()).is_empty(),
+        "no extension was compiled: {:?}",
+        files_under(cache.path())
+    );
+    // A command that routes loads them.
+    run(&["route", "explain", "--profile", "saas-stub"]);
+    assert!(!files_under(cache.path()).is_empty());
+}
