@@ -284,6 +284,12 @@ fn the_readme_tour_works_line_by_line_in_a_private_home() {
                 .expect("a sandbox created before this line");
             line = line.replace("sbx-…", &id);
         }
+        if line.contains("from e2b import") {
+            assert!(
+                repo_root().join("target/tools/e2b-python/e2b").is_dir(),
+                "the pinned E2B Python SDK is not in target/tools: run `cargo xtask install-e2b-sdks` (or `cargo xtask test`)"
+            );
+        }
         if line.contains("e2b_…") {
             let key = session.tenant_key.clone().expect("a tenant key");
             line = line.replace("e2b_…", &key);
