@@ -12,6 +12,12 @@
 //! in between delivers some events again, with the same ids, so a sink can
 //! deduplicate. A hub that is down loses nothing: its cursor stays and the
 //! events wait in the outbox for the next flush.
+//!
+//! A flush posts to the hub at most once per outbox, with a short connect
+//! and request timeout and no retry loop: a command must not stall on a hub
+//! that is down (the server's next pass, or the next command that writes
+//! events, tries again). A command that wrote no event does not contact
+//! the hub at all ([`HubAttempt::IfNewEvents`]).
 
 use crate::ledger::Ledger;
 use crate::manager::lifecycle_events;
@@ -24,12 +30,24 @@ use std::time::Duration;
 /// (sink, source) -> last delivered seq
 const CURSORS: TableDefinition<(&str, &str), u64> = TableDefinition::new("delivery_cursors");
 const BATCH: usize = 100;
-/// Waits before each retry of a failed post, within one flush.
-const HUB_RETRY_BACKOFF: [Duration; 3] = [
-    Duration::from_millis(200),
-    Duration::from_millis(800),
-    Duration::from_millis(2000),
-];
+/// How long a post may wait for the hub to accept the connection: a hub on a
+/// reachable network accepts within milliseconds.
+pub const HUB_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long one post may take in all, answer included (a hub that accepts
+/// and never answers costs this much, once per flush).
+pub const HUB_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// When a flush contacts the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HubAttempt {
+    /// Whenever events wait for it (the server's passes).
+    Always,
+    /// Only when this flush found events the file sink had not had yet,
+    /// that is, events written since the last flush (a command's end): a
+    /// command that wrote nothing never waits on the hub, and events left
+    /// by a failed post wait for the next command that writes events.
+    IfNewEvents,
+}
 
 #[derive(Debug, Clone)]
 pub struct Sinks {
@@ -87,11 +105,13 @@ impl Source {
     }
 }
 
-/// Delivers every waiting event to every sink.
+/// Delivers every waiting event to the file sink, then to the hub as
+/// `hub` allows.
 pub fn flush(
     sinks: &Sinks,
     ledger: &Ledger,
     state: &StateDb,
+    hub: HubAttempt,
 ) -> Result<DeliveryReport, DeliveryError> {
     let mut report = DeliveryReport::default();
     for source in [Source::Ledger, Source::Lifecycle] {
@@ -103,11 +123,15 @@ pub fn flush(
             DrainError::Store(error) => error,
         })?;
     }
-    if let Some(url) = &sinks.hub_url {
+    let contact_hub = match hub {
+        HubAttempt::Always => true,
+        HubAttempt::IfNewEvents => report.to_file > 0,
+    };
+    if let Some(url) = sinks.hub_url.as_deref().filter(|_| contact_hub) {
         let agent = hub_agent();
         for source in [Source::Ledger, Source::Lifecycle] {
             match drain(state, "hub", source, ledger, |events| {
-                post_with_retries(&agent, url, events)
+                post(&agent, url, events)
             }) {
                 Ok(count) => report.to_hub += count,
                 Err(DrainError::Sink(message)) => {
@@ -199,7 +223,8 @@ fn append_lines(path: &PathBuf, events: &[String]) -> Result<(), String> {
 
 fn hub_agent() -> ureq::Agent {
     ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(5)))
+        .timeout_connect(Some(HUB_CONNECT_TIMEOUT))
+        .timeout_global(Some(HUB_REQUEST_TIMEOUT))
         .http_status_as_error(false)
         .build()
         .into()
@@ -219,22 +244,6 @@ fn post(agent: &ureq::Agent, url: &str, events: &[String]) -> Result<(), String>
     } else {
         Err(format!("{url} answered {status}"))
     }
-}
-
-fn post_with_retries(agent: &ureq::Agent, url: &str, events: &[String]) -> Result<(), String> {
-    let mut last_error = match post(agent, url, events) {
-        Ok(()) => return Ok(()),
-        Err(error) => error,
-    };
-    for backoff in HUB_RETRY_BACKOFF {
-        tracing::debug!("hub delivery failed ({last_error}); retrying in {backoff:?}");
-        std::thread::sleep(backoff);
-        match post(agent, url, events) {
-            Ok(()) => return Ok(()),
-            Err(error) => last_error = error,
-        }
-    }
-    Err(last_error)
 }
 
 /// Reads the last `limit` lines of the events file (for `events tail`).

@@ -205,3 +205,51 @@ fn usage_errors_exit_2_and_a_missing_directory_says_what_to_do() {
         assert!(help.stdout.contains(command), "--help lists {command}");
     }
 }
+
+#[test]
+fn a_file_stem_outside_the_name_rule_is_rejected_at_load_naming_the_rule() {
+    let home = TestHome::new().with_saas_stub();
+    install(
+        &built_extensions(),
+        "saas-stub",
+        &home.extensions(),
+        "bad name",
+    );
+    let listed = home.run(&["ext", "list", "--json"]).ok().json();
+    let bad = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|entry| entry["name"] == "bad name")
+        .expect("the file is listed");
+    assert_eq!(bad["status"], "rejected", "{bad}");
+    let reason = bad["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("extension name \"bad name\" is invalid")
+            && reason.contains("use 1 to 64 letters, digits, '.', '_' or '-'")
+            && reason.contains("rename the file"),
+        "{reason}"
+    );
+
+    let check = home
+        .run(&[
+            "ext",
+            "check",
+            &format!("{}/bad name.wasm", home.extensions().display()),
+        ])
+        .fails(1);
+    assert!(
+        check
+            .stderr
+            .contains("rejected: extension name \"bad name\" is invalid"),
+        "{}",
+        check.stderr
+    );
+    // The same component under a good name still loads beside it.
+    home.run(&[
+        "ext",
+        "check",
+        &format!("{}/saas-stub.wasm", home.extensions().display()),
+    ])
+    .ok();
+}

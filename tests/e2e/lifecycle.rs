@@ -464,11 +464,23 @@ fn the_webhook_gets_every_event_despite_failures_and_downtime() {
     );
     let id = run.json()["id"].as_str().unwrap().to_string();
 
-    // The hub is back but fails its first three posts.
-    let (url, accepted) = flaky_hub(3);
-    home.run(&["--hub-url", &url, "sandbox", "destroy", &id])
+    // The hub is back but fails the first post: the command posts once, warns
+    // and goes on; the events wait in the outbox.
+    let (url, accepted) = flaky_hub(1);
+    let failed = home
+        .run(&["--hub-url", &url, "sandbox", "destroy", &id])
         .ok();
+    assert!(
+        failed.stderr.contains("they wait in the outbox"),
+        "{}",
+        failed.stderr
+    );
+    // A command that writes no event does not contact the hub.
     home.run(&["--hub-url", &url, "credits", "show", "--tenant", "w"])
+        .ok();
+    assert!(accepted.lock().unwrap().is_empty());
+    // The next command that writes events delivers everything waiting.
+    home.run(&["--hub-url", &url, "credits", "add", "1", "--tenant", "w"])
         .ok();
 
     let in_file: BTreeSet<String> = events(&home)
@@ -488,7 +500,149 @@ fn the_webhook_gets_every_event_despite_failures_and_downtime() {
     assert_eq!(unique, in_file, "every event reached the hub");
     assert_eq!(
         in_file.len(),
-        9,
-        "grant, hold, release, charge and five lifecycle events: {in_file:?}"
+        10,
+        "two grants, hold, release, charge and five lifecycle events: {in_file:?}"
+    );
+}
+
+/// Connections a listener that never accepts has queued: the kernel
+/// completes each handshake, so a client connects, sends and waits for an
+/// answer that never comes (a hub that hangs).
+fn queued_connections(blackhole: &TcpListener) -> usize {
+    blackhole.set_nonblocking(true).unwrap();
+    let mut count = 0;
+    // Kept open until counted, so none is counted twice.
+    let mut streams = Vec::new();
+    while let Ok((stream, _)) = blackhole.accept() {
+        streams.push(stream);
+        count += 1;
+    }
+    blackhole.set_nonblocking(false).unwrap();
+    count
+}
+
+#[test]
+fn a_hub_that_hangs_or_refuses_costs_one_attempt_and_the_events_wait() {
+    let home = lifecycle_home();
+    let blackhole = TcpListener::bind("127.0.0.1:0").unwrap();
+    let hanging = format!("http://{}/events", blackhole.local_addr().unwrap());
+
+    let added = home
+        .run(&[
+            "--hub-url",
+            &hanging,
+            "credits",
+            "add",
+            "2",
+            "--tenant",
+            "w",
+        ])
+        .ok();
+    assert!(added.stdout.contains("added 2"), "{}", added.stdout);
+    assert!(
+        added.stderr.contains("events could not reach the hub")
+            && added.stderr.contains("they wait in the outbox"),
+        "{}",
+        added.stderr
+    );
+    assert_eq!(
+        queued_connections(&blackhole),
+        1,
+        "one post, no retry loop on the command path"
+    );
+
+    // Nothing new to deliver: a read does not contact the hub at all.
+    let shown = home
+        .run(&["--hub-url", &hanging, "credits", "show", "--tenant", "w"])
+        .ok();
+    assert!(!shown.stderr.contains("hub"), "{}", shown.stderr);
+    assert_eq!(queued_connections(&blackhole), 0);
+
+    // A hub that refuses connections: the same one warning.
+    let refused = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let added = home
+        .run(&[
+            "--hub-url",
+            &format!("http://{refused}/events"),
+            "credits",
+            "add",
+            "1",
+            "--tenant",
+            "w",
+        ])
+        .ok();
+    let warnings: Vec<&str> = added
+        .stderr
+        .lines()
+        .filter(|line| line.starts_with("warning:"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{}", added.stderr);
+    assert!(
+        warnings[0].contains("they wait in the outbox"),
+        "{}",
+        added.stderr
+    );
+
+    // Nothing was lost: a hub that answers gets both grants.
+    let (url, accepted) = flaky_hub(0);
+    home.run(&["--hub-url", &url, "credits", "add", "1", "--tenant", "w"])
+        .ok();
+    let received: usize = accepted
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|body| {
+            serde_json::from_str::<Vec<serde_json::Value>>(body)
+                .unwrap()
+                .len()
+        })
+        .sum();
+    assert_eq!(received, events(&home).len(), "every event reached the hub");
+    assert_eq!(received, 3, "three grants");
+}
+
+#[test]
+fn a_hub_url_that_is_not_an_http_url_is_a_usage_error_before_anything_runs() {
+    let home = lifecycle_home();
+    for (url, says) in [
+        (
+            "ftp://hub.example/events",
+            "the scheme must be http or https, not `ftp`",
+        ),
+        ("hub.example/events", "relative URL without a base"),
+        ("http://", "empty host"),
+    ] {
+        let refused = home
+            .run(&["--hub-url", url, "credits", "add", "1", "--tenant", "w"])
+            .fails(2);
+        assert!(
+            refused.stderr.contains("--hub-url") && refused.stderr.contains(says),
+            "{url}: {}",
+            refused.stderr
+        );
+    }
+    // The environment variable is checked the same way, and under --json
+    // the refusal is JSON too.
+    let refused = Run::from(
+        home.command()
+            .env("SANDBOXER_HUB_URL", "mailto:ops@hub.example")
+            .args(["credits", "show", "--json"])
+            .output()
+            .unwrap(),
+    )
+    .fails(2);
+    let error = &refused.json()["error"];
+    assert_eq!(error["kind"], "usage", "{}", refused.stdout);
+    assert!(
+        error["message"].as_str().unwrap().contains("not `mailto`"),
+        "{}",
+        refused.stdout
+    );
+    assert!(
+        !home.ledger_file().exists(),
+        "a usage error touches nothing"
     );
 }

@@ -254,7 +254,7 @@ fn a_private_home_works_as_root_and_as_a_normal_user() {
 #[test]
 fn a_host_file_outside_the_binds_cannot_be_read() {
     let home = home_with_local("");
-    home.run(&["credits", "show"]).ok(); // the ledger file exists
+    home.run(&["credits", "add", "1"]).ok(); // the ledger file exists
     let ledger = home.ledger_file();
     assert!(ledger.is_file());
     let (summary, run) = run_in_sandbox(&home, &[], &["cat", ledger.to_str().unwrap()]);

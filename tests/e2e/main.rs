@@ -6,6 +6,7 @@
 
 mod cli_credits;
 mod cli_ext;
+mod cli_usage;
 mod console;
 mod crash_points;
 mod e2b_backend;
@@ -19,6 +20,7 @@ mod lifecycle;
 mod lifecycle_hostile;
 mod local_backend;
 mod profiles;
+mod readme_tour;
 mod routing;
 mod runtime_cache;
 mod runtime_hostile;

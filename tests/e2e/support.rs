@@ -146,7 +146,9 @@ impl TestHome {
             .env("SANDBOXER_HOME", self.path())
             .env("SANDBOXER_EXTENSIONS_DIR", self.extensions())
             .env("SANDBOXER_PROFILES_DIR", self.profiles())
-            .env("SANDBOXER_PROFILES_DIR", self.profiles())
+            // Each test's own cache (or the shared one it links there), not
+            // the user's.
+            .env("SANDBOXER_CACHE_DIR", self.path().join("cache"))
             .env("RUST_BACKTRACE", "1");
         command
     }

@@ -25,8 +25,9 @@ pub struct Cli {
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Global options")]
 pub struct GlobalArgs {
-    /// Directory for the ledger, the state store and the compiled-extension cache
-    /// [default: $XDG_DATA_HOME/sandboxer or ~/.local/share/sandboxer]
+    /// Directory for the ledger and the state store (compiled extensions are cached per user, in
+    /// SANDBOXER_CACHE_DIR or ~/.cache/sandboxer/extensions) [default: $XDG_DATA_HOME/sandboxer
+    /// or ~/.local/share/sandboxer]
     #[arg(long, global = true, env = "SANDBOXER_HOME", value_name = "DIR")]
     pub home: Option<PathBuf>,
 
@@ -49,8 +50,15 @@ pub struct GlobalArgs {
     )]
     pub profiles_dir: Option<PathBuf>,
 
-    /// Also deliver meter events to this webhook (a CloudEvents batch per POST)
-    #[arg(long, global = true, env = "SANDBOXER_HUB_URL", value_name = "URL")]
+    /// Also deliver meter events to this webhook (a CloudEvents batch per POST): an http://
+    /// or https:// URL with a host. A hub that is down costs a command at most 2 s, once
+    #[arg(
+        long,
+        global = true,
+        env = "SANDBOXER_HUB_URL",
+        value_name = "URL",
+        value_parser = parse_hub_url
+    )]
     pub hub_url: Option<String>,
 
     /// Talk to this server instead of opening the home [default: the server that owns the
@@ -84,27 +92,39 @@ Example: sandboxer-host run --profile local -- python3 -c 'print(6*7)'")]
     },
 
     /// Create, list, show and destroy sandboxes
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example: sandboxer-host sandbox create --profile saas-stub --ttl 600"
+    )]
     Sandbox(SandboxCommand),
 
     /// Read the meter events delivered to <home>/events.jsonl
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example: sandboxer-host events tail --follow"
+    )]
     Events(EventsCommand),
 
     /// Inspect and check backend extensions
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Example: sandboxer-host ext list")]
     Ext(ExtCommand),
 
     /// Show, add and trace credits
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example: sandboxer-host credits add 25 --tenant acme"
+    )]
     Credits(CreditsCommand),
 
     /// Check the ledger's invariants
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Example: sandboxer-host ledger verify")]
     Ledger(LedgerCommand),
 
     /// See how a profile picks its backend
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example: sandboxer-host route explain --profile burst-sandbox"
+    )]
     Route(RouteCommand),
 
     /// Run the host as a server: the native API, the E2B-compatible API, /metrics
@@ -131,7 +151,7 @@ Example: sandboxer-host serve --listen 127.0.0.1:3000")]
     },
 
     /// Register tenants and their API keys
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Example: sandboxer-host tenant create acme")]
     Tenant(TenantCommand),
 
     /// Print a shell completion script
@@ -151,18 +171,23 @@ pub enum TenantCommand {
     Create {
         /// The tenant's name: letters, digits, '-', '_' and '.', up to 64
         name: String,
+        /// Print {name, api_key, created_at} as JSON
         #[arg(long)]
         json: bool,
     },
     /// List tenants (never their keys)
+    #[command(after_help = "Example: sandboxer-host tenant list --json")]
     List {
+        /// Print a JSON array instead of a table
         #[arg(long)]
         json: bool,
     },
     /// Revoke a tenant's key: it stops working at once (its credits and sandboxes stay)
     #[command(after_help = "Example: sandboxer-host tenant revoke acme")]
     Revoke {
+        /// The tenant's name
         name: String,
+        /// Print the revoked tenant as JSON
         #[arg(long)]
         json: bool,
     },
@@ -171,10 +196,10 @@ pub enum TenantCommand {
 #[derive(Debug, Args)]
 pub struct CreateArgs {
     /// A profile name in the profiles directory, or a path to a .toml file
-    #[arg(long)]
+    #[arg(long, value_name = "NAME")]
     pub profile: String,
     /// The tenant whose credits pay
-    #[arg(long, default_value = "default")]
+    #[arg(long, default_value = "default", value_name = "NAME")]
     pub tenant: String,
     /// Lifetime in seconds, instead of the profile's ttl
     #[arg(long, value_name = "SECS")]
@@ -184,22 +209,32 @@ pub struct CreateArgs {
 #[derive(Debug, Subcommand)]
 pub enum SandboxCommand {
     /// Create a sandbox and leave it running (until its ttl or `sandbox destroy`)
+    #[command(
+        after_help = "Example: sandboxer-host sandbox create --profile saas-stub --tenant acme --ttl 600"
+    )]
     Create {
         #[command(flatten)]
         target: CreateArgs,
+        /// Print the sandbox record as JSON
         #[arg(long)]
         json: bool,
     },
     /// List live sandboxes (--all: every record)
+    #[command(after_help = "Example: sandboxer-host sandbox list --all")]
     List {
+        /// Also list destroyed and failed sandboxes
         #[arg(long)]
         all: bool,
+        /// Print a JSON array of sandbox records
         #[arg(long)]
         json: bool,
     },
     /// Show one sandbox with its attempts and meter
+    #[command(after_help = "Example: sandboxer-host sandbox show sbx-0123456789abcdef")]
     Show {
+        /// The sandbox's id (sbx-...)
         id: String,
+        /// Print the sandbox record as JSON
         #[arg(long)]
         json: bool,
     },
@@ -211,6 +246,7 @@ Exit status: the command's own (128+N for signal N); 125 when the sandbox cannot
 
 Example: sandboxer-host sandbox exec sbx-0123456789abcdef -- ls /work")]
     Exec {
+        /// The sandbox's id (sbx-...)
         id: String,
         /// The command and its arguments
         #[arg(last = true, required = true, value_name = "CMD")]
@@ -220,18 +256,22 @@ Example: sandboxer-host sandbox exec sbx-0123456789abcdef -- ls /work")]
     /// for SANDBOXER_SANDBOX_LOG_RETENTION_SECS (default a day)
     #[command(after_help = "Example: sandboxer-host sandbox logs sbx-0123456789abcdef --follow")]
     Logs {
+        /// The sandbox's id (sbx-...)
         id: String,
         /// Keep printing until its process ends (or Ctrl-C)
         #[arg(long)]
         follow: bool,
     },
     /// Destroy a sandbox and settle its bill; idempotent
+    #[command(after_help = "Example: sandboxer-host sandbox destroy sbx-0123456789abcdef")]
     Destroy {
+        /// The sandbox's id (sbx-...)
         id: String,
         /// When it cannot be destroyed (its extension is gone, destroy fails):
         /// void its hold, charge nothing, and record why
         #[arg(long)]
         force: bool,
+        /// Print the destroyed sandbox's record as JSON
         #[arg(long)]
         json: bool,
     },
@@ -240,6 +280,7 @@ Example: sandboxer-host sandbox exec sbx-0123456789abcdef -- ls /work")]
 #[derive(Debug, Subcommand)]
 pub enum EventsCommand {
     /// Print the latest events (JSON lines), oldest first
+    #[command(after_help = "Example: sandboxer-host events tail --limit 5")]
     Tail {
         /// How many events to print
         #[arg(long, default_value_t = 20)]
@@ -254,13 +295,17 @@ pub enum EventsCommand {
 pub enum RouteCommand {
     /// Dry run: rank a profile's candidates and say why each ineligible one is left out.
     /// Creates nothing and holds nothing; exit 1 when no candidate is eligible
+    #[command(
+        after_help = "Example: sandboxer-host route explain --profile burst-sandbox --ttl 60"
+    )]
     Explain {
         /// A profile name in the profiles directory, or a path to a .toml file
-        #[arg(long)]
+        #[arg(long, value_name = "NAME")]
         profile: String,
         /// Price the sandbox for this many seconds instead of the profile's ttl
         #[arg(long, value_name = "SECS")]
         ttl: Option<u32>,
+        /// Print the decision (every candidate, its estimate and reason) as JSON
         #[arg(long)]
         json: bool,
     },
@@ -269,6 +314,7 @@ pub enum RouteCommand {
 #[derive(Debug, Subcommand)]
 pub enum ExtCommand {
     /// List every .wasm in the extensions directory, loaded or rejected with its reason
+    #[command(after_help = "Example: sandboxer-host ext list --json")]
     List {
         /// Print a JSON array instead of a table
         #[arg(long)]
@@ -276,22 +322,27 @@ pub enum ExtCommand {
     },
 
     /// Run the load checks on one file: exit 0 if it would load, 1 with the reason if not
+    #[command(after_help = "Example: sandboxer-host ext check ./my-backend/target/my-backend.wasm")]
     Check {
         /// The .wasm file (its sidecar <stem>.toml beside it is checked too)
         file: PathBuf,
+        /// Print the file's listing entry (status, reason, info) as JSON
         #[arg(long)]
         json: bool,
     },
 
     /// Show what an extension declares, its grants, limits and config
+    #[command(after_help = "Example: sandboxer-host ext info saas-stub")]
     Info {
         /// Instance name: the file stem of its .wasm
         name: String,
+        /// Print the details as JSON
         #[arg(long)]
         json: bool,
     },
 
     /// Start a new extension project (Rust, Python or JavaScript) that builds and passes `ext check`
+    #[command(after_help = "Example: sandboxer-host ext new my-backend --lang python")]
     New {
         /// The extension's name (also its directory and instance name)
         name: String,
@@ -304,6 +355,9 @@ pub enum ExtCommand {
     },
 
     /// Ask an extension what a sandbox of a given size would cost
+    #[command(
+        after_help = "Example: sandboxer-host ext estimate saas-stub --cpu-millis 2000 --memory-mb 2048 --ttl-secs 1800"
+    )]
     Estimate {
         /// Instance name: the file stem of its .wasm
         name: String,
@@ -319,6 +373,7 @@ pub enum ExtCommand {
         /// Template name passed to the backend
         #[arg(long, default_value = "base")]
         template: String,
+        /// Print {extension, estimate, rate_per_hour} as JSON
         #[arg(long)]
         json: bool,
     },
@@ -327,8 +382,10 @@ pub enum ExtCommand {
 #[derive(Debug, Subcommand)]
 pub enum CreditsCommand {
     /// Show a tenant's balance, held and available credits
+    #[command(after_help = "Example: sandboxer-host credits show --tenant acme")]
     Show {
-        #[arg(long, default_value = "default")]
+        /// The tenant
+        #[arg(long, default_value = "default", value_name = "NAME")]
         tenant: String,
         /// Print {tenant, balance, held, available} as JSON, amounts as decimal strings
         #[arg(long)]
@@ -336,26 +393,34 @@ pub enum CreditsCommand {
     },
 
     /// Add credits to a tenant
+    #[command(
+        after_help = "Example: sandboxer-host credits add 25 --tenant acme --key invoice-2041"
+    )]
     Add {
         /// Decimal credits, up to 6 places (for example 25 or 0.5)
         #[arg(allow_negative_numbers = true)]
         amount: String,
-        #[arg(long, default_value = "default")]
+        /// The tenant to credit
+        #[arg(long, default_value = "default", value_name = "NAME")]
         tenant: String,
         /// Idempotency key: adding again with the same key adds nothing
         #[arg(long)]
         key: Option<String>,
+        /// Print the grant and the balance after it as JSON
         #[arg(long)]
         json: bool,
     },
 
     /// Show a tenant's journal entries, newest first
+    #[command(after_help = "Example: sandboxer-host credits history --tenant acme --limit 5")]
     History {
-        #[arg(long, default_value = "default")]
+        /// The tenant
+        #[arg(long, default_value = "default", value_name = "NAME")]
         tenant: String,
         /// How many entries to show
         #[arg(long, default_value_t = 20)]
         limit: usize,
+        /// Print a JSON array of entries
         #[arg(long)]
         json: bool,
     },
@@ -364,8 +429,103 @@ pub enum CreditsCommand {
 #[derive(Debug, Subcommand)]
 pub enum LedgerCommand {
     /// Check every ledger invariant; exit 1 naming each violation
+    #[command(after_help = "Example: sandboxer-host ledger verify")]
     Verify {
+        /// Print the report (counts and violations) as JSON
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `--hub-url` as the delivery posts to it: checked once here, so a typo is a
+/// usage error at start rather than a warning after the command's work.
+fn parse_hub_url(text: &str) -> Result<String, String> {
+    let url = url::Url::parse(text).map_err(|error| {
+        format!("{error}: expected an http:// or https:// URL such as http://127.0.0.1:8080/events")
+    })?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "the scheme must be http or https, not `{}`",
+            url.scheme()
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("the URL has no host".into());
+    }
+    Ok(text.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every command (the top level included) with its full name.
+    fn every_command() -> Vec<(String, clap::Command)> {
+        let mut root = Cli::command();
+        root.build();
+        let mut found = Vec::new();
+        let mut pending = vec![(String::from("sandboxer-host"), root)];
+        while let Some((name, command)) = pending.pop() {
+            for sub in command.get_subcommands() {
+                if sub.get_name() != "help" {
+                    pending.push((format!("{name} {}", sub.get_name()), sub.clone()));
+                }
+            }
+            found.push((name, command));
+        }
+        found
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_command_help_has_an_example_and_describes_every_flag() {
+        let commands = every_command();
+        assert!(commands.len() > 25, "{} commands", commands.len());
+        for (name, mut command) in commands {
+            let help = command.render_long_help().to_string();
+            if name != "sandboxer-host" {
+                let example = format!("Example: {name}");
+                assert!(
+                    help.contains(&example),
+                    "`{name} --help` shows no `{example}`:\n{help}"
+                );
+            }
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                assert!(
+                    arg.get_help()
+                        .is_some_and(|text| !text.to_string().trim().is_empty()),
+                    "`{name} --help` does not describe `{id}`"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn global_options_have_their_own_heading() {
+        let mut show = Cli::command();
+        show.build();
+        let mut credits = show.find_subcommand_mut("credits").unwrap().clone();
+        let mut show = credits.find_subcommand_mut("show").unwrap().clone();
+        let help = show.render_help().to_string();
+        let (own, global) = help
+            .split_once("Global options:")
+            .unwrap_or_else(|| panic!("no Global options heading:\n{help}"));
+        assert!(
+            own.contains("--tenant") && !own.contains("--home"),
+            "{help}"
+        );
+        assert!(
+            global.contains("--home") && global.contains("--hub-url"),
+            "{help}"
+        );
+    }
 }

@@ -19,7 +19,11 @@ pub async fn run_credits(command: CreditsCommand, context: &Context) -> Result<(
     if let CreditsCommand::Add { amount, .. } = &command {
         parse_credits(amount).map_err(|error| ServiceError::InvalidInput(error.to_string()))?;
     }
-    let api = context.connect(json).await?;
+    let api = if matches!(command, CreditsCommand::Add { .. }) {
+        context.connect(json).await?
+    } else {
+        context.connect_read_only(json).await?
+    };
     let outcome = credits_command(&api, command).await;
     api.close().await;
     outcome
@@ -115,7 +119,7 @@ async fn credits_command(api: &super::api::Api, command: CreditsCommand) -> Resu
 
 pub async fn run_ledger(command: LedgerCommand, context: &Context) -> Result<()> {
     let LedgerCommand::Verify { json } = command;
-    let api = context.connect(json).await?;
+    let api = context.connect_read_only(json).await?;
     let report = api.verify().await;
     api.close().await;
     let report = report?;

@@ -15,6 +15,7 @@ use sandboxer_host::service::client::Client;
 use sandboxer_host::state_db::StateDb;
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -44,7 +45,17 @@ pub async fn run(command: ExtCommand, context: &CliContext) -> Result<()> {
         );
         return Ok(());
     }
-    let runtime = open_runtime(paths)?;
+    let json = match &command {
+        ExtCommand::List { json }
+        | ExtCommand::Check { json, .. }
+        | ExtCommand::Info { json, .. }
+        | ExtCommand::Estimate { json, .. } => *json,
+        ExtCommand::New { .. } => false,
+    };
+    let mut runtime = open_runtime(paths)?;
+    if !json && std::io::stderr().is_terminal() {
+        runtime.on_compile(super::compile_progress());
+    }
     match command {
         ExtCommand::New { .. } => unreachable!("handled above"),
         ExtCommand::List { json } => list(&runtime, context, json).await,

@@ -52,9 +52,7 @@ impl Context {
         let mut config = ServiceConfig::from_env(self.paths.clone(), self.hub_url.clone())?;
         config.on_wait = Some(Arc::new(|line: &str| eprintln!("{line}")));
         if !json && std::io::stderr().is_terminal() {
-            config.on_compile = Some(Arc::new(|file: &str| {
-                eprintln!("compiling {file} (first load; later loads use the cache)…");
-            }));
+            config.on_compile = Some(compile_progress());
         }
         Ok(config)
     }
@@ -62,6 +60,52 @@ impl Context {
     pub async fn connect(&self, json: bool) -> Result<api::Api> {
         Ok(api::Api::connect(self.config(json)?, self.server.as_deref()).await?)
     }
+
+    /// [`Context::connect`] for a command that only reads: it creates
+    /// nothing in a fresh home.
+    pub async fn connect_read_only(&self, json: bool) -> Result<api::Api> {
+        Ok(api::Api::connect_read_only(self.config(json)?, self.server.as_deref()).await?)
+    }
+}
+
+/// A spinner per extension compiling (several compile at once), with the
+/// time it has taken so far: a big guest's first compile takes seconds, and
+/// a silent terminal looks stuck. Each line is cleared when its compile
+/// ends; later loads use the cache and show nothing.
+pub fn compile_progress() -> sandboxer_host::runtime::CompileProgress {
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    use sandboxer_host::runtime::CompileStage;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    let bars = MultiProgress::new();
+    let compiling: Mutex<HashMap<String, ProgressBar>> = Mutex::new(HashMap::new());
+    let style = ProgressStyle::with_template(
+        "{spinner} compiling {msg} ({elapsed}; first load, later loads use the cache)",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    Arc::new(move |file: &str, stage: CompileStage| {
+        let mut compiling = compiling
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match stage {
+            CompileStage::Started => {
+                let bar = bars.add(ProgressBar::new_spinner().with_style(style.clone()));
+                let name = std::path::Path::new(file).file_name().map_or_else(
+                    || file.to_string(),
+                    |name| name.to_string_lossy().into_owned(),
+                );
+                bar.set_message(name);
+                bar.enable_steady_tick(std::time::Duration::from_millis(120));
+                compiling.insert(file.to_string(), bar);
+            }
+            CompileStage::Finished => {
+                if let Some(bar) = compiling.remove(file) {
+                    bar.finish_and_clear();
+                    bars.remove(&bar);
+                }
+            }
+        }
+    })
 }
 
 pub fn main() -> ExitCode {
@@ -91,7 +135,10 @@ pub fn main() -> ExitCode {
         }
         _ => {}
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return report_usage_error(error),
+    };
     init_logging();
     let context = Context {
         paths: HostPaths::new(
@@ -121,6 +168,34 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(error) => report_error(&error),
     }
+}
+
+/// clap's refusal of the command line: its own text on stderr (help and
+/// --version are not errors), and under --json also a JSON error on stdout,
+/// as for every other error.
+fn report_usage_error(error: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let is_error = !matches!(
+        error.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    );
+    if is_error && std::env::args_os().any(|arg| arg == "--json") {
+        let rendered = error.render().to_string();
+        let message = rendered
+            .lines()
+            .find(|line| !line.trim().is_empty())
+            .unwrap_or("usage error")
+            .trim_start_matches("error: ")
+            .to_string();
+        let body = serde_json::json!({
+            "error": {"kind": "usage", "message": message, "exit_code": 2}
+        });
+        println!("{body}");
+    }
+    let _ = error.print();
+    ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(2))
 }
 
 /// Prints an error (one line on stderr; JSON on stdout under --json) and

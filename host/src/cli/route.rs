@@ -8,7 +8,7 @@ use sandboxer_host::service::api::RouteExplainView;
 
 pub async fn run(command: RouteCommand, context: &Context) -> Result<()> {
     let RouteCommand::Explain { profile, ttl, json } = command;
-    let api = context.connect(json).await?;
+    let api = context.connect_read_only(json).await?;
     let decision = api.route_explain(&profile, ttl).await;
     api.close().await;
     let decision = decision?;

@@ -106,7 +106,14 @@ pub async fn run_sandbox(context: &Context, command: SandboxCommand) -> Result<E
             return Ok(ExitCode::SUCCESS);
         }
     };
-    let api = context.connect(json).await?;
+    let api = if matches!(
+        command,
+        SandboxCommand::List { .. } | SandboxCommand::Show { .. }
+    ) {
+        context.connect_read_only(json).await?
+    } else {
+        context.connect(json).await?
+    };
     let outcome = sandbox_command(&api, command).await;
     api.close().await;
     outcome.map(|()| ExitCode::SUCCESS)

@@ -11,7 +11,11 @@ pub async fn run(command: TenantCommand, context: &Context) -> Result<()> {
         | TenantCommand::List { json }
         | TenantCommand::Revoke { json, .. } => *json,
     };
-    let api = context.connect(json).await?;
+    let api = if matches!(command, TenantCommand::List { .. }) {
+        context.connect_read_only(json).await?
+    } else {
+        context.connect(json).await?
+    };
     let outcome = async {
         match command {
             TenantCommand::Create { name, json } => {

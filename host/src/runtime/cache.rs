@@ -1,4 +1,5 @@
-//! The precompiled-component cache under `<home>/cache`.
+//! The precompiled-component cache: one directory per user (see
+//! [`crate::paths::default_cache_dir`]), shared by every home and process.
 //!
 //! Compiling a component costs from milliseconds (a small Rust guest) to
 //! seconds (an 18 MB Python guest); mapping the host's own precompiled

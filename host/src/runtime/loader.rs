@@ -1,16 +1,16 @@
 //! Loading one `.wasm` file: every check an extension must pass, in order,
 //! each failure a one-line reason.
 //!
-//! size cap → WebAssembly header (component, not core module) → sidecar →
-//! compile or verified cache → imports against grants → exports the
-//! `backend` interface → pre-instantiate → `info()` under a short deadline
+//! instance name (the file stem) → size cap → WebAssembly header
+//! (component, not core module) → sidecar → compile or verified cache →
+//! imports against grants → exports the `backend` interface →
+//! pre-instantiate → `info()` under a short deadline
 //! (or its answer kept in the cache for this component and sidecar) →
 //! plausible info.
 //!
 //! A cached load reads the file's first bytes and its identity, not the
 //! whole file: the cache remembers each version's digest (see `cache.rs`).
 
-use super::Runtime;
 use super::bindings::SelfHostedExtensionPre;
 use super::bindings::sandboxer::extension::types::ExtensionInfo;
 use super::cache::{CacheOutcome, Lookup, content_sha256, info_inputs_sha256};
@@ -24,6 +24,7 @@ use super::network::NetworkPolicy;
 use super::process::ProcessCapability;
 use super::secrets::Secrets;
 use super::sidecar::{INFO_TIMEOUT_MS, Sidecar};
+use super::{CompileStage, Runtime};
 use std::fs::File;
 use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
@@ -70,6 +71,12 @@ pub(super) struct Prepared {
 /// disk bound: the async loader runs it on a blocking thread.
 pub(super) fn prepare(runtime: &Runtime, path: &Path) -> Result<Prepared, String> {
     let name = instance_name(path);
+    // Profiles, sandbox records and ledger accounts name an instance by its
+    // stem: a stem outside the name rule would load as an instance nothing
+    // can name (or one that breaks a file name or an account key).
+    crate::names::check_name("extension", &name).map_err(|reason| {
+        format!("{reason} (an instance is named by its file stem: rename the file)")
+    })?;
     // Taken before the file is looked at: a digest remembered from this read
     // can only vouch for versions that had settled by then.
     let observed_ns = now_ns();
@@ -149,19 +156,20 @@ pub(super) fn prepare(runtime: &Runtime, path: &Path) -> Result<Prepared, String
                 }
             };
             let outcome = match lookup {
-                Lookup::Missing => {
-                    if let Some(notice) = &runtime.on_compile {
-                        notice(&path.display().to_string());
-                    }
-                    CacheOutcome::Compiled
-                }
+                Lookup::Missing => CacheOutcome::Compiled,
                 _ => CacheOutcome::Replaced,
             };
-            let component = runtime
+            let file_name = path.display().to_string();
+            if let Some(notice) = &runtime.on_compile {
+                notice(&file_name, CompileStage::Started);
+            }
+            let compiled = runtime
                 .cache
-                .compile_and_store(&runtime.engine, &bytes, &sha256)
-                .map_err(invalid)?;
-            (component, outcome)
+                .compile_and_store(&runtime.engine, &bytes, &sha256);
+            if let Some(notice) = &runtime.on_compile {
+                notice(&file_name, CompileStage::Finished);
+            }
+            (compiled.map_err(invalid)?, outcome)
         }
     };
 

@@ -141,15 +141,26 @@ pub struct Runtime {
     cache: Arc<cache::ArtifactCache>,
     state: Arc<StateDb>,
     ticker: Arc<engine::EpochTicker>,
-    on_compile: Option<CompileNotice>,
+    on_compile: Option<CompileProgress>,
     /// Where sandbox processes live and the supervisor that starts them;
     /// without it, extensions granted `process` are refused.
     processes: Option<process::ProcessSettings>,
 }
 
-/// Told the file name before a component is compiled (not found in the
-/// cache): compiling a big guest takes seconds.
+/// A one-line notice (a wait, say) for the person at the terminal.
 pub type CompileNotice = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Where a compile the cache could not spare is: compiling a big guest
+/// takes seconds, and several compile at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompileStage {
+    Started,
+    /// Compiled, or failed to (the load then reports why).
+    Finished,
+}
+
+/// Told the file name at each [`CompileStage`] of a compile.
+pub type CompileProgress = Arc<dyn Fn(&str, CompileStage) + Send + Sync>;
 
 impl Runtime {
     /// A runtime caching compiled components in `cache_dir` and keeping
@@ -200,8 +211,9 @@ impl Runtime {
         }
     }
 
-    /// Calls `notice` before each compile that the cache cannot spare.
-    pub fn on_compile(&mut self, notice: CompileNotice) {
+    /// Calls `notice` before and after each compile that the cache cannot
+    /// spare.
+    pub fn on_compile(&mut self, notice: CompileProgress) {
         self.on_compile = Some(notice);
     }
 

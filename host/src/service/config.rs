@@ -3,7 +3,7 @@
 
 use crate::ledger::DEFAULT_STARTING_CREDITS;
 use crate::paths::HostPaths;
-use crate::runtime::CompileNotice;
+use crate::runtime::{CompileNotice, CompileProgress};
 use sandboxer_credits::parse_credits;
 use std::time::Duration;
 
@@ -25,8 +25,8 @@ pub struct ServiceConfig {
     pub supervisor: Option<std::path::PathBuf>,
     /// Give sandboxes created here a stdin fed through a FIFO (`run`).
     pub pipe_stdin: bool,
-    /// Told before each compile the cache cannot spare.
-    pub on_compile: Option<CompileNotice>,
+    /// Told before and after each compile the cache cannot spare.
+    pub on_compile: Option<CompileProgress>,
     /// Told once when opening has to wait for another process.
     pub on_wait: Option<CompileNotice>,
 }

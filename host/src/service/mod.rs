@@ -26,7 +26,7 @@ pub mod tenants;
 pub use config::{ConfigError, ServiceConfig};
 pub use error::ServiceError;
 
-use crate::delivery::{self, Sinks};
+use crate::delivery::{self, HubAttempt, Sinks};
 use crate::ledger::{Ledger, LedgerOptions};
 use crate::manager::{
     CreateRequest, ReconcileReport, Retries, SandboxManager, SandboxState, SandboxStatus, now_ms,
@@ -213,14 +213,18 @@ impl Service {
     /// Delivers waiting meter events to the sinks. A sink that fails is a
     /// warning (returned), never a failure: its events wait in the outbox.
     pub async fn deliver(self: &Arc<Self>) -> Option<String> {
+        self.deliver_to_hub(HubAttempt::Always).await
+    }
+
+    async fn deliver_to_hub(self: &Arc<Self>, hub: HubAttempt) -> Option<String> {
         let service = self.clone();
-        tokio::task::spawn_blocking(move || service.deliver_blocking())
+        tokio::task::spawn_blocking(move || service.deliver_blocking(hub))
             .await
             .unwrap_or_else(|panicked| Some(format!("event delivery failed: {panicked}")))
     }
 
-    fn deliver_blocking(&self) -> Option<String> {
-        match delivery::flush(&self.sinks, self.manager.ledger(), &self.state) {
+    fn deliver_blocking(&self, hub: HubAttempt) -> Option<String> {
+        match delivery::flush(&self.sinks, self.manager.ledger(), &self.state, hub) {
             Ok(report) => report.hub_error.map(|error| {
                 format!("events could not reach the hub ({error}); they wait in the outbox")
             }),
@@ -228,10 +232,12 @@ impl Service {
         }
     }
 
-    /// Delivers waiting events and releases the home's files.
+    /// Delivers waiting events and releases the home's files. The hub is
+    /// contacted only when this opening wrote events (a command that changed
+    /// nothing never waits on it).
     pub async fn close(self) -> Option<String> {
         let service = Arc::new(self);
-        let warning = service.deliver().await;
+        let warning = service.deliver_to_hub(HubAttempt::IfNewEvents).await;
         if let Ok(service) = Arc::try_unwrap(service) {
             let state = service.state.clone();
             drop(service);
