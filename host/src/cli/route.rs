@@ -18,22 +18,10 @@ pub async fn run(command: RouteCommand, context: &Context) -> Result<()> {
         print_decision(&decision);
     }
     if decision.chosen.is_none() {
-        let reasons: Vec<String> = decision
-            .candidates
-            .iter()
-            .filter(|candidate| !candidate.eligible)
-            .map(|candidate| {
-                format!(
-                    "{}: {}",
-                    candidate.name,
-                    candidate.reason.as_deref().unwrap_or("ineligible")
-                )
-            })
-            .collect();
         eprintln!(
             "error: no eligible backend for profile `{}`: {}",
             decision.profile,
-            reasons.join("; ")
+            decision.reasons()
         );
         return Err(AlreadyReported.into());
     }

@@ -313,6 +313,25 @@ pub struct RouteExplainView {
     pub candidates: Vec<CandidateView>,
 }
 
+impl RouteExplainView {
+    /// `name: reason` for every ineligible candidate, as the router's own
+    /// errors say it (a view may come over HTTP, without the router).
+    pub fn reasons(&self) -> String {
+        self.candidates
+            .iter()
+            .filter(|candidate| !candidate.eligible)
+            .map(|candidate| {
+                format!(
+                    "{}: {}",
+                    candidate.name,
+                    candidate.reason.as_deref().unwrap_or("ineligible")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
 impl From<&RouteDecision> for RouteExplainView {
     fn from(decision: &RouteDecision) -> Self {
         Self {
