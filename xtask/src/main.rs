@@ -8,17 +8,22 @@
 //!   demand into `target/tools/`);
 //! - `install-e2b-sdks`: installs the official E2B Python and JavaScript SDKs,
 //!   pinned by `tests/e2b/`, into `target/tools/e2b-python` and `target/tools/e2b-js`;
-//! - `test`: installs bubblewrap if missing (apt-get, through sudo unless
-//!   root), build-extensions --examples, install-e2b-sdks, then fmt check,
-//!   clippy with `-D warnings`, and `cargo test --workspace`: the gate CI runs;
+//! - `test`: installs bubblewrap, Chromium and PostgreSQL if missing
+//!   (apt-get, through sudo unless root), build-extensions --examples,
+//!   install-e2b-sdks, then fmt check, clippy with `-D warnings`, and `cargo
+//!   test --workspace` against a throwaway PostgreSQL cluster: the gate CI runs;
 //! - `demo`: builds everything and runs the main job against a fresh home;
 //! - `soak [KILLS]`: the soak test with many kills (1000 by default);
 //! - `bench [SUITE]`: runs a benchmark suite (runtime, routing, ledger, lifecycle, serve, all) and writes
-//!   `target/bench/<suite>.json`.
+//!   `target/bench/<suite>.json` (ledger, serve and all against a throwaway PostgreSQL cluster);
+//! - `postgres -- COMMAND...`: runs COMMAND against a throwaway PostgreSQL
+//!   cluster (the one `test` uses; see `postgres.rs`), then stops it.
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+mod postgres;
 
 const WASM_TARGET: &str = "wasm32-wasip2";
 /// Guest workspaces: shipped extensions, and the tests' hostile fixtures.
@@ -49,6 +54,7 @@ fn run_command() -> Result<()> {
         Some("demo") => demo(&root),
         Some("bench") => bench(&root, args.get(1).map(String::as_str).unwrap_or("all")),
         Some("soak") => soak(&root, args.get(1).map(String::as_str)),
+        Some("postgres") => run_with_test_postgres(&root, &args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>
@@ -58,12 +64,17 @@ commands:
                      build every extension and test fixture into target/
                      (--examples: also the Python, JavaScript and WAT examples)
   install-e2b-sdks   the pinned E2B Python and JavaScript SDKs into target/tools/
-  test               all of that (and bubblewrap, if missing), then fmt check,
-                     clippy -D warnings, cargo test --workspace
+  test               all of that (and bubblewrap, Chromium, PostgreSQL, if missing),
+                     then fmt check, clippy -D warnings, cargo test --workspace
+                     against a throwaway PostgreSQL cluster in target/postgres/
   demo               build and run the main job against a fresh home
   bench [SUITE]      benchmarks: runtime, routing, ledger, lifecycle, serve or all (default)
   soak [KILLS]       concurrent commands on one home under random SIGKILLs (default 1000
-                     kills), then prints kills, lost, doubled, stuck and verify"
+                     kills), then prints kills, lost, doubled, stuck and verify
+  postgres -- COMMAND [ARGS...]
+                     start the tests' throwaway PostgreSQL cluster, run COMMAND with
+                     SANDBOXER_TEST_POSTGRES (superuser URL) and SANDBOXER_TEST_PG_CTL
+                     (pg_ctl for it) set, then stop and delete the cluster"
             );
             std::process::exit(2);
         }
@@ -268,6 +279,8 @@ fn test(root: &Path) -> Result<()> {
     build_extensions(root)?;
     ensure_bubblewrap()?;
     ensure_chromium()?;
+    // Installed up front, so a machine without it fails before the long build.
+    postgres::ensure_installed()?;
     build_examples(root)?;
     install_e2b_sdks(root)?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
@@ -305,7 +318,32 @@ fn test(root: &Path) -> Result<()> {
         .arg(root.join(EXTENSIONS_WORKSPACE).join("Cargo.toml"))
         .arg("--target-dir")
         .arg(root.join("target/guest-native")))?;
-    run(cargo().args(["test", "--workspace"]))
+    // The ledger's and state store's PostgreSQL tests use this cluster; it
+    // is stopped whether or not the tests pass.
+    let cluster = postgres::TestCluster::start(root)?;
+    let tested = run(cargo()
+        .args(["test", "--workspace"])
+        .envs(cluster.environment()));
+    let stopped = cluster.stop();
+    tested.and(stopped)
+}
+
+/// `cargo xtask postgres -- COMMAND [ARGS...]`: COMMAND against the tests'
+/// throwaway cluster, for a developer's psql session or a single test.
+fn run_with_test_postgres(root: &Path, command: &[String]) -> Result<()> {
+    let command = match command.split_first() {
+        Some((separator, rest)) if separator == "--" => rest,
+        _ => command,
+    };
+    let Some((program, arguments)) = command.split_first() else {
+        bail!("usage: cargo xtask postgres -- COMMAND [ARGS...]");
+    };
+    let cluster = postgres::TestCluster::start(root)?;
+    let outcome = run(Command::new(program)
+        .args(arguments)
+        .envs(cluster.environment()));
+    let stopped = cluster.stop();
+    outcome.and(stopped)
 }
 
 /// Whether `output` exists and is newer than every input.
@@ -561,8 +599,17 @@ fn bench(root: &Path, suite: &str) -> Result<()> {
     build_extensions(root)?;
     // `bench serve` starts the real server binary.
     let host = host_binary(root)?;
-    run(cargo()
+    let mut bench = cargo();
+    bench
         .args(["run", "--package", "sandboxer-bench", "--"])
         .arg(suite)
-        .env("SANDBOXER_HOST_BIN", host))
+        .env("SANDBOXER_HOST_BIN", host);
+    // The ledger and serve suites measure the PostgreSQL ledger too.
+    if !["ledger", "serve", "all"].contains(&suite) {
+        return run(&mut bench);
+    }
+    let cluster = postgres::TestCluster::start(root)?;
+    let benched = run(bench.envs(cluster.environment()));
+    let stopped = cluster.stop();
+    benched.and(stopped)
 }
