@@ -178,13 +178,17 @@ impl TestCluster {
             let server_log = std::fs::read_to_string(&log).unwrap_or_default();
             let tail: Vec<&str> = server_log.lines().rev().take(15).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
+            // Dropping the cluster deletes its directory but keeps the log.
             bail!(
                 "PostgreSQL did not start for the tests (`{} start` failed with {}: {}); \
-                 the last lines of its log {}:\n{}",
+                 the last lines of its log (kept in {}):\n{}",
                 cluster.pg_ctl_script.display(),
                 output.status,
-                String::from_utf8_lossy(&output.stderr).trim(),
-                log.display(),
+                String::from_utf8_lossy(&output.stderr)
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                cluster.state_directory.join("server.log").display(),
                 tail.join("\n")
             );
         }
