@@ -19,7 +19,7 @@
 //! events, tries again). A command that wrote no event does not contact
 //! the hub at all ([`HubAttempt::IfNewEvents`]).
 
-use crate::ledger::Ledger;
+use crate::ledger::LedgerStore;
 use crate::manager::lifecycle_events;
 use crate::state_db::{StateDb, StateDbError};
 use redb::{ReadableDatabase, TableDefinition};
@@ -107,9 +107,12 @@ impl Source {
 
 /// Delivers every waiting event to the file sink, then to the hub as
 /// `hub` allows.
+///
+/// Blocking (the sinks are a file and a blocking HTTP client): call it on a
+/// blocking thread of a tokio runtime, whose handle runs the ledger's reads.
 pub fn flush(
     sinks: &Sinks,
-    ledger: &Ledger,
+    ledger: &dyn LedgerStore,
     state: &StateDb,
     hub: HubAttempt,
 ) -> Result<DeliveryReport, DeliveryError> {
@@ -151,14 +154,16 @@ fn drain(
     state: &StateDb,
     sink: &'static str,
     source: Source,
-    ledger: &Ledger,
+    ledger: &dyn LedgerStore,
     mut deliver: impl FnMut(&[String]) -> Result<(), String>,
 ) -> Result<usize, DrainError> {
     let mut delivered = 0;
     loop {
         let cursor = read_cursor(state, sink, source)?;
         let events = match source {
-            Source::Ledger => ledger.outbox_after(cursor, BATCH).map_err(storage)?,
+            Source::Ledger => tokio::runtime::Handle::current()
+                .block_on(ledger.outbox_after(cursor, BATCH))
+                .map_err(storage)?,
             Source::Lifecycle => lifecycle_events::after(state, cursor, BATCH).map_err(storage)?,
         };
         let Some(&(last, _)) = events.last() else {

@@ -3,6 +3,9 @@
 //! hold, voids, expiries, replays and key reuse), checked step by step
 //! against a small in-memory model, with `verify` after every step.
 //!
+//! The same workload runs on both stores (redb, and PostgreSQL on the test
+//! cluster): the two must agree with the model step by step.
+//!
 //! A failure prints its seed; rerun it alone with
 //! `SANDBOXER_MODEL_SEED=<seed> cargo test --test e2e ledger_model`
 //! (and `SANDBOXER_MODEL_STEPS` for a longer run).
@@ -11,6 +14,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sandboxer_host::ledger::*;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 const TENANTS: &[&str] = &["default", "acme", "globex", "initech"];
 const EXTENSIONS: &[&str] = &["saas-stub", "local"];
@@ -59,13 +63,100 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-fn run_seed(seed: u64, steps: usize) {
-    let dir = tempfile::tempdir().unwrap();
-    let options = LedgerOptions {
-        default_credits: STARTING,
-        expire_on_open: false,
-    };
-    let ledger = Ledger::open(&dir.path().join("ledger.redb"), options).unwrap();
+/// Which store keeps the ledger under test.
+#[derive(Clone, Copy, Debug)]
+enum Store {
+    Redb,
+    Postgres,
+}
+
+/// The ledger under test, whichever store keeps it, called step by step
+/// as the model is (each call waits for its answer).
+struct Subject {
+    ledger: Arc<dyn LedgerStore>,
+    runtime: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+impl Subject {
+    fn open(store: Store) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let options = LedgerOptions {
+            default_credits: STARTING,
+            expire_on_open: false,
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let ledger: Arc<dyn LedgerStore> = match store {
+            Store::Redb => {
+                Arc::new(Ledger::open(&dir.path().join("ledger.redb"), options).unwrap())
+            }
+            Store::Postgres => {
+                let url = crate::pg::fresh_database("ledger_model");
+                Arc::new(runtime.block_on(PgLedger::connect(&url, options)).unwrap())
+            }
+        };
+        Self {
+            ledger,
+            runtime,
+            _dir: dir,
+        }
+    }
+
+    fn grant(
+        &self,
+        tenant: &str,
+        amount: u64,
+        key: Option<&str>,
+    ) -> Result<GrantReceipt, LedgerError> {
+        self.runtime
+            .block_on(self.ledger.grant(tenant, amount, key))
+    }
+
+    fn hold(
+        &self,
+        tenant: &str,
+        amount: u64,
+        sandbox_id: &str,
+        extension: &str,
+        expires_at_ms: u64,
+    ) -> Result<HoldReceipt, LedgerError> {
+        self.runtime.block_on(self.ledger.hold(
+            tenant,
+            amount,
+            sandbox_id,
+            extension,
+            expires_at_ms,
+        ))
+    }
+
+    fn settle(&self, sandbox_id: &str, actual: u64) -> Result<SettleReceipt, LedgerError> {
+        self.runtime
+            .block_on(self.ledger.settle(sandbox_id, actual))
+    }
+
+    fn void(&self, sandbox_id: &str, reason: &str) -> Result<VoidReceipt, LedgerError> {
+        self.runtime.block_on(self.ledger.void(sandbox_id, reason))
+    }
+
+    fn expire_due(&self, now_ms: u64) -> Result<Vec<ExpiredHold>, LedgerError> {
+        self.runtime.block_on(self.ledger.expire_due(now_ms))
+    }
+
+    fn summary(&self, tenant: &str) -> Result<TenantSummary, LedgerError> {
+        self.runtime.block_on(self.ledger.summary(tenant))
+    }
+
+    fn verify(&self) -> Result<VerifyReport, LedgerError> {
+        self.runtime.block_on(self.ledger.verify())
+    }
+}
+
+fn run_seed(store: Store, seed: u64, steps: usize) {
+    let ledger = Subject::open(store);
     let mut rng = StdRng::seed_from_u64(seed);
     let mut model = Model::default();
     // Time the model controls: far enough ahead that every hold expires in
@@ -284,6 +375,16 @@ fn run_seed(seed: u64, steps: usize) {
 
 #[test]
 fn seeded_workloads_match_the_model_and_keep_every_invariant() {
+    run_seeds(Store::Redb);
+}
+
+#[test]
+fn seeded_workloads_match_the_model_and_keep_every_invariant_on_postgres() {
+    let _cluster = crate::pg::shared();
+    run_seeds(Store::Postgres);
+}
+
+fn run_seeds(store: Store) {
     let steps = std::env::var("SANDBOXER_MODEL_STEPS")
         .ok()
         .and_then(|text| text.parse().ok())
@@ -297,10 +398,10 @@ fn seeded_workloads_match_the_model_and_keep_every_invariant() {
         }
     };
     for seed in seeds {
-        let outcome = std::panic::catch_unwind(|| run_seed(seed, steps));
+        let outcome = std::panic::catch_unwind(|| run_seed(store, seed, steps));
         if let Err(panic) = outcome {
             eprintln!(
-                "ledger model failed with seed {seed}: rerun with SANDBOXER_MODEL_SEED={seed}"
+                "ledger model on {store:?} failed with seed {seed}: rerun with SANDBOXER_MODEL_SEED={seed}"
             );
             std::panic::resume_unwind(panic);
         }

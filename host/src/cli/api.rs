@@ -177,14 +177,18 @@ impl Api {
         limit: usize,
     ) -> Result<Vec<EntryView>, ServiceError> {
         match &self.way {
-            Way::Local(service) => service.history(&Caller::Operator, Some(tenant), limit),
+            Way::Local(service) => {
+                service
+                    .history(&Caller::Operator, Some(tenant), limit)
+                    .await
+            }
             Way::Remote(client) => client.history(tenant, limit).await,
         }
     }
 
     pub async fn verify(&self) -> Result<VerifyView, ServiceError> {
         match &self.way {
-            Way::Local(service) => service.verify(&Caller::Operator),
+            Way::Local(service) => service.verify(&Caller::Operator).await,
             Way::Remote(client) => client.verify().await,
         }
     }

@@ -61,6 +61,17 @@ pub struct GlobalArgs {
     )]
     pub hub_url: Option<String>,
 
+    /// Keep the credits ledger in this PostgreSQL database instead of the home's ledger.redb,
+    /// shared by every host given the same URL (docs/deployment.md)
+    #[arg(
+        long,
+        global = true,
+        env = "SANDBOXER_STORE",
+        value_name = "postgres://USER@HOST:PORT/DATABASE",
+        value_parser = parse_store_url
+    )]
+    pub store: Option<String>,
+
     /// Talk to this server instead of opening the home [default: the server that owns the
     /// home, found from <home>/server.json, if one runs]
     #[arg(long, global = true, env = "SANDBOXER_SERVER", value_name = "URL")]
@@ -435,6 +446,25 @@ pub enum LedgerCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `--store`: a PostgreSQL URL, checked here so a typo is a usage error.
+fn parse_store_url(text: &str) -> Result<String, String> {
+    let url = url::Url::parse(text).map_err(|error| {
+        format!(
+            "{error}: expected a PostgreSQL URL such as postgres://sandboxer@db.internal:5432/sandboxer"
+        )
+    })?;
+    if !matches!(url.scheme(), "postgres" | "postgresql") {
+        return Err(format!(
+            "the scheme must be postgres (or postgresql), not `{}`; leave --store unset to keep the ledger in the home",
+            url.scheme()
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("the URL has no host".into());
+    }
+    Ok(text.to_string())
 }
 
 /// `--hub-url` as the delivery posts to it: checked once here, so a typo is a

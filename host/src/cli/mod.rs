@@ -43,6 +43,8 @@ pub struct Context {
     pub paths: HostPaths,
     pub hub_url: Option<String>,
     pub server: Option<String>,
+    /// `--store`: the PostgreSQL database of the ledger.
+    pub store: Option<String>,
 }
 
 impl Context {
@@ -50,6 +52,7 @@ impl Context {
     /// environment, with progress lines on a terminal (not under --json).
     pub fn config(&self, json: bool) -> Result<ServiceConfig> {
         let mut config = ServiceConfig::from_env(self.paths.clone(), self.hub_url.clone())?;
+        config.store = self.store.clone();
         config.on_wait = Some(Arc::new(|line: &str| eprintln!("{line}")));
         if !json && std::io::stderr().is_terminal() {
             config.on_compile = Some(compile_progress());
@@ -148,6 +151,7 @@ pub fn main() -> ExitCode {
         ),
         hub_url: cli.global.hub_url.clone(),
         server: cli.global.server.clone(),
+        store: cli.global.store.clone(),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -6,20 +6,25 @@
 //! durable commits (see [`writer`]); reads use their own read transactions.
 //! `docs/payments.md` describes the model; [`verify`] checks it.
 
+mod backend;
 mod error;
 mod events;
+mod postgres;
 mod store;
 mod types;
 mod verify;
 mod writer;
 
+pub use backend::{LedgerFuture, LedgerStore};
 pub use error::LedgerError;
 pub use events::{EVENT_SOURCE, MeterEvent, event_id, rfc3339_millis};
+pub use postgres::{PgLedger, redacted as redacted_store_url};
 pub use types::*;
 pub use verify::{VerifyReport, Violation};
 pub use writer::{MAX_BATCH, WriterStats};
 
 use crate::group_commit::GroupWriter;
+use backend::{grant_operation, hold_operation, settle_operation, unexpected, void_operation};
 use error::storage;
 use redb::{Database, ReadableDatabase, ReadableTable};
 use std::path::{Path, PathBuf};
@@ -444,48 +449,6 @@ impl Ledger {
     }
 }
 
-fn grant_operation(tenant: &str, amount: u64, key: Option<&str>) -> Operation {
-    let key = key.map_or_else(
-        || format!("auto-{:032x}", rand::random::<u128>()),
-        str::to_string,
-    );
-    Operation::Grant {
-        tenant: tenant.into(),
-        amount,
-        key,
-    }
-}
-
-fn hold_operation(
-    tenant: &str,
-    amount: u64,
-    sandbox_id: &str,
-    extension: &str,
-    expires_at_ms: u64,
-) -> Operation {
-    Operation::Hold {
-        tenant: tenant.into(),
-        amount,
-        sandbox_id: sandbox_id.into(),
-        extension: extension.into(),
-        expires_at_ms,
-    }
-}
-
-fn settle_operation(sandbox_id: &str, actual: u64) -> Operation {
-    Operation::Settle {
-        sandbox_id: sandbox_id.into(),
-        actual,
-    }
-}
-
-fn void_operation(sandbox_id: &str, reason: &str) -> Operation {
-    Operation::Void {
-        sandbox_id: sandbox_id.into(),
-        reason: reason.into(),
-    }
-}
-
 fn into_grant(receipt: Receipt) -> Result<GrantReceipt, LedgerError> {
     match receipt {
         Receipt::Grant(receipt) => Ok(receipt),
@@ -521,8 +484,69 @@ fn into_expired(receipt: Receipt) -> Result<Vec<ExpiredHold>, LedgerError> {
     }
 }
 
-fn unexpected(receipt: Receipt) -> LedgerError {
-    LedgerError::Storage(format!(
-        "the writer answered with an unexpected receipt: {receipt:?}"
-    ))
+/// The redb ledger as a [`LedgerStore`]: reads run on the caller's task
+/// (each is one short read transaction), writes go through the writer.
+impl LedgerStore for Ledger {
+    fn location(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn submit(&self, operation: Operation) -> LedgerFuture<'_, Receipt> {
+        Box::pin(self.submit_async(operation))
+    }
+
+    fn summary<'a>(&'a self, tenant: &'a str) -> LedgerFuture<'a, TenantSummary> {
+        Box::pin(self.summary_async(tenant))
+    }
+
+    fn knows_tenant<'a>(&'a self, tenant: &'a str) -> LedgerFuture<'a, bool> {
+        Box::pin(async move { Ledger::knows_tenant(self, tenant) })
+    }
+
+    fn tenant_names(&self) -> LedgerFuture<'_, Vec<String>> {
+        Box::pin(async move { Ledger::tenant_names(self) })
+    }
+
+    fn account_totals<'a>(&'a self, account: &'a str) -> LedgerFuture<'a, AccountTotals> {
+        Box::pin(async move { Ledger::account_totals(self, account) })
+    }
+
+    fn revenue_total(&self) -> LedgerFuture<'_, u64> {
+        Box::pin(async move { Ledger::revenue_total(self) })
+    }
+
+    fn outbox_last_seq(&self) -> LedgerFuture<'_, u64> {
+        Box::pin(async move { Ledger::outbox_last_seq(self) })
+    }
+
+    fn history<'a>(&'a self, tenant: &'a str, limit: usize) -> LedgerFuture<'a, Vec<JournalEntry>> {
+        Box::pin(async move { Ledger::history(self, tenant, limit) })
+    }
+
+    fn journal_entries(&self, after_seq: u64, limit: usize) -> LedgerFuture<'_, Vec<JournalEntry>> {
+        Box::pin(async move { Ledger::journal_entries(self, after_seq, limit) })
+    }
+
+    fn outbox_after(&self, after_seq: u64, limit: usize) -> LedgerFuture<'_, Vec<(u64, String)>> {
+        Box::pin(async move { Ledger::outbox_after(self, after_seq, limit) })
+    }
+
+    fn hold_record<'a>(&'a self, sandbox_id: &'a str) -> LedgerFuture<'a, Option<HoldRecord>> {
+        Box::pin(async move { Ledger::hold_record(self, sandbox_id) })
+    }
+
+    fn settle_receipt<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+    ) -> LedgerFuture<'a, Option<SettleReceipt>> {
+        Box::pin(async move { Ledger::settle_receipt(self, sandbox_id) })
+    }
+
+    fn open_holds(&self) -> LedgerFuture<'_, Vec<HoldRecord>> {
+        Box::pin(async move { Ledger::open_holds(self) })
+    }
+
+    fn verify(&self) -> LedgerFuture<'_, VerifyReport> {
+        Box::pin(async move { Ledger::verify(self) })
+    }
 }

@@ -79,6 +79,47 @@ pub(crate) enum ApplyError {
     Refused(LedgerError),
     /// Storage failed midway; the whole transaction must be abandoned.
     Fatal(LedgerError),
+    /// The row was not read before the batch ran (PostgreSQL, whose rows
+    /// are read ahead): read it, then run the whole batch again.
+    NotLoaded(Row),
+}
+
+/// A row the operations of a batch read.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Row {
+    Account(String),
+    Hold(String),
+    Key(String),
+}
+
+/// The rows one batch of operations reads and writes, whatever keeps them:
+/// redb's tables in a write transaction ([`RedbTables`]), or rows read
+/// ahead from PostgreSQL under its ledger lock (`postgres.rs`).
+pub(crate) trait Tables {
+    fn account(&self, account: &str) -> Result<Option<AccountTotals>, ApplyError>;
+    fn put_account(&mut self, account: &str, totals: &AccountTotals) -> Result<(), ApplyError>;
+    fn hold(&self, sandbox_id: &str) -> Result<Option<HoldRecord>, ApplyError>;
+    fn put_hold(&mut self, record: &HoldRecord) -> Result<(), ApplyError>;
+    /// The ids of open holds that expire at or before `now_ms`, soonest first.
+    fn due_holds(&self, now_ms: u64) -> Result<Vec<String>, ApplyError>;
+    /// The open-hold expiry index: a hold now expires at `to` instead of
+    /// `from` (`None`: it had no entry, or has none any more).
+    fn move_expiry(
+        &mut self,
+        sandbox_id: &str,
+        from: Option<u64>,
+        to: Option<u64>,
+    ) -> Result<(), ApplyError>;
+    /// What an idempotency key keeps (JSON of a stored receipt).
+    fn key(&self, key: &str) -> Result<Option<String>, ApplyError>;
+    fn put_key(&mut self, key: &str, stored_json: &str) -> Result<(), ApplyError>;
+    /// Appends a journal entry and its outbox event.
+    fn append(
+        &mut self,
+        entry: &JournalEntry,
+        entry_json: &str,
+        event_json: &str,
+    ) -> Result<(), ApplyError>;
 }
 
 impl From<redb::StorageError> for ApplyError {
@@ -95,6 +136,12 @@ fn refused(error: LedgerError) -> ApplyError {
     ApplyError::Refused(error)
 }
 
+/// A new ledger's id: in every meter event's id, so that two ledgers'
+/// events never share one.
+pub(crate) fn initial_ledger_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
 /// Creates the tables and the ledger's id on first open.
 pub(crate) fn initialize(write: &WriteTransaction) -> Result<(), LedgerError> {
     let mut meta = write.open_table(META).map_err(storage)?;
@@ -103,7 +150,7 @@ pub(crate) fn initialize(write: &WriteTransaction) -> Result<(), LedgerError> {
     }
     let mut meta_text = write.open_table(META_TEXT).map_err(storage)?;
     if meta_text.get(LEDGER_ID).map_err(storage)?.is_none() {
-        let id = format!("{:016x}", rand::random::<u64>());
+        let id = initial_ledger_id();
         meta_text.insert(LEDGER_ID, id.as_str()).map_err(storage)?;
     }
     write.open_table(HOLDS).map_err(storage)?;
@@ -129,8 +176,8 @@ struct Draft {
     extension: Option<String>,
 }
 
-/// The open tables of one write transaction (one batch).
-pub(crate) struct Batch<'txn> {
+/// redb's tables, open in one write transaction (one batch).
+pub(crate) struct RedbTables<'txn> {
     accounts: Table<'txn, &'static str, (u64, u64, u64, u64, u64)>,
     holds: Table<'txn, &'static str, &'static str>,
     hold_expiry: Table<'txn, (u64, &'static str), ()>,
@@ -139,18 +186,11 @@ pub(crate) struct Batch<'txn> {
     outbox: Table<'txn, u64, &'static str>,
     keys: Table<'txn, &'static str, &'static str>,
     meta: Table<'txn, &'static str, u64>,
-    ledger_id: String,
-    next_seq: u64,
-    now_ms: u64,
-    default_credits: u64,
 }
 
-impl<'txn> Batch<'txn> {
-    pub fn open(
-        write: &'txn WriteTransaction,
-        now_ms: u64,
-        default_credits: u64,
-    ) -> Result<Self, LedgerError> {
+impl<'txn> RedbTables<'txn> {
+    /// Opens the tables and reads the ledger's id and next sequence number.
+    pub fn open(write: &'txn WriteTransaction) -> Result<(Self, String, u64), LedgerError> {
         let meta = write.open_table(META).map_err(storage)?;
         let next_seq = meta
             .get(NEXT_SEQ)
@@ -163,7 +203,7 @@ impl<'txn> Batch<'txn> {
             .map_err(storage)?
             .map(|id| id.value().to_string())
             .ok_or_else(|| storage("the ledger has no id: it was not initialized"))?;
-        Ok(Self {
+        let tables = Self {
             accounts: write.open_table(ACCOUNTS).map_err(storage)?,
             holds: write.open_table(HOLDS).map_err(storage)?,
             hold_expiry: write.open_table(HOLD_EXPIRY).map_err(storage)?,
@@ -172,17 +212,120 @@ impl<'txn> Batch<'txn> {
             outbox: write.open_table(OUTBOX).map_err(storage)?,
             keys: write.open_table(KEYS).map_err(storage)?,
             meta,
+        };
+        Ok((tables, ledger_id, next_seq))
+    }
+
+    /// Persists the sequence counter; call once after the batch's operations.
+    pub fn finish(mut self, next_seq: u64) -> Result<(), LedgerError> {
+        self.meta.insert(NEXT_SEQ, next_seq).map_err(storage)?;
+        Ok(())
+    }
+}
+
+impl Tables for RedbTables<'_> {
+    fn account(&self, account: &str) -> Result<Option<AccountTotals>, ApplyError> {
+        Ok(self
+            .accounts
+            .get(account)?
+            .map(|row| totals_from_row(row.value())))
+    }
+
+    fn put_account(&mut self, account: &str, totals: &AccountTotals) -> Result<(), ApplyError> {
+        self.accounts.insert(account, totals_to_row(totals))?;
+        Ok(())
+    }
+
+    fn hold(&self, sandbox_id: &str) -> Result<Option<HoldRecord>, ApplyError> {
+        match self.holds.get(sandbox_id)? {
+            None => Ok(None),
+            Some(json) => serde_json::from_str(json.value()).map_err(fatal),
+        }
+    }
+
+    fn put_hold(&mut self, record: &HoldRecord) -> Result<(), ApplyError> {
+        let json = serde_json::to_string(record).map_err(fatal)?;
+        self.holds
+            .insert(record.sandbox_id.as_str(), json.as_str())?;
+        Ok(())
+    }
+
+    fn due_holds(&self, now_ms: u64) -> Result<Vec<String>, ApplyError> {
+        let mut due = Vec::new();
+        for entry in self.hold_expiry.range(..=(now_ms, "\u{10ffff}"))? {
+            let (key, _) = entry?;
+            due.push(key.value().1.to_string());
+        }
+        Ok(due)
+    }
+
+    fn move_expiry(
+        &mut self,
+        sandbox_id: &str,
+        from: Option<u64>,
+        to: Option<u64>,
+    ) -> Result<(), ApplyError> {
+        if let Some(from) = from {
+            self.hold_expiry.remove((from, sandbox_id))?;
+        }
+        if let Some(to) = to {
+            self.hold_expiry.insert((to, sandbox_id), ())?;
+        }
+        Ok(())
+    }
+
+    fn key(&self, key: &str) -> Result<Option<String>, ApplyError> {
+        Ok(self.keys.get(key)?.map(|json| json.value().to_string()))
+    }
+
+    fn put_key(&mut self, key: &str, stored_json: &str) -> Result<(), ApplyError> {
+        self.keys.insert(key, stored_json)?;
+        Ok(())
+    }
+
+    fn append(
+        &mut self,
+        entry: &JournalEntry,
+        entry_json: &str,
+        event_json: &str,
+    ) -> Result<(), ApplyError> {
+        self.journal.insert(entry.seq, entry_json)?;
+        self.tenant_entries
+            .insert((entry.tenant.as_str(), entry.seq), ())?;
+        self.outbox.insert(entry.seq, event_json)?;
+        Ok(())
+    }
+}
+
+/// One batch of operations over its tables: every rule of the ledger.
+pub(crate) struct Batch<T> {
+    tables: T,
+    ledger_id: String,
+    next_seq: u64,
+    now_ms: u64,
+    default_credits: u64,
+}
+
+impl<T: Tables> Batch<T> {
+    pub fn new(
+        tables: T,
+        ledger_id: String,
+        next_seq: u64,
+        now_ms: u64,
+        default_credits: u64,
+    ) -> Self {
+        Self {
+            tables,
             ledger_id,
             next_seq,
             now_ms,
             default_credits,
-        })
+        }
     }
 
-    /// Persists the sequence counter; call once after the batch's operations.
-    pub fn finish(mut self) -> Result<(), LedgerError> {
-        self.meta.insert(NEXT_SEQ, self.next_seq).map_err(storage)?;
-        Ok(())
+    /// The tables and the next sequence number, to persist.
+    pub fn into_parts(self) -> (T, u64) {
+        (self.tables, self.next_seq)
     }
 
     pub fn apply(&mut self, operation: &Operation) -> Result<Receipt, ApplyError> {
@@ -229,10 +372,10 @@ impl<'txn> Batch<'txn> {
     /// its key is taken. A caller's own key (a grant) must repeat the same
     /// operation exactly.
     fn replay(&self, key: &str, operation: &Operation) -> Result<Option<Receipt>, ApplyError> {
-        let Some(stored) = self.keys.get(key)? else {
+        let Some(stored) = self.tables.key(key)? else {
             return Ok(None);
         };
-        let stored: StoredReceipt = serde_json::from_str(stored.value()).map_err(fatal)?;
+        let stored: StoredReceipt = serde_json::from_str(&stored).map_err(fatal)?;
         let same_step = !matches!(operation, Operation::Grant { .. })
             && std::mem::discriminant(&stored.operation) == std::mem::discriminant(operation);
         if same_step || &stored.operation == operation {
@@ -258,16 +401,11 @@ impl<'txn> Batch<'txn> {
             receipt: receipt.clone(),
         };
         let json = serde_json::to_string(&stored).map_err(fatal)?;
-        self.keys.insert(key, json.as_str())?;
-        Ok(())
+        self.tables.put_key(key, &json)
     }
 
     fn account(&self, account: &str) -> Result<AccountTotals, ApplyError> {
-        Ok(self
-            .accounts
-            .get(account)?
-            .map(|row| totals_from_row(row.value()))
-            .unwrap_or_default())
+        Ok(self.tables.account(account)?.unwrap_or_default())
     }
 
     pub fn tenant_summary(&self, tenant: &str) -> Result<AccountTotals, ApplyError> {
@@ -277,7 +415,7 @@ impl<'txn> Batch<'txn> {
     /// Grants the default tenant its starting credits the first time it is
     /// used, exactly once.
     fn ensure_default_credits(&mut self, tenant: &str) -> Result<(), ApplyError> {
-        if tenant != DEFAULT_TENANT || self.keys.get(DEFAULT_CREDITS_KEY)?.is_some() {
+        if tenant != DEFAULT_TENANT || self.tables.key(DEFAULT_CREDITS_KEY)?.is_some() {
             return Ok(());
         }
         let operation = Operation::Grant {
@@ -354,7 +492,7 @@ impl<'txn> Batch<'txn> {
                 "the hold for sandbox `{sandbox_id}` would expire in the past"
             )));
         }
-        if self.holds.get(sandbox_id)?.is_some() {
+        if self.tables.hold(sandbox_id)?.is_some() {
             // The hold key is derived from the sandbox id, so this is a
             // hold written by another path; never hold twice for a sandbox.
             return Err(refused(LedgerError::KeyReused {
@@ -396,8 +534,9 @@ impl<'txn> Batch<'txn> {
             hold_seq: seqs[0],
             closed_seq: None,
         };
-        self.put_hold(&record)?;
-        self.hold_expiry.insert((expires_at_ms, sandbox_id), ())?;
+        self.tables.put_hold(&record)?;
+        self.tables
+            .move_expiry(sandbox_id, None, Some(expires_at_ms))?;
         Ok(Receipt::Hold(HoldReceipt {
             seq: seqs[0],
             tenant: tenant.into(),
@@ -437,8 +576,8 @@ impl<'txn> Batch<'txn> {
         });
         let seqs = self.write(&key, drafts)?;
         if record.state == HoldState::Open {
-            self.hold_expiry
-                .remove((record.expires_at_ms, sandbox_id))?;
+            self.tables
+                .move_expiry(sandbox_id, Some(record.expires_at_ms), None)?;
             record.closed_seq = Some(seqs[0]);
         }
         record.state = HoldState::Settled;
@@ -480,8 +619,8 @@ impl<'txn> Batch<'txn> {
                 Some(reason.to_string()),
             )],
         )?;
-        self.hold_expiry
-            .remove((record.expires_at_ms, sandbox_id))?;
+        self.tables
+            .move_expiry(sandbox_id, Some(record.expires_at_ms), None)?;
         record.state = HoldState::Voided;
         record.closed_seq = Some(seqs[0]);
         self.put_hold(&record)?;
@@ -544,9 +683,8 @@ impl<'txn> Batch<'txn> {
             record.amount = amount;
             seq = Some(seqs[0]);
         }
-        self.hold_expiry
-            .remove((record.expires_at_ms, sandbox_id))?;
-        self.hold_expiry.insert((expires_at_ms, sandbox_id), ())?;
+        self.tables
+            .move_expiry(sandbox_id, Some(record.expires_at_ms), Some(expires_at_ms))?;
         record.expires_at_ms = expires_at_ms;
         self.put_hold(&record)?;
         Ok(Receipt::Extend(ExtendReceipt {
@@ -560,18 +698,14 @@ impl<'txn> Batch<'txn> {
     }
 
     fn expire_due(&mut self, now_ms: u64) -> Result<Receipt, ApplyError> {
-        let mut due = Vec::new();
-        for entry in self.hold_expiry.range(..=(now_ms, "\u{10ffff}"))? {
-            let (key, _) = entry?;
-            due.push(key.value().1.to_string());
-        }
+        let due = self.tables.due_holds(now_ms)?;
         let mut expired = Vec::new();
         for sandbox_id in due {
             let mut record = self.get_hold(&sandbox_id)?;
             let key = format!("expire/{sandbox_id}");
             let seqs = self.write(&key, vec![close_draft(&record, EntryKind::Expire, None)])?;
-            self.hold_expiry
-                .remove((record.expires_at_ms, sandbox_id.as_str()))?;
+            self.tables
+                .move_expiry(&sandbox_id, Some(record.expires_at_ms), None)?;
             record.state = HoldState::Expired;
             record.closed_seq = Some(seqs[0]);
             self.put_hold(&record)?;
@@ -595,19 +729,15 @@ impl<'txn> Batch<'txn> {
     }
 
     fn get_hold(&self, sandbox_id: &str) -> Result<HoldRecord, ApplyError> {
-        let Some(json) = self.holds.get(sandbox_id)? else {
-            return Err(refused(LedgerError::NoHold {
+        self.tables.hold(sandbox_id)?.ok_or_else(|| {
+            refused(LedgerError::NoHold {
                 sandbox_id: sandbox_id.into(),
-            }));
-        };
-        serde_json::from_str(json.value()).map_err(fatal)
+            })
+        })
     }
 
     fn put_hold(&mut self, record: &HoldRecord) -> Result<(), ApplyError> {
-        let json = serde_json::to_string(record).map_err(fatal)?;
-        self.holds
-            .insert(record.sandbox_id.as_str(), json.as_str())?;
-        Ok(())
+        self.tables.put_hold(record)
     }
 
     /// Checks the drafts against the accounts, then writes them: account
@@ -642,8 +772,7 @@ impl<'txn> Batch<'txn> {
 
         // Write.
         for (account, account_totals) in &totals {
-            self.accounts
-                .insert(account.as_str(), totals_to_row(account_totals))?;
+            self.tables.put_account(account, account_totals)?;
         }
         let mut seqs = Vec::with_capacity(drafts.len());
         for draft in drafts {
@@ -665,10 +794,7 @@ impl<'txn> Batch<'txn> {
             let event = journal_event(&self.ledger_id, &entry, draft.extension.as_deref());
             let entry_json = serde_json::to_string(&entry).map_err(fatal)?;
             let event_json = serde_json::to_string(&event).map_err(fatal)?;
-            self.journal.insert(seq, entry_json.as_str())?;
-            self.tenant_entries
-                .insert((entry.tenant.as_str(), seq), ())?;
-            self.outbox.insert(seq, event_json.as_str())?;
+            self.tables.append(&entry, &entry_json, &event_json)?;
             seqs.push(seq);
         }
         Ok(seqs)

@@ -33,28 +33,92 @@ pub struct VerifyReport {
     pub violations: Vec<Violation>,
 }
 
-pub(crate) fn verify(read: &ReadTransaction) -> Result<VerifyReport, LedgerError> {
-    let mut report = VerifyReport::default();
-    let mut violation =
-        |check: &'static str, message: String| report.violations.push(Violation { check, message });
+/// What verify reads, from one consistent snapshot of a ledger's store.
+pub(crate) trait VerifySource {
+    fn ledger_id(&self) -> Result<String, LedgerError>;
+    fn next_seq(&self) -> Result<u64, LedgerError>;
+    /// Every journal entry as stored (seq, JSON), in seq order.
+    fn journal(
+        &self,
+        visit: &mut dyn FnMut(u64, &str) -> Result<(), LedgerError>,
+    ) -> Result<(), LedgerError>;
+    /// The outbox event stored at `seq` (JSON).
+    fn outbox_event(&self, seq: u64) -> Result<Option<String>, LedgerError>;
+    /// Every account's stored totals.
+    fn accounts(&self, visit: &mut dyn FnMut(&str, AccountTotals)) -> Result<(), LedgerError>;
+    /// Every hold record as stored (sandbox id, JSON).
+    fn holds(&self, visit: &mut dyn FnMut(&str, &str)) -> Result<(), LedgerError>;
+}
 
-    let ledger_id = read
-        .open_table(META_TEXT)
-        .map_err(storage)?
-        .get(LEDGER_ID)
-        .map_err(storage)?
-        .map(|id| id.value().to_string())
-        .unwrap_or_default();
-    let next_seq = read
-        .open_table(META)
-        .map_err(storage)?
-        .get(NEXT_SEQ)
-        .map_err(storage)?
-        .map_or(1, |seq| seq.value());
+impl VerifySource for ReadTransaction {
+    fn ledger_id(&self) -> Result<String, LedgerError> {
+        Ok(self
+            .open_table(META_TEXT)
+            .map_err(storage)?
+            .get(LEDGER_ID)
+            .map_err(storage)?
+            .map(|id| id.value().to_string())
+            .unwrap_or_default())
+    }
+
+    fn next_seq(&self) -> Result<u64, LedgerError> {
+        Ok(self
+            .open_table(META)
+            .map_err(storage)?
+            .get(NEXT_SEQ)
+            .map_err(storage)?
+            .map_or(1, |seq| seq.value()))
+    }
+
+    fn journal(
+        &self,
+        visit: &mut dyn FnMut(u64, &str) -> Result<(), LedgerError>,
+    ) -> Result<(), LedgerError> {
+        let journal = self.open_table(JOURNAL).map_err(storage)?;
+        for row in journal.iter().map_err(storage)? {
+            let (seq, json) = row.map_err(storage)?;
+            visit(seq.value(), json.value())?;
+        }
+        Ok(())
+    }
+
+    fn outbox_event(&self, seq: u64) -> Result<Option<String>, LedgerError> {
+        let outbox = self.open_table(OUTBOX).map_err(storage)?;
+        Ok(outbox
+            .get(seq)
+            .map_err(storage)?
+            .map(|json| json.value().to_string()))
+    }
+
+    fn accounts(&self, visit: &mut dyn FnMut(&str, AccountTotals)) -> Result<(), LedgerError> {
+        let accounts = self.open_table(ACCOUNTS).map_err(storage)?;
+        for row in accounts.iter().map_err(storage)? {
+            let (account, totals) = row.map_err(storage)?;
+            visit(account.value(), totals_from_row(totals.value()));
+        }
+        Ok(())
+    }
+
+    fn holds(&self, visit: &mut dyn FnMut(&str, &str)) -> Result<(), LedgerError> {
+        let holds = self.open_table(HOLDS).map_err(storage)?;
+        for row in holds.iter().map_err(storage)? {
+            let (sandbox_id, json) = row.map_err(storage)?;
+            visit(sandbox_id.value(), json.value());
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn verify(source: &dyn VerifySource) -> Result<VerifyReport, LedgerError> {
+    let mut report = VerifyReport::default();
+    let mut violations = Vec::new();
+    let mut violation =
+        |check: &'static str, message: String| violations.push(Violation { check, message });
+
+    let ledger_id = source.ledger_id()?;
+    let next_seq = source.next_seq()?;
 
     // 1 and 2, and the replay of the journal for 3.
-    let journal = read.open_table(JOURNAL).map_err(storage)?;
-    let outbox = read.open_table(OUTBOX).map_err(storage)?;
     let mut replayed: HashMap<String, AccountTotals> = HashMap::new();
     let mut hold_entries: HashMap<u64, JournalEntry> = HashMap::new();
     // What every hold entry of a sandbox adds up to: a hold that was
@@ -62,9 +126,7 @@ pub(crate) fn verify(read: &ReadTransaction) -> Result<VerifyReport, LedgerError
     let mut held_by_sandbox: HashMap<String, u64> = HashMap::new();
     let mut expected_seq = 1;
     let mut entries = 0u64;
-    for row in journal.iter().map_err(storage)? {
-        let (seq, json) = row.map_err(storage)?;
-        let seq = seq.value();
+    source.journal(&mut |seq, json| {
         entries += 1;
         if seq != expected_seq {
             violation(
@@ -73,14 +135,14 @@ pub(crate) fn verify(read: &ReadTransaction) -> Result<VerifyReport, LedgerError
             );
         }
         expected_seq = seq + 1;
-        let entry: JournalEntry = match serde_json::from_str(json.value()) {
+        let entry: JournalEntry = match serde_json::from_str(json) {
             Ok(entry) => entry,
             Err(error) => {
                 violation(
                     "decode",
                     format!("journal entry {seq} does not decode: {error}"),
                 );
-                continue;
+                return Ok(());
             }
         };
         if entry.seq != seq {
@@ -89,7 +151,7 @@ pub(crate) fn verify(read: &ReadTransaction) -> Result<VerifyReport, LedgerError
                 format!("journal entry stored at {seq} says it is {}", entry.seq),
             );
         }
-        match outbox.get(seq).map_err(storage)? {
+        match source.outbox_event(seq)? {
             None => violation(
                 "outbox",
                 format!(
@@ -97,7 +159,7 @@ pub(crate) fn verify(read: &ReadTransaction) -> Result<VerifyReport, LedgerError
                     entry.kind.name()
                 ),
             ),
-            Some(json) => match serde_json::from_str::<MeterEvent>(json.value()) {
+            Some(json) => match serde_json::from_str::<MeterEvent>(&json) {
                 Err(error) => violation(
                     "decode",
                     format!("outbox event {seq} does not decode: {error}"),
@@ -127,7 +189,8 @@ pub(crate) fn verify(read: &ReadTransaction) -> Result<VerifyReport, LedgerError
             }
             hold_entries.insert(seq, entry);
         }
-    }
+        Ok(())
+    })?;
     if next_seq != expected_seq {
         violation(
             "sequence",
@@ -140,12 +203,10 @@ pub(crate) fn verify(read: &ReadTransaction) -> Result<VerifyReport, LedgerError
     report.journal_entries = entries;
 
     // 3 and 4.
-    let accounts = read.open_table(ACCOUNTS).map_err(storage)?;
     let mut stored: BTreeMap<String, AccountTotals> = BTreeMap::new();
-    for row in accounts.iter().map_err(storage)? {
-        let (account, totals) = row.map_err(storage)?;
-        stored.insert(account.value().to_string(), totals_from_row(totals.value()));
-    }
+    source.accounts(&mut |account, totals| {
+        stored.insert(account.to_string(), totals);
+    })?;
     report.accounts = stored.len();
     for account in stored
         .keys()
@@ -193,16 +254,18 @@ pub(crate) fn verify(read: &ReadTransaction) -> Result<VerifyReport, LedgerError
     }
 
     // 5.
-    let holds = read.open_table(HOLDS).map_err(storage)?;
     let mut open_by_tenant: HashMap<String, u64> = HashMap::new();
-    for row in holds.iter().map_err(storage)? {
-        let (sandbox_id, json) = row.map_err(storage)?;
-        let record: HoldRecord = match serde_json::from_str(json.value()) {
+    let mut stored_holds = Vec::new();
+    source.holds(&mut |sandbox_id, json| {
+        stored_holds.push((sandbox_id.to_string(), json.to_string()));
+    })?;
+    for (sandbox_id, json) in stored_holds {
+        let record: HoldRecord = match serde_json::from_str(&json) {
             Ok(record) => record,
             Err(error) => {
                 violation(
                     "decode",
-                    format!("hold {} does not decode: {error}", sandbox_id.value()),
+                    format!("hold {sandbox_id} does not decode: {error}"),
                 );
                 continue;
             }
@@ -255,6 +318,7 @@ pub(crate) fn verify(read: &ReadTransaction) -> Result<VerifyReport, LedgerError
         }
     }
 
+    report.violations = violations;
     report.ok = report.violations.is_empty();
     Ok(report)
 }

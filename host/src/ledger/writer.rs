@@ -6,7 +6,7 @@
 //! caller in it gets the error.
 
 use super::error::{LedgerError, storage};
-use super::store::{ApplyError, Batch};
+use super::store::{ApplyError, Batch, RedbTables};
 use super::types::{Operation, Receipt};
 use crate::group_commit::GroupWriter;
 use redb::Database;
@@ -64,18 +64,13 @@ fn commit_batch(
     };
     let mut results = Vec::with_capacity(batch.len());
     {
-        let mut tables = match Batch::open(&write, now_ms(), default_credits) {
-            Ok(tables) => tables,
+        let (tables, ledger_id, next_seq) = match RedbTables::open(&write) {
+            Ok(opened) => opened,
             Err(error) => return all_failed(error),
         };
+        let mut tables = Batch::new(tables, ledger_id, next_seq, now_ms(), default_credits);
         for request in batch {
-            let outcome = match request {
-                Job::Apply(operation) => tables.apply(operation),
-                Job::EnsureDefaultCredits => tables
-                    .ensure_default()
-                    .map(|()| Receipt::Expired { holds: Vec::new() }),
-            };
-            match outcome {
+            match run_job(&mut tables, request) {
                 Ok(receipt) => results.push(Ok(receipt)),
                 Err(ApplyError::Refused(error)) => results.push(Err(error)),
                 Err(ApplyError::Fatal(error)) => {
@@ -83,14 +78,33 @@ fn commit_batch(
                     let _ = write.abort();
                     return all_failed(error);
                 }
+                Err(ApplyError::NotLoaded(row)) => {
+                    drop(tables);
+                    let _ = write.abort();
+                    return all_failed(storage(format!("redb has no row {row:?}")));
+                }
             }
         }
-        if let Err(error) = tables.finish() {
+        let (tables, next_seq) = tables.into_parts();
+        if let Err(error) = tables.finish(next_seq) {
             return all_failed(error);
         }
     }
     match write.commit() {
         Ok(()) => results,
         Err(error) => all_failed(storage(error)),
+    }
+}
+
+/// Runs one job of a batch over its tables.
+pub(crate) fn run_job<T: super::store::Tables>(
+    batch: &mut Batch<T>,
+    job: &Job,
+) -> Result<Receipt, ApplyError> {
+    match job {
+        Job::Apply(operation) => batch.apply(operation),
+        Job::EnsureDefaultCredits => batch
+            .ensure_default()
+            .map(|()| Receipt::Expired { holds: Vec::new() }),
     }
 }

@@ -136,7 +136,7 @@ impl SandboxManager {
         mut decision: ChargeDecision,
     ) -> Result<SandboxStatus, ManagerError> {
         if let Some(hold_id) = record.meter.hold_id.clone() {
-            match self.ledger.settle_async(&hold_id, decision.charged).await {
+            match self.ledger.settle(&hold_id, decision.charged).await {
                 Ok(receipt) => decision.charged = receipt.charged,
                 Err(LedgerError::HoldClosed { state, .. }) => {
                     decision.charged = 0;
@@ -286,7 +286,7 @@ impl SandboxManager {
                 .await?;
             return Ok(Recovery::Finished(Box::new(record)));
         };
-        let hold = self.ledger.hold_record(&hold_id)?;
+        let hold = self.ledger.hold_record(&hold_id).await?;
         match hold.map(|hold| hold.state) {
             None => {
                 self.fail(
@@ -309,7 +309,8 @@ impl SandboxManager {
             Some(HoldState::Settled) => {
                 let charged = self
                     .ledger
-                    .settle_receipt(&hold_id)?
+                    .settle_receipt(&hold_id)
+                    .await?
                     .map_or(0, |receipt| receipt.charged);
                 record.meter.hold = Some(record.meter.estimate.unwrap_or(0));
                 let decision = ChargeDecision {

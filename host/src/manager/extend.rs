@@ -40,7 +40,7 @@ impl SandboxManager {
         let add = needed.saturating_sub(held);
         if let Some(hold_id) = record.meter.hold_id.clone() {
             let expires = ends_at_ms.max(now_ms()).saturating_add(HOLD_GRACE_MS);
-            match self.ledger.extend_async(&hold_id, add, expires).await {
+            match self.ledger.extend(&hold_id, add, expires).await {
                 Ok(receipt) => record.meter.hold = Some(receipt.amount),
                 Err(error @ LedgerError::InsufficientCredits { .. }) => {
                     return Err(ManagerError::InsufficientCredits(format!(

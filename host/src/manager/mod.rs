@@ -15,7 +15,7 @@ pub mod lifecycle_events;
 mod reconcile;
 pub mod record;
 
-use crate::ledger::{Ledger, LedgerError};
+use crate::ledger::{LedgerError, LedgerStore};
 use crate::profile::Profile;
 use crate::router::health::{self, HealthError, RouteHealth};
 use crate::router::{RouteDecision, Router, RouterError};
@@ -107,7 +107,7 @@ pub struct CreateRequest {
 }
 
 pub struct SandboxManager {
-    ledger: Ledger,
+    ledger: Arc<dyn LedgerStore>,
     records: RecordStore,
     extensions: Arc<ExtensionCatalog>,
     health: RouteHealth,
@@ -139,7 +139,11 @@ impl Drop for BusyGuard<'_> {
 }
 
 impl SandboxManager {
-    pub fn new(ledger: Ledger, state: Arc<StateDb>, extensions: Arc<ExtensionCatalog>) -> Self {
+    pub fn new(
+        ledger: Arc<dyn LedgerStore>,
+        state: Arc<StateDb>,
+        extensions: Arc<ExtensionCatalog>,
+    ) -> Self {
         Self {
             ledger,
             records: RecordStore::new(state.clone()),
@@ -158,7 +162,7 @@ impl SandboxManager {
         self
     }
 
-    pub fn ledger(&self) -> &Ledger {
+    pub fn ledger(&self) -> &Arc<dyn LedgerStore> {
         &self.ledger
     }
 
@@ -356,7 +360,7 @@ impl SandboxManager {
             let expires = now_ms() + ttl_ms + HOLD_GRACE_MS;
             if let Err(error) = self
                 .ledger
-                .hold_async(&record.tenant, estimate, &hold_id, &candidate.name, expires)
+                .hold(&record.tenant, estimate, &hold_id, &candidate.name, expires)
                 .await
             {
                 let message = error.to_string();
@@ -440,7 +444,7 @@ impl SandboxManager {
     /// to void. Only a settled hold (which never happens before ready) or a
     /// storage failure is an error.
     async fn void_hold(&self, hold_id: &str, reason: &str) -> Result<(), ManagerError> {
-        match self.ledger.void_async(hold_id, reason).await {
+        match self.ledger.void(hold_id, reason).await {
             Ok(_) | Err(LedgerError::NoHold { .. }) => Ok(()),
             Err(error) => Err(error.into()),
         }

@@ -178,7 +178,7 @@ impl SandboxManager {
     /// attempt it is.
     async fn void_orphan_holds(&self) -> Result<Vec<String>, ManagerError> {
         let mut actions = Vec::new();
-        for hold in self.ledger.open_holds()? {
+        for hold in self.ledger.open_holds().await? {
             let sandbox_id = hold
                 .sandbox_id
                 .rsplit_once('.')
@@ -197,7 +197,7 @@ impl SandboxManager {
             actions.push(
                 match self
                     .ledger
-                    .void_async(&hold.sandbox_id, "reconciled: no live sandbox holds it")
+                    .void(&hold.sandbox_id, "reconciled: no live sandbox holds it")
                     .await
                 {
                     Ok(_) => format!(

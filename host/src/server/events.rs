@@ -65,9 +65,9 @@ impl Cursor {
         );
     }
 
-    fn fill(&mut self) {
+    async fn fill(&mut self) {
         let ledger = self.service.manager().ledger();
-        if let Ok(events) = ledger.outbox_after(self.ledger_seq, BATCH) {
+        if let Ok(events) = ledger.outbox_after(self.ledger_seq, BATCH).await {
             for (seq, json) in events {
                 self.ledger_seq = seq;
                 self.push("ledger", seq, json);
@@ -111,6 +111,7 @@ pub async fn stream(
                 .manager()
                 .ledger()
                 .outbox_last_seq()
+                .await
                 .map_err(ServiceError::from)?,
             lifecycle_events::last_seq(service.state())
                 .map_err(|error| ServiceError::Internal(error.to_string()))?,
@@ -132,7 +133,7 @@ pub async fn stream(
             if *cursor.stopping.borrow() {
                 return None;
             }
-            cursor.fill();
+            cursor.fill().await;
             if cursor.queue.is_empty() {
                 tokio::time::sleep(POLL_EVERY).await;
             }

@@ -175,14 +175,16 @@ impl Metrics {
                     .inc();
             }
         }
+        // `render` runs on a blocking thread of the server's runtime.
+        let runtime = tokio::runtime::Handle::current();
         let ledger = manager.ledger();
-        if let Ok(holds) = ledger.open_holds() {
+        if let Ok(holds) = runtime.block_on(ledger.open_holds()) {
             self.holds_open.set(holds.len() as i64);
             let held: u64 = holds.iter().map(|hold| hold.amount).sum();
             self.held.set(i64::try_from(held).unwrap_or(i64::MAX));
         }
         // Every charge credits an extension's revenue account.
-        if let Ok(charged) = ledger.revenue_total() {
+        if let Ok(charged) = runtime.block_on(ledger.revenue_total()) {
             self.charged.set(i64::try_from(charged).unwrap_or(i64::MAX));
         }
         self.calls.clear();

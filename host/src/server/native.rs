@@ -176,11 +176,9 @@ pub async fn history(
     params: Result<Query<HistoryParams>, QueryRejection>,
 ) -> Answer<Vec<EntryView>> {
     let limit = query(params)?.limit.unwrap_or(20).min(100_000);
-    Ok(Json(state.service.history(
-        &caller,
-        Some(&tenant),
-        limit,
-    )?))
+    Ok(Json(
+        state.service.history(&caller, Some(&tenant), limit).await?,
+    ))
 }
 
 #[utoipa::path(get, path = "/api/v1/ledger/verify", tag = "credits",
@@ -190,7 +188,7 @@ pub async fn verify(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
 ) -> Answer<VerifyView> {
-    Ok(Json(state.service.verify(&caller)?))
+    Ok(Json(state.service.verify(&caller).await?))
 }
 
 #[utoipa::path(get, path = "/api/v1/extensions", tag = "extensions",
@@ -304,11 +302,12 @@ pub async fn spend(
     params: Result<Query<SpendParams>, QueryRejection>,
 ) -> Answer<SpendView> {
     let bucket_secs = query(params)?.bucket_secs.unwrap_or(3600);
-    Ok(Json(state.service.spend(
-        &caller,
-        Some(&tenant),
-        bucket_secs,
-    )?))
+    Ok(Json(
+        state
+            .service
+            .spend(&caller, Some(&tenant), bucket_secs)
+            .await?,
+    ))
 }
 
 #[utoipa::path(get, path = "/api/v1/profiles", tag = "extensions",

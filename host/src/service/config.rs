@@ -29,6 +29,9 @@ pub struct ServiceConfig {
     pub on_compile: Option<CompileProgress>,
     /// Told once when opening has to wait for another process.
     pub on_wait: Option<CompileNotice>,
+    /// The PostgreSQL database that keeps the ledger (`--store`,
+    /// SANDBOXER_STORE); none: `<home>/ledger.redb`.
+    pub store: Option<String>,
 }
 
 impl std::fmt::Debug for ServiceConfig {
@@ -38,6 +41,10 @@ impl std::fmt::Debug for ServiceConfig {
             .field("hub_url", &self.hub_url)
             .field("default_credits", &self.default_credits)
             .field("lock_wait", &self.lock_wait)
+            .field(
+                "store",
+                &self.store.as_deref().map(crate::ledger::redacted_store_url),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -77,6 +84,7 @@ impl ServiceConfig {
             pipe_stdin: false,
             on_compile: None,
             on_wait: None,
+            store: None,
         })
     }
 }

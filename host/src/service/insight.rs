@@ -27,7 +27,7 @@ impl Service {
     /// its credits; sorted by name. Operator only.
     pub async fn all_credits(&self, caller: &Caller) -> Result<Vec<CreditsView>, ServiceError> {
         caller.require_operator("listing every tenant's credits")?;
-        let mut names = self.manager.ledger().tenant_names()?;
+        let mut names = self.manager.ledger().tenant_names().await?;
         for row in tenants::list(&self.state).map_err(super::tenant_error)? {
             names.push(row.name);
         }
@@ -35,7 +35,7 @@ impl Service {
         names.dedup();
         let mut views = Vec::with_capacity(names.len());
         for name in names {
-            let summary = self.manager.ledger().summary_async(&name).await?;
+            let summary = self.manager.ledger().summary(&name).await?;
             views.push(CreditsView::from(&summary));
         }
         Ok(views)
@@ -43,7 +43,7 @@ impl Service {
 
     /// A tenant's charges summed per `bucket_secs` (buckets aligned on the
     /// Unix epoch), from its whole journal.
-    pub fn spend(
+    pub async fn spend(
         &self,
         caller: &Caller,
         tenant: Option<&str>,
@@ -57,14 +57,14 @@ impl Service {
                 31 * 86_400
             )));
         }
-        if !self.knows_tenant(&tenant)? {
+        if !self.knows_tenant(&tenant).await? {
             return Err(ServiceError::NotFound(format!("no tenant `{tenant}`")));
         }
         let bucket_ms = bucket_secs * 1000;
         // (bucket start ms, charged micros, charges), oldest first.
         let mut sums: std::collections::BTreeMap<u64, (u64, u64)> = Default::default();
         let mut total: u64 = 0;
-        for entry in self.manager.ledger().history(&tenant, usize::MAX)? {
+        for entry in self.manager.ledger().history(&tenant, usize::MAX).await? {
             if entry.kind != EntryKind::Charge {
                 continue;
             }

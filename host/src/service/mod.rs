@@ -27,7 +27,7 @@ pub use config::{ConfigError, ServiceConfig};
 pub use error::ServiceError;
 
 use crate::delivery::{self, HubAttempt, Sinks};
-use crate::ledger::{Ledger, LedgerOptions};
+use crate::ledger::{Ledger, LedgerOptions, LedgerStore, PgLedger};
 use crate::manager::{
     CreateRequest, ReconcileReport, Retries, SandboxManager, SandboxState, SandboxStatus, now_ms,
 };
@@ -115,35 +115,20 @@ impl Service {
             default_credits: config.default_credits,
             ..LedgerOptions::default()
         };
-        let started = Instant::now();
-        let mut announced = false;
-        let ledger = loop {
-            let opened = Ledger::open(&paths.ledger_file(), options.clone())
-                .map_err(ServiceError::from)
-                .and_then(|ledger| {
+        let ledger: Arc<dyn LedgerStore> = match &config.store {
+            Some(url) => {
+                let ledger = PgLedger::connect(url, options).await?;
+                wait_for_home(&config, || Ok(state.database()?)).await?;
+                Arc::new(ledger)
+            }
+            None => Arc::new(
+                wait_for_home(&config, || {
+                    let ledger = Ledger::open(&paths.ledger_file(), options.clone())?;
                     state.database()?;
                     Ok(ledger)
-                });
-            match opened {
-                Err(ServiceError::Busy(message)) => {
-                    if started.elapsed() >= config.lock_wait {
-                        return Err(ServiceError::Busy(format!(
-                            "gave up after waiting {} s: {message} (set SANDBOXER_LOCK_WAIT_SECS to wait longer)",
-                            started.elapsed().as_secs()
-                        )));
-                    }
-                    if !announced {
-                        announced = true;
-                        if let Some(notice) = &config.on_wait {
-                            notice(&format!(
-                                "waiting for another sandboxer-host process to finish ({message})"
-                            ));
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                other => break other?,
-            }
+                })
+                .await?,
+            ),
         };
         let catalog = Arc::new(ExtensionCatalog::new(ExtensionSet::default()));
         let manager = SandboxManager::new(ledger, state.clone(), catalog.clone())
@@ -224,7 +209,12 @@ impl Service {
     }
 
     fn deliver_blocking(&self, hub: HubAttempt) -> Option<String> {
-        match delivery::flush(&self.sinks, self.manager.ledger(), &self.state, hub) {
+        match delivery::flush(
+            &self.sinks,
+            self.manager.ledger().as_ref(),
+            &self.state,
+            hub,
+        ) {
             Ok(report) => report.hub_error.map(|error| {
                 format!("events could not reach the hub ({error}); they wait in the outbox")
             }),
@@ -366,8 +356,8 @@ impl Service {
     // ---- credits ----
 
     /// Whether `tenant` exists: registered, or with journal entries.
-    fn knows_tenant(&self, tenant: &str) -> Result<bool, ServiceError> {
-        Ok(self.manager.ledger().knows_tenant(tenant)?
+    async fn knows_tenant(&self, tenant: &str) -> Result<bool, ServiceError> {
+        Ok(self.manager.ledger().knows_tenant(tenant).await?
             || tenants::get(&self.state, tenant)
                 .map_err(|error| ServiceError::Internal(error.to_string()))?
                 .is_some())
@@ -380,12 +370,12 @@ impl Service {
     ) -> Result<CreditsView, ServiceError> {
         let tenant = caller.tenant_for(tenant)?;
         check_name("tenant", &tenant).map_err(ServiceError::InvalidInput)?;
-        if !self.knows_tenant(&tenant)? {
+        if !self.knows_tenant(&tenant).await? {
             return Err(ServiceError::NotFound(format!(
                 "no tenant `{tenant}`: it has no credits history (add credits with `credits add AMOUNT --tenant {tenant}`)"
             )));
         }
-        let summary = self.manager.ledger().summary_async(&tenant).await?;
+        let summary = self.manager.ledger().summary(&tenant).await?;
         Ok(CreditsView::from(&summary))
     }
 
@@ -408,9 +398,9 @@ impl Service {
         }
         let ledger = self.manager.ledger();
         let receipt = ledger
-            .grant_async(&tenant, amount, request.key.as_deref())
+            .grant(&tenant, amount, request.key.as_deref())
             .await?;
-        let summary = ledger.summary_async(&tenant).await?;
+        let summary = ledger.summary(&tenant).await?;
         Ok(GrantView {
             tenant: receipt.tenant,
             added: sandboxer_credits::format_credits(if receipt.replayed {
@@ -427,7 +417,7 @@ impl Service {
         })
     }
 
-    pub fn history(
+    pub async fn history(
         &self,
         caller: &Caller,
         tenant: Option<&str>,
@@ -435,21 +425,22 @@ impl Service {
     ) -> Result<Vec<EntryView>, ServiceError> {
         let tenant = caller.tenant_for(tenant)?;
         check_name("tenant", &tenant).map_err(ServiceError::InvalidInput)?;
-        if !self.knows_tenant(&tenant)? {
+        if !self.knows_tenant(&tenant).await? {
             return Err(ServiceError::NotFound(format!("no tenant `{tenant}`")));
         }
         Ok(self
             .manager
             .ledger()
-            .history(&tenant, limit)?
+            .history(&tenant, limit)
+            .await?
             .iter()
             .map(EntryView::from)
             .collect())
     }
 
-    pub fn verify(&self, caller: &Caller) -> Result<VerifyView, ServiceError> {
+    pub async fn verify(&self, caller: &Caller) -> Result<VerifyView, ServiceError> {
         caller.require_operator("ledger verify")?;
-        Ok(VerifyView::from(&self.manager.ledger().verify()?))
+        Ok(VerifyView::from(&self.manager.ledger().verify().await?))
     }
 
     // ---- extensions and routing ----
@@ -542,5 +533,37 @@ fn tenant_error(error: tenants::TenantError) -> ServiceError {
         tenants::TenantError::Unknown(_) => ServiceError::NotFound(error.to_string()),
         tenants::TenantError::State(error) => error.into(),
         tenants::TenantError::Storage(message) => ServiceError::Internal(message),
+    }
+}
+
+/// Runs `open` until the home's files are free, waiting (bounded by
+/// SANDBOXER_LOCK_WAIT_SECS) while another process has them.
+async fn wait_for_home<T>(
+    config: &ServiceConfig,
+    mut open: impl FnMut() -> Result<T, ServiceError>,
+) -> Result<T, ServiceError> {
+    let started = Instant::now();
+    let mut announced = false;
+    loop {
+        match open() {
+            Err(ServiceError::Busy(message)) => {
+                if started.elapsed() >= config.lock_wait {
+                    return Err(ServiceError::Busy(format!(
+                        "gave up after waiting {} s: {message} (set SANDBOXER_LOCK_WAIT_SECS to wait longer)",
+                        started.elapsed().as_secs()
+                    )));
+                }
+                if !announced {
+                    announced = true;
+                    if let Some(notice) = &config.on_wait {
+                        notice(&format!(
+                            "waiting for another sandboxer-host process to finish ({message})"
+                        ));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
     }
 }

@@ -619,8 +619,12 @@ async fn render_tenant(
         Ok(credits) => credits,
         Err(error) => return error_page(&title, "/ui/tenants", &session.csrf, &error),
     };
-    let spend = state.service.spend(&caller, Some(name), bucket_secs);
-    let history = match state.service.history(&caller, Some(name), HISTORY_ROWS) {
+    let spend = state.service.spend(&caller, Some(name), bucket_secs).await;
+    let history = match state
+        .service
+        .history(&caller, Some(name), HISTORY_ROWS)
+        .await
+    {
         Ok(history) => history,
         Err(error) => return error_page(&title, "/ui/tenants", &session.csrf, &error),
     };
