@@ -1,0 +1,138 @@
+//! Several `serve` processes, each with its own home, sharing one ledger
+//! in PostgreSQL (`SANDBOXER_STORE`): a load balancer's view of them.
+
+use crate::pg;
+use crate::server::{Server, http};
+use crate::support::*;
+use serde_json::Value;
+
+fn host_on(store: &str) -> Server {
+    let home = TestHome::new().with_saas_stub().with_shipped_profiles();
+    Server::start_with_env(home, &[("SANDBOXER_STORE", store)])
+}
+
+#[test]
+fn three_servers_on_one_postgresql_make_exactly_ten_of_sixty_four_creates() {
+    let _cluster = pg::shared();
+    let store = pg::fresh_database("three_servers");
+    let hosts: Vec<Server> = (0..3).map(|_| host_on(&store)).collect();
+    let explained = hosts[0]
+        .home
+        .run(&["route", "explain", "--profile", "saas-stub", "--json"])
+        .ok()
+        .json();
+    let estimate =
+        sandboxer_credits::parse_credits(explained["candidates"][0]["estimate"].as_str().unwrap())
+            .unwrap();
+    let credits = sandboxer_credits::format_credits(estimate * 10);
+    // Tenants and keys are each home's own: the tenant is registered on
+    // every host, its credits added once (the ledger is shared).
+    let keys: Vec<String> = hosts
+        .iter()
+        .map(|host| {
+            host.home
+                .run(&["tenant", "create", "burst", "--json"])
+                .ok()
+                .json()["api_key"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    hosts[0]
+        .home
+        .run(&["credits", "add", &credits, "--tenant", "burst"])
+        .ok();
+
+    let answers: Vec<(u16, Value)> = std::thread::scope(|scope| {
+        let calls: Vec<_> = (0..64)
+            .map(|index| {
+                let (url, key) = (&hosts[index % 3].url, &keys[index % 3]);
+                scope.spawn(move || {
+                    let (status, _, body) = http(
+                        "POST",
+                        &format!("{url}/v2/sandboxes"),
+                        Some(key),
+                        Some(&serde_json::json!({"templateID": "saas-stub"})),
+                    );
+                    (status, body)
+                })
+            })
+            .collect();
+        calls.into_iter().map(|call| call.join().unwrap()).collect()
+    });
+    let created: Vec<&Value> = answers
+        .iter()
+        .filter(|(status, _)| *status == 201)
+        .map(|(_, body)| body)
+        .collect();
+    assert_eq!(created.len(), 10, "{answers:?}");
+    for (status, body) in answers.iter().filter(|(status, _)| *status != 201) {
+        assert_eq!(*status, 402, "{body}");
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains("insufficient credits"), "{message}");
+    }
+    // Every host sees the same ledger: nothing available, all of it held.
+    for host in &hosts {
+        let shown = host
+            .home
+            .run(&["credits", "show", "--tenant", "burst", "--json"])
+            .ok()
+            .json();
+        assert_eq!(shown["available"], "0.000000", "{shown}");
+        assert_eq!(shown["held"].as_str(), Some(credits.as_str()), "{shown}");
+    }
+    let verified = hosts[1]
+        .home
+        .run(&["ledger", "verify", "--json"])
+        .ok()
+        .json();
+    assert_eq!(verified["ok"], true, "{verified}");
+    assert_eq!(verified["open_holds"], 10, "{verified}");
+}
+
+#[test]
+fn a_store_that_is_not_a_postgresql_url_is_a_usage_error_and_touches_nothing() {
+    let home = TestHome::new();
+    let run = home
+        .command()
+        .args(["credits", "show", "--store", "mysql://db/ledger"])
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("the scheme must be postgres (or postgresql), not `mysql`"),
+        "{stderr}"
+    );
+    assert!(!home.ledger_file().exists(), "nothing was created");
+}
+
+#[test]
+fn an_unreachable_store_says_where_it_tried_without_the_password() {
+    let home = TestHome::new();
+    // A port nothing listens on: bind one, then let it go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let run = home
+        .command()
+        .args(["credits", "show"])
+        .env(
+            "SANDBOXER_STORE",
+            format!("postgres://sandboxer:hunter2@127.0.0.1:{port}/ledger"),
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_ne!(run.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot reach the PostgreSQL store at postgres://sandboxer:***@127.0.0.1:{port}/ledger"
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
