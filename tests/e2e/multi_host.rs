@@ -136,3 +136,63 @@ fn an_unreachable_store_says_where_it_tried_without_the_password() {
     );
     assert!(!stderr.contains("hunter2"), "{stderr}");
 }
+
+/// Each start reconciles: it voids holds no live sandbox owns. On a shared
+/// ledger a hold this host has no record of is another host's, and stays.
+#[test]
+fn a_host_never_voids_the_hold_of_another_hosts_live_sandbox() {
+    let _cluster = pg::shared();
+    let store = pg::fresh_database("other_hosts_hold");
+    let a = TestHome::new()
+        .with_saas_stub()
+        .with_shipped_profiles()
+        .with_env("SANDBOXER_STORE", &store);
+    let b = TestHome::new()
+        .with_saas_stub()
+        .with_shipped_profiles()
+        .with_env("SANDBOXER_STORE", &store);
+    a.run(&["credits", "add", "5", "--tenant", "acme"]).ok();
+    let created = a
+        .run(&[
+            "sandbox",
+            "create",
+            "--profile",
+            "saas-stub",
+            "--tenant",
+            "acme",
+            "--ttl",
+            "600",
+            "--json",
+        ])
+        .ok()
+        .json();
+    let id = created["id"].as_str().unwrap();
+    let held = |home: &TestHome| {
+        home.run(&["credits", "show", "--tenant", "acme", "--json"])
+            .ok()
+            .json()["held"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let before = held(&a);
+    assert_ne!(before, "0.000000");
+    // B starts (and reconciles) twice; A's sandbox keeps its hold.
+    b.run(&["sandbox", "list", "--all"]).ok();
+    b.run(&["ledger", "verify"]).ok();
+    assert_eq!(held(&b), before, "B left A's hold alone");
+    let destroyed = a.run(&["sandbox", "destroy", id, "--json"]).ok().json();
+    assert_eq!(destroyed["state"], "destroyed", "{destroyed}");
+    assert_eq!(held(&b), "0.000000");
+    let history = b
+        .run(&["credits", "history", "--tenant", "acme", "--json"])
+        .ok()
+        .json();
+    let kinds: Vec<&str> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| entry["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["charge", "release", "hold", "grant"], "{history}");
+}

@@ -11,6 +11,10 @@
 //!
 //! CI runs a short soak (`SANDBOXER_SOAK_KILLS`, default 40 kills);
 //! `cargo xtask soak` runs at least 1,000 and prints the same line.
+//!
+//! The same soak runs on two homes (two hosts) sharing one ledger in
+//! PostgreSQL, and PostgreSQL itself is killed (`stop -m immediate`) and
+//! started again once mid-run.
 
 use crate::support::*;
 use rand::rngs::StdRng;
@@ -47,6 +51,8 @@ struct Started {
     child: Child,
     intent: Intent,
     kill_at: Option<Instant>,
+    /// Which home (host) runs it.
+    host: usize,
 }
 
 #[derive(Default)]
@@ -56,8 +62,9 @@ struct Acknowledged {
     created: BTreeSet<String>,
 }
 
-fn start(home: &TestHome, rng: &mut StdRng, step: u64, known: &[String]) -> Started {
+fn start(hosts: &[TestHome], rng: &mut StdRng, step: u64, known: &[(usize, String)]) -> Started {
     let tenant = TENANTS[rng.random_range(0..TENANTS.len())];
+    let mut host = rng.random_range(0..hosts.len());
     let (intent, args): (Intent, Vec<String>) = match rng.random_range(0..10) {
         0..=2 => {
             // Sometimes an old key again: the grant must still apply once.
@@ -105,12 +112,16 @@ fn start(home: &TestHome, rng: &mut StdRng, step: u64, known: &[String]) -> Star
             .to_vec(),
         ),
         _ => match known.get(rng.random_range(0..known.len().max(1))) {
-            Some(id) => (
-                Intent::Destroy,
-                ["sandbox", "destroy", id, "--json"]
-                    .map(String::from)
-                    .to_vec(),
-            ),
+            // A sandbox is destroyed on the host that created it.
+            Some((created_on, id)) => {
+                host = *created_on;
+                (
+                    Intent::Destroy,
+                    ["sandbox", "destroy", id, "--json"]
+                        .map(String::from)
+                        .to_vec(),
+                )
+            }
             None => (
                 Intent::Create,
                 [
@@ -129,7 +140,7 @@ fn start(home: &TestHome, rng: &mut StdRng, step: u64, known: &[String]) -> Star
             ),
         },
     };
-    let child = home
+    let child = hosts[host]
         .command()
         .args(&args)
         .stdout(Stdio::piped())
@@ -144,16 +155,33 @@ fn start(home: &TestHome, rng: &mut StdRng, step: u64, known: &[String]) -> Star
         child,
         intent,
         kill_at,
+        host,
     }
 }
 
 /// Runs the soak until `kills` processes were killed; returns the summary
 /// line's numbers (kills, lost, doubled, stuck) and whether verify passed.
 pub fn soak(kills: u64, seed: u64) -> (u64, u64, u64, u64, bool) {
-    let home = TestHome::new()
+    soak_on(&[soak_home()], kills, seed, false)
+}
+
+fn soak_home() -> TestHome {
+    TestHome::new()
         .with_saas_stub()
         .with_shipped_profiles()
-        .with_shared_cache();
+        .with_shared_cache()
+}
+
+/// The soak over `hosts` (homes that share one ledger when there are
+/// several); with `crash_postgres`, PostgreSQL is killed and started again
+/// once, halfway through the kills.
+fn soak_on(
+    hosts: &[TestHome],
+    kills: u64,
+    seed: u64,
+    crash_postgres: bool,
+) -> (u64, u64, u64, u64, bool) {
+    let home = &hosts[0];
     for tenant in TENANTS {
         home.run(&[
             "credits",
@@ -166,15 +194,25 @@ pub fn soak(kills: u64, seed: u64) -> (u64, u64, u64, u64, bool) {
         ])
         .ok();
     }
+    let mut postgres_crashed = !crash_postgres;
     let mut rng = StdRng::seed_from_u64(seed);
     let mut acknowledged = Acknowledged::default();
     let mut running: Vec<Started> = Vec::new();
     let mut killed = 0;
     let mut step = 0;
-    let mut known: Vec<String> = Vec::new();
+    let mut known: Vec<(usize, String)> = Vec::new();
     while killed < kills || !running.is_empty() {
+        if !postgres_crashed && killed >= kills / 2 {
+            postgres_crashed = true;
+            println!(
+                "killing PostgreSQL (stop -m immediate) after {killed} kills, then starting it"
+            );
+            crate::pg::pg_ctl(&["stop", "-m", "immediate"]);
+            std::thread::sleep(Duration::from_millis(200));
+            crate::pg::pg_ctl(&["start"]);
+        }
         while killed < kills && running.len() < PARALLEL {
-            running.push(start(&home, &mut rng, step, &known));
+            running.push(start(hosts, &mut rng, step, &known));
             step += 1;
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -213,7 +251,7 @@ pub fn soak(kills: u64, seed: u64) -> (u64, u64, u64, u64, bool) {
                         }
                         Intent::Create => {
                             let id = answer["id"].as_str().unwrap().to_string();
-                            known.push(id.clone());
+                            known.push((started.host, id.clone()));
                             acknowledged.created.insert(id);
                         }
                         Intent::Destroy => {}
@@ -224,36 +262,36 @@ pub fn soak(kills: u64, seed: u64) -> (u64, u64, u64, u64, bool) {
         running = still;
     }
 
-    // Past every ttl, start the host twice: it reconciles and sweeps.
+    // Past every ttl, start each host twice: it reconciles and sweeps.
     std::thread::sleep(Duration::from_millis(2500));
-    home.run(&["sandbox", "list", "--all"]).ok();
-    // A destroy that failed (a call past its deadline on a loaded machine)
-    // waits for its backoff, and only the server or `sandbox destroy ID`
-    // retries it (docs/payments.md): do what an operator without a server
-    // does, once per such sandbox.
-    let waiting = home
-        .run(&["sandbox", "list", "--all", "--json"])
-        .ok()
-        .json();
-    for record in waiting.as_array().unwrap() {
-        if record["destroy_failures"].as_u64().unwrap_or(0) > 0
-            && !matches!(record["state"].as_str(), Some("destroyed" | "failed"))
-        {
-            let id = record["id"].as_str().unwrap();
-            println!("retrying the failed destroy of {id}: {}", record["note"]);
-            home.run(&["sandbox", "destroy", id]);
+    let mut records: BTreeMap<String, Value> = BTreeMap::new();
+    for host in hosts {
+        host.run(&["sandbox", "list", "--all"]).ok();
+        // A destroy that failed (a call past its deadline on a loaded
+        // machine) waits for its backoff, and only the server or `sandbox
+        // destroy ID` retries it (docs/payments.md): do what an operator
+        // without a server does, once per such sandbox.
+        let waiting = host
+            .run(&["sandbox", "list", "--all", "--json"])
+            .ok()
+            .json();
+        for record in waiting.as_array().unwrap() {
+            if record["destroy_failures"].as_u64().unwrap_or(0) > 0
+                && !matches!(record["state"].as_str(), Some("destroyed" | "failed"))
+            {
+                let id = record["id"].as_str().unwrap();
+                println!("retrying the failed destroy of {id}: {}", record["note"]);
+                host.run(&["sandbox", "destroy", id]);
+            }
+        }
+        let listed = host
+            .run(&["sandbox", "list", "--all", "--json"])
+            .ok()
+            .json();
+        for record in listed.as_array().unwrap() {
+            records.insert(record["id"].as_str().unwrap().to_string(), record.clone());
         }
     }
-    let records = home
-        .run(&["sandbox", "list", "--all", "--json"])
-        .ok()
-        .json();
-    let records: BTreeMap<String, Value> = records
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|record| (record["id"].as_str().unwrap().to_string(), record.clone()))
-        .collect();
 
     let mut lost = 0;
     let mut doubled = 0;
@@ -295,6 +333,7 @@ pub fn soak(kills: u64, seed: u64) -> (u64, u64, u64, u64, bool) {
     }
     for key in &acknowledged.grants {
         if !grant_keys.contains_key(key) {
+            println!("lost: acknowledged grant {key} is not in the journal");
             lost += 1;
         }
     }
@@ -302,20 +341,20 @@ pub fn soak(kills: u64, seed: u64) -> (u64, u64, u64, u64, bool) {
     doubled += charges.values().filter(|count| **count > 1).count() as u64;
     for id in &acknowledged.runs {
         if charges.get(id).copied().unwrap_or(0) == 0 {
+            println!("lost: acknowledged run {id} was not charged: {:?}", records.get(id));
             lost += 1;
         }
     }
     for id in &acknowledged.created {
         if !records.contains_key(id) {
+            println!("lost: acknowledged sandbox {id} has no record");
             lost += 1;
         }
     }
     for record in records.values() {
         if !matches!(record["state"].as_str(), Some("destroyed" | "failed")) {
             stuck += 1;
-            let id = record["id"].as_str().unwrap_or_default();
-            let shown = home.run(&["sandbox", "show", id, "--json"]);
-            println!("stuck: {}", shown.stdout);
+            println!("stuck: {record}");
         }
     }
     let verify = home.run(&["ledger", "verify"]).code == 0 && balance_check;
@@ -331,8 +370,7 @@ pub fn soak(kills: u64, seed: u64) -> (u64, u64, u64, u64, bool) {
     (killed, lost, doubled, stuck, verify)
 }
 
-#[test]
-fn a_short_soak_loses_doubles_and_strands_nothing() {
+fn kills_and_seed() -> (u64, u64) {
     let kills = std::env::var("SANDBOXER_SOAK_KILLS")
         .ok()
         .and_then(|text| text.parse().ok())
@@ -346,6 +384,30 @@ fn a_short_soak_loses_doubles_and_strands_nothing() {
                 .unwrap()
                 .as_secs()
         });
+    (kills, seed)
+}
+
+#[test]
+fn two_hosts_on_postgresql_lose_double_and_strand_nothing_through_kills_and_a_postgresql_crash() {
+    let _cluster = crate::pg::exclusive();
+    let store = crate::pg::fresh_database("soak");
+    let hosts = [
+        soak_home().with_env("SANDBOXER_STORE", &store),
+        soak_home().with_env("SANDBOXER_STORE", &store),
+    ];
+    let (kills, seed) = kills_and_seed();
+    let (killed, lost, doubled, stuck, verify) = soak_on(&hosts, kills, seed, true);
+    assert!(killed >= kills, "only {killed} kills");
+    assert_eq!(
+        (lost, doubled, stuck, verify),
+        (0, 0, 0, true),
+        "rerun with SANDBOXER_SOAK_SEED={seed}"
+    );
+}
+
+#[test]
+fn a_short_soak_loses_doubles_and_strands_nothing() {
+    let (kills, seed) = kills_and_seed();
     let (killed, lost, doubled, stuck, verify) = soak(kills, seed);
     assert!(killed >= kills, "only {killed} kills");
     assert_eq!(

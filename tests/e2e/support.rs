@@ -70,16 +70,25 @@ pub fn install(from: &Path, name: &str, to: &Path, as_name: &str) {
 /// A fresh home directory with an extensions directory inside.
 pub struct TestHome {
     pub dir: tempfile::TempDir,
+    /// Set for every command of this home (`SANDBOXER_STORE`, say).
+    env: Vec<(String, String)>,
 }
 
 impl TestHome {
     pub fn new() -> Self {
         let home = Self {
             dir: tempfile::tempdir().unwrap(),
+            env: Vec::new(),
         };
         std::fs::create_dir_all(home.extensions()).unwrap();
         std::fs::create_dir_all(home.profiles()).unwrap();
         home
+    }
+
+    /// Every command of this home runs with `name=value` set too.
+    pub fn with_env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.into(), value.into()));
+        self
     }
 
     /// `<home>/profiles`, the profiles directory the binary is given.
@@ -149,7 +158,8 @@ impl TestHome {
             // Each test's own cache (or the shared one it links there), not
             // the user's.
             .env("SANDBOXER_CACHE_DIR", self.path().join("cache"))
-            .env("RUST_BACKTRACE", "1");
+            .env("RUST_BACKTRACE", "1")
+            .envs(self.env.iter().map(|(name, value)| (name, value)));
         command
     }
 

@@ -29,6 +29,13 @@ pub trait LedgerStore: Send + Sync + 'static {
     /// address without its password).
     fn location(&self) -> String;
 
+    /// Whether other hosts may share this ledger (PostgreSQL): then a hold
+    /// this host has no record of may be another host's, and is not this
+    /// host's to void.
+    fn shared(&self) -> bool {
+        false
+    }
+
     /// Applies one operation durably and returns its receipt (the first
     /// receipt again when its key was already used for the same step).
     fn submit(&self, operation: Operation) -> LedgerFuture<'_, Receipt>;

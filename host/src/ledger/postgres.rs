@@ -905,6 +905,10 @@ impl LedgerStore for PgLedger {
         redacted(&self.url)
     }
 
+    fn shared(&self) -> bool {
+        true
+    }
+
     fn submit(&self, operation: Operation) -> LedgerFuture<'_, Receipt> {
         Box::pin(self.send(Job::Apply(operation)))
     }

@@ -176,8 +176,14 @@ impl SandboxManager {
     /// Voids every open hold whose sandbox record is gone, finished, or on
     /// another attempt: a hold is owned by the live record whose current
     /// attempt it is.
+    ///
+    /// On a ledger other hosts share, a hold with no record here may be
+    /// another host's live sandbox's: only holds of this host's own records
+    /// are voided, and the rest (a crash before a `requested` record reached
+    /// the disk) are released by their expiry.
     async fn void_orphan_holds(&self) -> Result<Vec<String>, ManagerError> {
         let mut actions = Vec::new();
+        let shared = self.ledger.shared();
         for hold in self.ledger.open_holds().await? {
             let sandbox_id = hold
                 .sandbox_id
@@ -187,7 +193,11 @@ impl SandboxManager {
             let Some(_guard) = self.try_lock(sandbox_id) else {
                 continue;
             };
-            let owned = self.records.get(sandbox_id)?.is_some_and(|record| {
+            let record = self.records.get(sandbox_id)?;
+            if shared && record.is_none() {
+                continue;
+            }
+            let owned = record.is_some_and(|record| {
                 record.state.is_live()
                     && record.meter.hold_id.as_deref() == Some(hold.sandbox_id.as_str())
             });
