@@ -166,9 +166,11 @@ fn a_postgresql_crash_mid_run_loses_no_acknowledged_operation_and_charges_none_t
     let expires = now_ms() + 3_600_000;
     // Each worker holds then settles its sandboxes, retrying a step that
     // failed until it gets an answer; it records what was acknowledged.
+    let settled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let workers: Vec<_> = (0..8)
         .map(|worker| {
             let host = hosts[worker % 2].clone();
+            let settled = settled.clone();
             runtime.spawn(async move {
                 let mut acknowledged = BTreeMap::new();
                 let mut failures = 0u32;
@@ -197,13 +199,18 @@ fn a_postgresql_crash_mid_run_loses_no_acknowledged_operation_and_charges_none_t
                         }
                     };
                     assert_eq!(settle.charged, charged);
+                    settled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     acknowledged.insert(id, (hold.amount, charged));
                 }
                 (acknowledged, failures)
             })
         })
         .collect();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Crash it once a quarter of the sandboxes are settled: mid-run
+    // whatever this machine's speed.
+    while settled.load(std::sync::atomic::Ordering::Relaxed) < 80 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     pg::pg_ctl(&["stop", "-m", "immediate"]);
     std::thread::sleep(std::time::Duration::from_millis(300));
     pg::pg_ctl(&["start"]);
@@ -250,5 +257,153 @@ fn a_postgresql_crash_mid_run_loses_no_acknowledged_operation_and_charges_none_t
         }
         let summary = ledger.summary("acme").await.unwrap();
         assert_eq!(summary.balance, i128::from(1_000 * CREDIT - total));
+    });
+}
+
+#[test]
+fn hosts_starting_together_on_an_empty_database_create_the_schema_once() {
+    let _cluster = pg::shared();
+    let url = pg::fresh_database("starting_together");
+    runtime().block_on(async {
+        let options = LedgerOptions {
+            default_credits: 0,
+            expire_on_open: true,
+        };
+        let starts: Vec<_> = (0..4)
+            .map(|_| {
+                let (url, options) = (url.clone(), options.clone());
+                tokio::spawn(async move { PgLedger::connect(&url, options).await })
+            })
+            .collect();
+        let mut hosts: Vec<Arc<dyn LedgerStore>> = Vec::new();
+        for start in starts {
+            hosts.push(Arc::new(start.await.unwrap().expect("every host starts")));
+        }
+        hosts[0].grant("acme", CREDIT, Some("one")).await.unwrap();
+        assert_eq!(
+            hosts[3].summary("acme").await.unwrap().balance,
+            i128::from(CREDIT)
+        );
+        assert!(hosts[2].verify().await.unwrap().ok);
+    });
+}
+
+/// Concurrent callers of one host share transactions: every kind of
+/// operation, on the same sandboxes, lands in mixed batches (a hold and its
+/// settle, an extend, an expiry of holds changed earlier in the batch).
+#[test]
+fn mixed_concurrent_operations_on_the_same_holds_agree_with_the_rules() {
+    let _cluster = pg::shared();
+    let url = pg::fresh_database("mixed_batches");
+    runtime().block_on(async {
+        let ledger: Arc<dyn LedgerStore> = hosts(&url, 1).await.remove(0);
+        ledger
+            .grant("acme", 1_000 * CREDIT, Some("start"))
+            .await
+            .unwrap();
+        let now = now_ms();
+        let mut calls = Vec::new();
+        for index in 0..48u64 {
+            let ledger = ledger.clone();
+            calls.push(tokio::spawn(async move {
+                let id = format!("sbx-{index}");
+                // Some holds expire almost at once, for the expiries below.
+                let expires = if index % 4 == 0 {
+                    now + 300
+                } else {
+                    now + 600_000
+                };
+                let hold = ledger
+                    .hold("acme", CREDIT, &id, "saas-stub", expires)
+                    .await
+                    .unwrap();
+                let outcome = match index % 4 {
+                    0 => {
+                        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+                        let expired = ledger.expire_due(now_ms()).await.unwrap();
+                        // Another caller's expiry may have closed it first.
+                        let closed = ledger.hold_record(&id).await.unwrap().unwrap();
+                        assert_eq!(closed.state, HoldState::Expired, "{expired:?}");
+                        "expired"
+                    }
+                    1 => {
+                        ledger.void(&id, "changed my mind").await.unwrap();
+                        let again = ledger.void(&id, "another reason").await.unwrap();
+                        assert!(again.replayed);
+                        "voided"
+                    }
+                    2 => {
+                        let extended = ledger.extend(&id, CREDIT / 2, now + 900_000).await.unwrap();
+                        assert_eq!(extended.amount, CREDIT + CREDIT / 2);
+                        let settle = ledger.settle(&id, 2 * CREDIT).await.unwrap();
+                        assert_eq!(
+                            (settle.held, settle.overrun),
+                            (CREDIT + CREDIT / 2, CREDIT / 2)
+                        );
+                        "settled above"
+                    }
+                    _ => {
+                        let settle = ledger.settle(&id, CREDIT / 4).await.unwrap();
+                        assert_eq!(settle.released, CREDIT - CREDIT / 4);
+                        "settled below"
+                    }
+                };
+                (hold.seq, outcome)
+            }));
+        }
+        let mut outcomes = std::collections::BTreeMap::new();
+        for call in calls {
+            let (_, outcome) = call.await.unwrap();
+            *outcomes.entry(outcome).or_insert(0) += 1;
+        }
+        assert_eq!(outcomes.values().sum::<i32>(), 48);
+        let report = ledger.verify().await.unwrap();
+        assert!(report.ok, "{:?}", report.violations);
+        assert_eq!(report.open_holds, 0);
+        // 12 charges of 2 and 12 of a quarter credit; nothing else spent.
+        let summary = ledger.summary("acme").await.unwrap();
+        assert_eq!(
+            summary.balance,
+            i128::from(1_000 * CREDIT - 12 * 2 * CREDIT - 12 * (CREDIT / 4))
+        );
+        assert_eq!(summary.held, 0);
+    });
+}
+
+#[test]
+fn verify_sees_a_column_that_disagrees_with_its_json() {
+    let _cluster = pg::shared();
+    let url = pg::fresh_database("tampered");
+    runtime().block_on(async {
+        let ledger: Arc<dyn LedgerStore> = hosts(&url, 1).await.remove(0);
+        ledger.grant("acme", CREDIT, Some("start")).await.unwrap();
+        ledger
+            .hold("acme", CREDIT, "sbx-1", "saas-stub", now_ms() + 600_000)
+            .await
+            .unwrap();
+        assert!(ledger.verify().await.unwrap().ok);
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        // The expiry scan would never see this open hold again.
+        client
+            .execute(
+                "UPDATE ledger_holds SET state = 'voided' WHERE sandbox_id = 'sbx-1'",
+                &[],
+            )
+            .await
+            .unwrap();
+        let report = ledger.verify().await.unwrap();
+        assert!(!report.ok);
+        assert_eq!(report.violations.len(), 1, "{:?}", report.violations);
+        assert_eq!(report.violations[0].check, "copy");
+        assert!(
+            report.violations[0]
+                .message
+                .starts_with("hold sbx-1 is Open until"),
+            "{}",
+            report.violations[0].message
+        );
     });
 }

@@ -109,6 +109,29 @@ fn a_store_that_is_not_a_postgresql_url_is_a_usage_error_and_touches_nothing() {
 }
 
 #[test]
+fn a_store_that_requires_tls_is_refused_saying_why() {
+    let home = TestHome::new();
+    let run = home
+        .command()
+        .args(["credits", "show"])
+        .env(
+            "SANDBOXER_STORE",
+            "postgres://sandboxer:hunter2@db.internal:5432/ledger?sslmode=require",
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "postgres://sandboxer:***@db.internal:5432/ledger?sslmode=require asks for sslmode=require, \
+             but sandboxer-host connects to PostgreSQL without TLS"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn an_unreachable_store_says_where_it_tried_without_the_password() {
     let home = TestHome::new();
     // A port nothing listens on: bind one, then let it go.
@@ -195,4 +218,74 @@ fn a_host_never_voids_the_hold_of_another_hosts_live_sandbox() {
         .map(|entry| entry["kind"].as_str().unwrap())
         .collect();
     assert_eq!(kinds, ["charge", "release", "hold", "grant"], "{history}");
+}
+
+/// A host that dies leaves its holds with no record on any other host:
+/// a running server closes them at their expiry, so the tenant's credits
+/// come back while the dead host stays down.
+#[test]
+fn a_running_server_releases_a_dead_hosts_holds_at_their_expiry() {
+    let _cluster = pg::shared();
+    let store = pg::fresh_database("dead_hosts_holds");
+    let server = host_on(&store);
+    server
+        .home
+        .run(&["credits", "add", "3", "--tenant", "acme"])
+        .ok();
+    // The dead host: its hold, and nothing else of it anywhere.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let options = sandboxer_host::ledger::LedgerOptions {
+            default_credits: 0,
+            expire_on_open: false,
+        };
+        let dead: std::sync::Arc<dyn sandboxer_host::ledger::LedgerStore> = std::sync::Arc::new(
+            sandboxer_host::ledger::PgLedger::connect(&store, options)
+                .await
+                .unwrap(),
+        );
+        let expires = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+            + 1500;
+        dead.hold(
+            "acme",
+            2_000_000,
+            "sbx-of-a-dead-host.1",
+            "saas-stub",
+            expires,
+        )
+        .await
+        .unwrap();
+    });
+    let held = || {
+        server
+            .home
+            .run(&["credits", "show", "--tenant", "acme", "--json"])
+            .ok()
+            .json()["held"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(held(), "2.000000");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while held() != "0.000000" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server never expired the hold"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let history = server
+        .home
+        .run(&["credits", "history", "--tenant", "acme", "--json"])
+        .ok()
+        .json();
+    assert_eq!(history[0]["kind"], "expire", "{history}");
+    assert_eq!(history[0]["amount"], "2.000000", "{history}");
 }

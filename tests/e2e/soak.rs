@@ -341,7 +341,10 @@ fn soak_on(
     doubled += charges.values().filter(|count| **count > 1).count() as u64;
     for id in &acknowledged.runs {
         if charges.get(id).copied().unwrap_or(0) == 0 {
-            println!("lost: acknowledged run {id} was not charged: {:?}", records.get(id));
+            println!(
+                "lost: acknowledged run {id} was not charged: {:?}",
+                records.get(id)
+            );
             lost += 1;
         }
     }

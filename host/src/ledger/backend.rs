@@ -77,6 +77,10 @@ pub trait LedgerStore: Send + Sync + 'static {
 
     fn open_holds(&self) -> LedgerFuture<'_, Vec<HoldRecord>>;
 
+    /// Whether any open hold expires at or before `now_ms` (a read: cheaper
+    /// than an expiry's write when none does).
+    fn any_hold_due(&self, now_ms: u64) -> LedgerFuture<'_, bool>;
+
     /// Checks every invariant (`ledger verify`).
     fn verify(&self) -> LedgerFuture<'_, VerifyReport>;
 }

@@ -542,6 +542,10 @@ impl LedgerStore for Ledger {
         Box::pin(async move { Ledger::settle_receipt(self, sandbox_id) })
     }
 
+    fn any_hold_due(&self, now_ms: u64) -> LedgerFuture<'_, bool> {
+        Box::pin(async move { Ledger::any_hold_due(self, now_ms) })
+    }
+
     fn open_holds(&self) -> LedgerFuture<'_, Vec<HoldRecord>> {
         Box::pin(async move { Ledger::open_holds(self) })
     }

@@ -22,7 +22,8 @@
 //! own writer task), as the redb ledger's writer thread does.
 //!
 //! A lost connection fails the batch it was in (its callers get a storage
-//! error, and retry: holds, settles and voids are idempotent by key) and is
+//! error and retry: the steps of a sandbox are idempotent by key, and so is
+//! a grant given its key; a lost COMMIT says its outcome is unknown) and is
 //! opened again on the next use.
 
 use super::error::{LedgerError, storage};
@@ -33,6 +34,7 @@ use super::writer::{Job, MAX_BATCH, now_ms, run_job};
 use super::{LedgerFuture, LedgerOptions, LedgerStore};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_postgres::{Client, NoTls, Transaction};
 
@@ -92,18 +94,49 @@ impl Connection {
     }
 }
 
+/// How long a connection attempt may take before the operation fails.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Each session's limits, so that one stuck host cannot stop the others: a
+/// writer waits at most `lock_timeout` for the ledger lock (its callers get
+/// an error and retry), and PostgreSQL ends a session that sits idle inside
+/// a transaction (a frozen or partitioned host holding the lock) after
+/// `idle_in_transaction_session_timeout`, which releases the lock.
+const SESSION_SETTINGS: &str =
+    "SET lock_timeout = '10s'; SET idle_in_transaction_session_timeout = '30s'";
+
 async fn connect(url: &str) -> Result<Client, LedgerError> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await.map_err(|error| {
+    let unreachable = |error: &dyn std::fmt::Display| {
         storage(format!(
             "cannot reach the PostgreSQL store at {}: {error}",
             redacted(url)
         ))
-    })?;
+    };
+    let mut config: tokio_postgres::Config = url.parse().map_err(|error| unreachable(&error))?;
+    if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        return Err(storage(format!(
+            "{} asks for sslmode=require, but sandboxer-host connects to PostgreSQL without TLS: \
+             reach it over a private network or a tunnel, and drop sslmode=require",
+            redacted(url)
+        )));
+    }
+    config
+        .connect_timeout(CONNECT_TIMEOUT)
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(30));
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|error| unreachable(&error))?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::warn!("PostgreSQL connection closed: {error}");
         }
     });
+    client
+        .batch_execute(SESSION_SETTINGS)
+        .await
+        .map_err(|error| unreachable(&error))?;
     Ok(client)
 }
 
@@ -131,17 +164,7 @@ impl PgLedger {
         };
         if options.expire_on_open {
             let now = now_ms();
-            let due = ledger
-                .reads
-                .get()
-                .await?
-                .query_opt(
-                    "SELECT 1 FROM ledger_holds WHERE state = 'open' AND expires_at_ms <= $1 LIMIT 1",
-                    &[&to_i64(now)?],
-                )
-                .await
-                .map_err(pg)?;
-            if due.is_some() {
+            if ledger.due(now).await? {
                 ledger.submit(Operation::ExpireDue { now_ms: now }).await?;
             }
         }
@@ -158,6 +181,19 @@ impl PgLedger {
 
     async fn client(&self) -> Result<Arc<Client>, LedgerError> {
         self.reads.get().await
+    }
+
+    async fn due(&self, now_ms: u64) -> Result<bool, LedgerError> {
+        Ok(self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT 1 FROM ledger_holds WHERE state = 'open' AND expires_at_ms <= $1 LIMIT 1",
+                &[&to_i64(now_ms)?],
+            )
+            .await
+            .map_err(pg)?
+            .is_some())
     }
 
     async fn has_key(&self, key: &str) -> Result<bool, LedgerError> {
@@ -216,6 +252,12 @@ fn totals_from(row: &tokio_postgres::Row, first: usize) -> Result<AccountTotals,
     })
 }
 
+/// A stored sequence number (bigint) as the u64 it was written from.
+fn seq(stored: i64) -> Result<u64, LedgerError> {
+    u64::try_from(stored)
+        .map_err(|_| storage(format!("a stored sequence number is negative: {stored}")))
+}
+
 fn to_i64(value: u64) -> Result<i64, LedgerError> {
     i64::try_from(value).map_err(|_| storage(format!("{value} does not fit PostgreSQL's bigint")))
 }
@@ -225,7 +267,14 @@ fn limit(limit: usize) -> i64 {
 }
 
 async fn migrate(client: &mut Client) -> Result<(), LedgerError> {
-    client
+    // Everything under the lock, the migrations table too: hosts starting
+    // together on an empty database would otherwise race to create it.
+    let transaction = client.transaction().await.map_err(pg)?;
+    transaction
+        .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(pg)?;
+    transaction
         .batch_execute(
             "CREATE TABLE IF NOT EXISTS sandboxer_migrations (
                  name text PRIMARY KEY,
@@ -235,11 +284,6 @@ async fn migrate(client: &mut Client) -> Result<(), LedgerError> {
         .await
         .map_err(pg)?;
     for (name, sql) in MIGRATIONS {
-        let transaction = client.transaction().await.map_err(pg)?;
-        transaction
-            .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-            .await
-            .map_err(pg)?;
         let done = transaction
             .query_opt(
                 "SELECT 1 FROM sandboxer_migrations WHERE name = $1",
@@ -261,9 +305,8 @@ async fn migrate(client: &mut Client) -> Result<(), LedgerError> {
                 .await
                 .map_err(pg)?;
         }
-        transaction.commit().await.map_err(pg)?;
     }
-    client
+    transaction
         .execute(
             "INSERT INTO ledger_meta (id, ledger_id, next_seq) VALUES (1, $1, 1) \
              ON CONFLICT (id) DO NOTHING",
@@ -271,7 +314,7 @@ async fn migrate(client: &mut Client) -> Result<(), LedgerError> {
         )
         .await
         .map_err(pg)?;
-    Ok(())
+    transaction.commit().await.map_err(pg)
 }
 
 // ---- the writer ----
@@ -331,7 +374,14 @@ async fn commit_batch(
     match apply_batch(&transaction, jobs, default_credits).await {
         Ok(results) => match transaction.commit().await {
             Ok(()) => results,
-            Err(error) => all_failed(jobs, pg(error)),
+            Err(error) => all_failed(
+                jobs,
+                storage(format!(
+                    "PostgreSQL: the commit's outcome is unknown ({error}): it may have been \
+                     applied. Repeating a step of a sandbox, or a grant with its --key, is safe; \
+                     check `credits history` before repeating a `credits add` without --key"
+                )),
+            ),
         },
         Err(error) => {
             let _ = transaction.rollback().await;
@@ -354,8 +404,7 @@ async fn apply_batch(
         .await
         .map_err(pg)?;
     let ledger_id: String = meta.get(0);
-    let next_seq = u64::try_from(meta.get::<_, i64>(1))
-        .map_err(|_| storage("ledger_meta.next_seq is negative"))?;
+    let next_seq = seq(meta.get(1))?;
     let now = now_ms();
 
     let mut rows = ReadAhead::default();
@@ -629,12 +678,7 @@ impl<'a> MemTables<'a> {
             let mut records = Vec::new();
             for (id, record) in &self.holds {
                 ids.push(id.clone());
-                states.push(
-                    serde_json::to_value(record.state)
-                        .ok()
-                        .and_then(|value| value.as_str().map(str::to_string))
-                        .unwrap_or_default(),
-                );
+                states.push(hold_state_name(record.state));
                 expiries.push(to_i64(record.expires_at_ms)?);
                 records.push(serde_json::to_string(record).map_err(storage)?);
             }
@@ -790,9 +834,62 @@ struct Snapshot {
     ledger_id: String,
     next_seq: u64,
     journal: Vec<(u64, String)>,
+    /// Each journal entry's `tenant` column (seq, tenant): the index
+    /// `history` and `knows_tenant` read.
+    journal_tenants: Vec<(u64, String)>,
     outbox: HashMap<u64, String>,
     accounts: Vec<(String, AccountTotals)>,
     holds: Vec<(String, String)>,
+    /// Each hold's `state` and `expires_at_ms` columns: what the expiry
+    /// scan and `open_holds` read.
+    hold_columns: HashMap<String, (String, i64)>,
+}
+
+impl Snapshot {
+    /// PostgreSQL's own copies of JSON fields (the columns the queries
+    /// read) must say what the JSON says.
+    fn copy_violations(&self) -> Vec<verify::Violation> {
+        let mut violations = Vec::new();
+        let mut violation = |message: String| {
+            violations.push(verify::Violation {
+                check: "copy",
+                message,
+            })
+        };
+        for ((seq, json), (_, tenant)) in self.journal.iter().zip(&self.journal_tenants) {
+            if let Ok(entry) = serde_json::from_str::<JournalEntry>(json)
+                && &entry.tenant != tenant
+            {
+                violation(format!(
+                    "journal entry {seq} is `{}`'s but its tenant column says `{tenant}`",
+                    entry.tenant
+                ));
+            }
+        }
+        for (id, json) in &self.holds {
+            let Ok(record) = serde_json::from_str::<HoldRecord>(json) else {
+                continue;
+            };
+            let (state, expires) = &self.hold_columns[id];
+            if *state != hold_state_name(record.state)
+                || i64::try_from(record.expires_at_ms).ok() != Some(*expires)
+            {
+                violation(format!(
+                    "hold {id} is {:?} until {} but its columns say {state} until {expires}",
+                    record.state, record.expires_at_ms
+                ));
+            }
+        }
+        violations
+    }
+}
+
+/// A hold state as the `state` column keeps it (its JSON name).
+fn hold_state_name(state: HoldState) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|value| value.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 impl VerifySource for Snapshot {
@@ -853,23 +950,30 @@ impl PgLedger {
             .await
             .map_err(pg)?;
         let (ledger_id, next_seq) = match meta {
-            Some(row) => (row.get::<_, String>(0), row.get::<_, i64>(1) as u64),
+            Some(row) => (row.get::<_, String>(0), seq(row.get(1))?),
             None => (String::new(), 1),
         };
-        let journal = transaction
-            .query("SELECT seq, entry FROM ledger_journal ORDER BY seq", &[])
+        let mut journal = Vec::new();
+        let mut journal_tenants = Vec::new();
+        for row in transaction
+            .query(
+                "SELECT seq, entry, tenant FROM ledger_journal ORDER BY seq",
+                &[],
+            )
             .await
             .map_err(pg)?
-            .iter()
-            .map(|row| (row.get::<_, i64>(0) as u64, row.get::<_, String>(1)))
-            .collect();
+        {
+            let at = seq(row.get(0))?;
+            journal.push((at, row.get::<_, String>(1)));
+            journal_tenants.push((at, row.get::<_, String>(2)));
+        }
         let outbox = transaction
             .query("SELECT seq, event FROM ledger_outbox", &[])
             .await
             .map_err(pg)?
             .iter()
-            .map(|row| (row.get::<_, i64>(0) as u64, row.get::<_, String>(1)))
-            .collect();
+            .map(|row| Ok((seq(row.get(0))?, row.get::<_, String>(1))))
+            .collect::<Result<_, LedgerError>>()?;
         let mut accounts = Vec::new();
         for row in transaction
             .query(
@@ -881,21 +985,30 @@ impl PgLedger {
         {
             accounts.push((row.get::<_, String>(0), totals_from(&row, 1)?));
         }
-        let holds = transaction
-            .query("SELECT sandbox_id, record FROM ledger_holds", &[])
+        let mut holds = Vec::new();
+        let mut hold_columns = HashMap::new();
+        for row in transaction
+            .query(
+                "SELECT sandbox_id, record, state, expires_at_ms FROM ledger_holds",
+                &[],
+            )
             .await
             .map_err(pg)?
-            .iter()
-            .map(|row| (row.get::<_, String>(0), row.get::<_, String>(1)))
-            .collect();
+        {
+            let id: String = row.get(0);
+            hold_columns.insert(id.clone(), (row.get::<_, String>(2), row.get::<_, i64>(3)));
+            holds.push((id, row.get::<_, String>(1)));
+        }
         transaction.commit().await.map_err(pg)?;
         Ok(Snapshot {
             ledger_id,
             next_seq,
             journal,
+            journal_tenants,
             outbox,
             accounts,
             holds,
+            hold_columns,
         })
     }
 }
@@ -997,7 +1110,7 @@ impl LedgerStore for PgLedger {
                 .query_one("SELECT coalesce(max(seq), 0) FROM ledger_outbox", &[])
                 .await
                 .map_err(pg)?;
-            Ok(row.get::<_, i64>(0) as u64)
+            seq(row.get(0))
         })
     }
 
@@ -1033,10 +1146,9 @@ impl LedgerStore for PgLedger {
                 )
                 .await
                 .map_err(pg)?;
-            Ok(rows
-                .iter()
-                .map(|row| (row.get::<_, i64>(0) as u64, row.get::<_, String>(1)))
-                .collect())
+            rows.iter()
+                .map(|row| Ok((seq(row.get(0))?, row.get::<_, String>(1))))
+                .collect()
         })
     }
 
@@ -1074,10 +1186,14 @@ impl LedgerStore for PgLedger {
         })
     }
 
+    fn any_hold_due(&self, now_ms: u64) -> LedgerFuture<'_, bool> {
+        Box::pin(self.due(now_ms))
+    }
+
     fn open_holds(&self) -> LedgerFuture<'_, Vec<HoldRecord>> {
         Box::pin(async move {
             self.json_rows(
-                "SELECT record FROM ledger_holds WHERE state = 'open' ORDER BY sandbox_id",
+                "SELECT record FROM ledger_holds WHERE state = 'open' ORDER BY sandbox_id COLLATE \"C\"",
                 &[],
             )
             .await
@@ -1087,7 +1203,10 @@ impl LedgerStore for PgLedger {
     fn verify(&self) -> LedgerFuture<'_, VerifyReport> {
         Box::pin(async move {
             let snapshot = self.snapshot().await?;
-            verify::verify(&snapshot)
+            let mut report = verify::verify(&snapshot)?;
+            report.violations.extend(snapshot.copy_violations());
+            report.ok = report.violations.is_empty();
+            Ok(report)
         })
     }
 }

@@ -19,7 +19,8 @@ use std::collections::{BTreeMap, HashMap};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Violation {
-    /// Which invariant: `sequence`, `outbox`, `replay`, `zero-sum`, `holds`, `overrun`, `decode`.
+    /// Which invariant: `sequence`, `outbox`, `replay`, `zero-sum`, `holds`, `overrun`, `decode`;
+    /// on PostgreSQL also `copy` (a column that repeats a JSON field disagrees with it).
     pub check: &'static str,
     pub message: String,
 }

@@ -149,6 +149,27 @@ impl SandboxManager {
                 format_credits(swept.meter.actual.unwrap_or(0))
             ));
         }
+        // Holds past their expiry return to available: on a shared ledger
+        // this is how a dead host's holds are released while other hosts
+        // run (no host has their records).
+        match self.ledger.any_hold_due(now).await {
+            Ok(false) => {}
+            Ok(true) => match self.ledger.expire_due(now).await {
+                Ok(expired) => report.actions.extend(expired.iter().map(|hold| {
+                    format!(
+                        "hold {}: expired; released {}",
+                        hold.sandbox_id,
+                        format_credits(hold.released)
+                    )
+                })),
+                Err(error) => report.actions.push(format!(
+                    "holds past their expiry could not be closed: {error}"
+                )),
+            },
+            Err(error) => report.actions.push(format!(
+                "holds past their expiry could not be checked: {error}"
+            )),
+        }
         match self.void_orphan_holds().await {
             Ok(actions) => report.actions.extend(actions),
             Err(error) => report
