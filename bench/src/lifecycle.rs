@@ -100,7 +100,7 @@ impl HostSide {
     fn new() -> Result<Self> {
         let world = world()?;
         let manager = Arc::new(SandboxManager::new(
-            ledger(&world)?,
+            Arc::new(ledger(&world)?),
             world.state.clone(),
             world.extensions.clone(),
         ));
@@ -257,7 +257,7 @@ fn measure(callers: usize, per_caller: usize) -> Result<(f64, Vec<f64>, f64)> {
         floor_secs += floor.round(&executor, round, callers, per_caller);
     }
     anyhow::ensure!(
-        host.manager.ledger().verify()?.ok,
+        executor.block_on(host.manager.ledger().verify())?.ok,
         "the ledger stays consistent"
     );
     let sandboxes = (ROUNDS * callers * per_caller) as f64;
