@@ -173,9 +173,10 @@ impl SandboxManager {
         Ok(report)
     }
 
-    /// Voids every open hold whose sandbox record is gone, finished, or on
-    /// another attempt: a hold is owned by the live record whose current
-    /// attempt it is.
+    /// Voids every open hold whose sandbox record is finished or on another
+    /// attempt: a hold is owned by the live record whose current attempt it
+    /// is. A hold with no record here is another host's (a shared ledger;
+    /// a record is saved durably before its hold): left to that host.
     async fn void_orphan_holds(&self) -> Result<Vec<String>, ManagerError> {
         let mut actions = Vec::new();
         for hold in self.ledger.open_holds().await? {
@@ -187,7 +188,7 @@ impl SandboxManager {
             let Some(_guard) = self.try_lock(sandbox_id) else {
                 continue;
             };
-            let owned = self.records.get(sandbox_id)?.is_some_and(|record| {
+            let owned = self.records.get(sandbox_id)?.is_none_or(|record| {
                 record.state.is_live()
                     && record.meter.hold_id.as_deref() == Some(hold.sandbox_id.as_str())
             });
