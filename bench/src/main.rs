@@ -5,6 +5,7 @@
 
 mod ledger;
 mod lifecycle;
+mod pg;
 mod routing;
 mod runtime;
 mod serve;
