@@ -289,3 +289,23 @@ fn a_running_server_releases_a_dead_hosts_holds_at_their_expiry() {
     assert_eq!(history[0]["kind"], "expire", "{history}");
     assert_eq!(history[0]["amount"], "2.000000", "{history}");
 }
+
+#[test]
+fn a_database_that_does_not_exist_is_named_in_the_databases_own_words() {
+    let _cluster = pg::shared();
+    let mut url = url::Url::parse(&pg::cluster_url()).unwrap();
+    url.set_path("no_such_database");
+    let home = TestHome::new();
+    let run = home
+        .command()
+        .args(["credits", "show"])
+        .env("SANDBOXER_STORE", url.as_str())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("FATAL: database \"no_such_database\" does not exist (3D000)"),
+        "{stderr}"
+    );
+}

@@ -51,7 +51,16 @@ const MIGRATION_LOCK: i64 = 0x5341_4e44_424f_5845; // "SANDBOXE"
 const DEFAULT_CREDITS_KEY: &str = "grant/default-credits";
 
 fn pg(error: tokio_postgres::Error) -> LedgerError {
-    storage(format!("PostgreSQL: {error}"))
+    storage(format!("PostgreSQL: {}", describe(&error)))
+}
+
+/// A client error with the database's own words when it has them
+/// (tokio-postgres shows a server error as just "db error").
+fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
+        None => error.to_string(),
+    }
 }
 
 /// A PostgreSQL address as it may be shown: without its password.
@@ -127,7 +136,7 @@ async fn connect(url: &str) -> Result<Client, LedgerError> {
     let (client, connection) = config
         .connect(NoTls)
         .await
-        .map_err(|error| unreachable(&error))?;
+        .map_err(|error| unreachable(&describe(&error)))?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::warn!("PostgreSQL connection closed: {error}");
@@ -136,7 +145,7 @@ async fn connect(url: &str) -> Result<Client, LedgerError> {
     client
         .batch_execute(SESSION_SETTINGS)
         .await
-        .map_err(|error| unreachable(&error))?;
+        .map_err(|error| unreachable(&describe(&error)))?;
     Ok(client)
 }
 
@@ -377,9 +386,10 @@ async fn commit_batch(
             Err(error) => all_failed(
                 jobs,
                 storage(format!(
-                    "PostgreSQL: the commit's outcome is unknown ({error}): it may have been \
+                    "PostgreSQL: the commit's outcome is unknown ({}): it may have been \
                      applied. Repeating a step of a sandbox, or a grant with its --key, is safe; \
-                     check `credits history` before repeating a `credits add` without --key"
+                     check `credits history` before repeating a `credits add` without --key",
+                    describe(&error)
                 )),
             ),
         },
