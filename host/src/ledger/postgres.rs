@@ -36,7 +36,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Mutex, mpsc, oneshot};
-use tokio_postgres::{Client, NoTls, Transaction};
+use tokio_postgres::{Client, NoTls, Statement, Transaction};
 
 /// The schema, in order; each runs once, recorded in `sandboxer_migrations`.
 const MIGRATIONS: &[(&str, &str)] = &[(
@@ -328,6 +328,90 @@ async fn migrate(client: &mut Client) -> Result<(), LedgerError> {
 
 // ---- the writer ----
 
+/// The writer's statements, prepared once per connection: a batch then
+/// costs one round trip per step instead of a parse and an execute each.
+struct Statements {
+    lock_meta: Statement,
+    read_holds: Statement,
+    read_keys: Statement,
+    read_accounts: Statement,
+    read_due: Statement,
+    upsert_accounts: Statement,
+    upsert_holds: Statement,
+    insert_keys: Statement,
+    insert_journal: Statement,
+    insert_outbox: Statement,
+    update_meta: Statement,
+}
+
+impl Statements {
+    async fn prepare(client: &Client) -> Result<Self, LedgerError> {
+        let prepare = |sql: String| async move { client.prepare(&sql).await.map_err(pg) };
+        Ok(Self {
+            lock_meta: prepare(
+                "SELECT ledger_id, next_seq FROM ledger_meta WHERE id = 1 FOR UPDATE".into(),
+            )
+            .await?,
+            read_holds: prepare(
+                "SELECT record FROM ledger_holds WHERE sandbox_id = ANY($1)".into(),
+            )
+            .await?,
+            read_keys: prepare("SELECT key, stored FROM ledger_keys WHERE key = ANY($1)".into())
+                .await?,
+            read_accounts: prepare(format!(
+                "SELECT account, {TOTALS} FROM ledger_accounts WHERE account = ANY($1)"
+            ))
+            .await?,
+            read_due: prepare(
+                "SELECT record FROM ledger_holds WHERE state = 'open' AND expires_at_ms <= $1"
+                    .into(),
+            )
+            .await?,
+            upsert_accounts: prepare(
+                "INSERT INTO ledger_accounts (account, debits_posted, credits_posted, \
+                     debits_pending, credits_pending, overrun) \
+                 SELECT a, dp::numeric, cp::numeric, dq::numeric, cq::numeric, o::numeric \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) \
+                     AS t(a, dp, cp, dq, cq, o) \
+                 ON CONFLICT (account) DO UPDATE SET \
+                     debits_posted = EXCLUDED.debits_posted, \
+                     credits_posted = EXCLUDED.credits_posted, \
+                     debits_pending = EXCLUDED.debits_pending, \
+                     credits_pending = EXCLUDED.credits_pending, \
+                     overrun = EXCLUDED.overrun"
+                    .into(),
+            )
+            .await?,
+            upsert_holds: prepare(
+                "INSERT INTO ledger_holds (sandbox_id, state, expires_at_ms, record) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[]) \
+                 ON CONFLICT (sandbox_id) DO UPDATE SET state = EXCLUDED.state, \
+                     expires_at_ms = EXCLUDED.expires_at_ms, record = EXCLUDED.record"
+                    .into(),
+            )
+            .await?,
+            insert_keys: prepare(
+                "INSERT INTO ledger_keys (key, stored) SELECT * FROM UNNEST($1::text[], $2::text[])"
+                    .into(),
+            )
+            .await?,
+            insert_journal: prepare(
+                "INSERT INTO ledger_journal (seq, tenant, entry) \
+                 SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[])"
+                    .into(),
+            )
+            .await?,
+            insert_outbox: prepare(
+                "INSERT INTO ledger_outbox (seq, event) SELECT * FROM UNNEST($1::bigint[], $2::text[])"
+                    .into(),
+            )
+            .await?,
+            update_meta: prepare("UPDATE ledger_meta SET next_seq = $1 WHERE id = 1".into())
+                .await?,
+        })
+    }
+}
+
 async fn write_loop(
     url: String,
     mut jobs: mpsc::UnboundedReceiver<(Job, Reply)>,
@@ -335,7 +419,7 @@ async fn write_loop(
 ) {
     // The writer's own connection (a transaction needs `&mut Client`),
     // opened again when lost.
-    let mut connection: Option<Client> = None;
+    let mut connection: Option<(Client, Statements)> = None;
     while let Some(first) = jobs.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -345,12 +429,20 @@ async fn write_loop(
             }
         }
         let (batch_jobs, replies): (Vec<Job>, Vec<Reply>) = batch.into_iter().unzip();
-        if connection.as_ref().is_some_and(Client::is_closed) {
+        if connection
+            .as_ref()
+            .is_some_and(|(client, _)| client.is_closed())
+        {
             connection = None;
         }
         if connection.is_none() {
-            match connect(&url).await {
-                Ok(client) => connection = Some(client),
+            let connected = async {
+                let client = connect(&url).await?;
+                let statements = Statements::prepare(&client).await?;
+                Ok::<_, LedgerError>((client, statements))
+            };
+            match connected.await {
+                Ok(opened) => connection = Some(opened),
                 Err(error) => {
                     for reply in replies {
                         let _ = reply.send(Err(error.clone()));
@@ -359,8 +451,8 @@ async fn write_loop(
                 }
             }
         }
-        let client = connection.as_mut().expect("connected above");
-        let results = commit_batch(client, &batch_jobs, default_credits).await;
+        let (client, statements) = connection.as_mut().expect("connected above");
+        let results = commit_batch(client, statements, &batch_jobs, default_credits).await;
         for (reply, result) in replies.into_iter().zip(results) {
             let _ = reply.send(result);
         }
@@ -373,6 +465,7 @@ fn all_failed(jobs: &[Job], error: LedgerError) -> Vec<Result<Receipt, LedgerErr
 
 async fn commit_batch(
     client: &mut Client,
+    statements: &Statements,
     jobs: &[Job],
     default_credits: u64,
 ) -> Vec<Result<Receipt, LedgerError>> {
@@ -380,7 +473,7 @@ async fn commit_batch(
         Ok(transaction) => transaction,
         Err(error) => return all_failed(jobs, pg(error)),
     };
-    match apply_batch(&transaction, jobs, default_credits).await {
+    match apply_batch(&transaction, statements, jobs, default_credits).await {
         Ok(results) => match transaction.commit().await {
             Ok(()) => results,
             Err(error) => all_failed(
@@ -403,14 +496,12 @@ async fn commit_batch(
 /// Runs the batch inside `transaction`; an error abandons all of it.
 async fn apply_batch(
     transaction: &Transaction<'_>,
+    statements: &Statements,
     jobs: &[Job],
     default_credits: u64,
 ) -> Result<Vec<Result<Receipt, LedgerError>>, LedgerError> {
     let meta = transaction
-        .query_one(
-            "SELECT ledger_id, next_seq FROM ledger_meta WHERE id = 1 FOR UPDATE",
-            &[],
-        )
+        .query_one(&statements.lock_meta, &[])
         .await
         .map_err(pg)?;
     let ledger_id: String = meta.get(0);
@@ -427,13 +518,13 @@ async fn apply_batch(
         })
         .max()
     {
-        rows.read_due(transaction, due_at).await?;
+        rows.read_due(transaction, statements, due_at).await?;
         for hold in rows.holds.values().flatten() {
             wanted.insert(Row::Account(tenant_account(&hold.tenant)));
         }
     }
     loop {
-        rows.read(transaction, &mut wanted).await?;
+        rows.read(transaction, statements, &mut wanted).await?;
         let mut batch = Batch::new(
             MemTables::new(&rows),
             ledger_id.clone(),
@@ -459,7 +550,7 @@ async fn apply_batch(
             continue;
         }
         let (tables, next_seq) = batch.into_parts();
-        tables.write(transaction, next_seq).await?;
+        tables.write(transaction, statements, next_seq).await?;
         return Ok(results);
     }
 }
@@ -499,6 +590,18 @@ fn wanted_rows(jobs: &[Job]) -> HashSet<Row> {
     wanted
 }
 
+/// The rows of `statement` for `names` (none asked: no round trip).
+async fn read_rows(
+    transaction: &Transaction<'_>,
+    statement: &Statement,
+    names: &[String],
+) -> Result<Vec<tokio_postgres::Row>, LedgerError> {
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    transaction.query(statement, &[&names]).await.map_err(pg)
+}
+
 /// Rows read from PostgreSQL for one batch; `None`: read, and absent.
 #[derive(Default)]
 struct ReadAhead {
@@ -515,6 +618,7 @@ impl ReadAhead {
     async fn read(
         &mut self,
         transaction: &Transaction<'_>,
+        statements: &Statements,
         wanted: &mut HashSet<Row>,
     ) -> Result<(), LedgerError> {
         loop {
@@ -532,57 +636,35 @@ impl ReadAhead {
             if holds.is_empty() && keys.is_empty() && accounts.is_empty() {
                 return Ok(());
             }
-            if !holds.is_empty() {
-                for id in &holds {
-                    self.holds.insert(id.clone(), None);
-                }
-                let found = transaction
-                    .query(
-                        "SELECT record FROM ledger_holds WHERE sandbox_id = ANY($1)",
-                        &[&holds],
-                    )
-                    .await
-                    .map_err(pg)?;
-                for row in found {
-                    let record: HoldRecord =
-                        serde_json::from_str(row.get::<_, &str>(0)).map_err(storage)?;
-                    wanted.insert(Row::Account(tenant_account(&record.tenant)));
-                    wanted.insert(Row::Account(revenue_account(&record.extension)));
-                    self.add_hold(record);
-                }
+            // The three reads go out together (pipelined on the connection).
+            let (found_holds, found_keys, found_accounts) = futures_util::future::try_join3(
+                read_rows(transaction, &statements.read_holds, &holds),
+                read_rows(transaction, &statements.read_keys, &keys),
+                read_rows(transaction, &statements.read_accounts, &accounts),
+            )
+            .await?;
+            for id in holds {
+                self.holds.insert(id, None);
             }
-            if !keys.is_empty() {
-                for key in &keys {
-                    self.keys.insert(key.clone(), None);
-                }
-                let found = transaction
-                    .query(
-                        "SELECT key, stored FROM ledger_keys WHERE key = ANY($1)",
-                        &[&keys],
-                    )
-                    .await
-                    .map_err(pg)?;
-                for row in found {
-                    self.keys.insert(row.get(0), Some(row.get(1)));
-                }
+            for key in keys {
+                self.keys.insert(key, None);
             }
-            if !accounts.is_empty() {
-                for account in &accounts {
-                    self.accounts.insert(account.clone(), None);
-                }
-                let found = transaction
-                    .query(
-                        &format!(
-                            "SELECT account, {TOTALS} FROM ledger_accounts WHERE account = ANY($1)"
-                        ),
-                        &[&accounts],
-                    )
-                    .await
-                    .map_err(pg)?;
-                for row in found {
-                    self.accounts
-                        .insert(row.get(0), Some(totals_from(&row, 1)?));
-                }
+            for account in accounts {
+                self.accounts.insert(account, None);
+            }
+            for row in found_holds {
+                let record: HoldRecord =
+                    serde_json::from_str(row.get::<_, &str>(0)).map_err(storage)?;
+                wanted.insert(Row::Account(tenant_account(&record.tenant)));
+                wanted.insert(Row::Account(revenue_account(&record.extension)));
+                self.add_hold(record);
+            }
+            for row in found_keys {
+                self.keys.insert(row.get(0), Some(row.get(1)));
+            }
+            for row in found_accounts {
+                self.accounts
+                    .insert(row.get(0), Some(totals_from(&row, 1)?));
             }
         }
     }
@@ -591,13 +673,11 @@ impl ReadAhead {
     async fn read_due(
         &mut self,
         transaction: &Transaction<'_>,
+        statements: &Statements,
         now_ms: u64,
     ) -> Result<(), LedgerError> {
         let found = transaction
-            .query(
-                "SELECT record FROM ledger_holds WHERE state = 'open' AND expires_at_ms <= $1",
-                &[&to_i64(now_ms)?],
-            )
+            .query(&statements.read_due, &[&to_i64(now_ms)?])
             .await
             .map_err(pg)?;
         for row in found {
@@ -640,113 +720,107 @@ impl<'a> MemTables<'a> {
         }
     }
 
-    async fn write(self, transaction: &Transaction<'_>, next_seq: u64) -> Result<(), LedgerError> {
-        if !self.accounts.is_empty() {
-            let mut names = Vec::new();
-            let mut columns: [Vec<String>; 5] = Default::default();
-            for (name, totals) in &self.accounts {
-                names.push(name.clone());
-                for (column, value) in columns.iter_mut().zip([
-                    totals.debits_posted,
-                    totals.credits_posted,
-                    totals.debits_pending,
-                    totals.credits_pending,
-                    totals.overrun,
-                ]) {
-                    column.push(value.to_string());
-                }
+    /// Writes what the run changed; the statements go out together
+    /// (pipelined), each table's rows as one array.
+    async fn write(
+        self,
+        transaction: &Transaction<'_>,
+        statements: &Statements,
+        next_seq: u64,
+    ) -> Result<(), LedgerError> {
+        let mut names = Vec::new();
+        let mut columns: [Vec<String>; 5] = Default::default();
+        for (name, totals) in &self.accounts {
+            names.push(name.clone());
+            for (column, value) in columns.iter_mut().zip([
+                totals.debits_posted,
+                totals.credits_posted,
+                totals.debits_pending,
+                totals.credits_pending,
+                totals.overrun,
+            ]) {
+                column.push(value.to_string());
             }
-            transaction
-                .execute(
-                    "INSERT INTO ledger_accounts (account, debits_posted, credits_posted, \
-                         debits_pending, credits_pending, overrun) \
-                     SELECT a, dp::numeric, cp::numeric, dq::numeric, cq::numeric, o::numeric \
-                     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) \
-                         AS t(a, dp, cp, dq, cq, o) \
-                     ON CONFLICT (account) DO UPDATE SET \
-                         debits_posted = EXCLUDED.debits_posted, \
-                         credits_posted = EXCLUDED.credits_posted, \
-                         debits_pending = EXCLUDED.debits_pending, \
-                         credits_pending = EXCLUDED.credits_pending, \
-                         overrun = EXCLUDED.overrun",
-                    &[
-                        &names,
-                        &columns[0],
-                        &columns[1],
-                        &columns[2],
-                        &columns[3],
-                        &columns[4],
-                    ],
-                )
-                .await
-                .map_err(pg)?;
         }
-        if !self.holds.is_empty() {
-            let mut ids = Vec::new();
-            let mut states = Vec::new();
-            let mut expiries = Vec::new();
-            let mut records = Vec::new();
-            for (id, record) in &self.holds {
-                ids.push(id.clone());
-                states.push(hold_state_name(record.state));
-                expiries.push(to_i64(record.expires_at_ms)?);
-                records.push(serde_json::to_string(record).map_err(storage)?);
-            }
-            transaction
-                .execute(
-                    "INSERT INTO ledger_holds (sandbox_id, state, expires_at_ms, record) \
-                     SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[]) \
-                     ON CONFLICT (sandbox_id) DO UPDATE SET state = EXCLUDED.state, \
-                         expires_at_ms = EXCLUDED.expires_at_ms, record = EXCLUDED.record",
-                    &[&ids, &states, &expiries, &records],
-                )
-                .await
-                .map_err(pg)?;
+        let mut ids = Vec::new();
+        let mut states = Vec::new();
+        let mut expiries = Vec::new();
+        let mut records = Vec::new();
+        for (id, record) in &self.holds {
+            ids.push(id.clone());
+            states.push(hold_state_name(record.state));
+            expiries.push(to_i64(record.expires_at_ms)?);
+            records.push(serde_json::to_string(record).map_err(storage)?);
         }
-        if !self.keys.is_empty() {
-            let (keys, stored): (Vec<String>, Vec<String>) = self.keys.into_iter().unzip();
-            transaction
-                .execute(
-                    "INSERT INTO ledger_keys (key, stored) \
-                     SELECT * FROM UNNEST($1::text[], $2::text[])",
-                    &[&keys, &stored],
-                )
-                .await
-                .map_err(pg)?;
+        let (keys, stored): (Vec<String>, Vec<String>) = self.keys.into_iter().unzip();
+        let mut seqs = Vec::new();
+        let mut tenants = Vec::new();
+        let mut entries = Vec::new();
+        let mut events = Vec::new();
+        for (entry, entry_json, event_json) in self.appended {
+            seqs.push(to_i64(entry.seq)?);
+            tenants.push(entry.tenant);
+            entries.push(entry_json);
+            events.push(event_json);
         }
-        if !self.appended.is_empty() {
-            let mut seqs = Vec::new();
-            let mut tenants = Vec::new();
-            let mut entries = Vec::new();
-            let mut events = Vec::new();
-            for (entry, entry_json, event_json) in self.appended {
-                seqs.push(to_i64(entry.seq)?);
-                tenants.push(entry.tenant);
-                entries.push(entry_json);
-                events.push(event_json);
-            }
-            transaction
-                .execute(
-                    "INSERT INTO ledger_journal (seq, tenant, entry) \
-                     SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[])",
-                    &[&seqs, &tenants, &entries],
-                )
-                .await
-                .map_err(pg)?;
-            transaction
-                .execute(
-                    "INSERT INTO ledger_outbox (seq, event) \
-                     SELECT * FROM UNNEST($1::bigint[], $2::text[])",
-                    &[&seqs, &events],
-                )
-                .await
-                .map_err(pg)?;
+        let next_seq = to_i64(next_seq)?;
+
+        type Write<'a> = std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>,
+        >;
+        let mut writes: Vec<Write<'_>> = Vec::new();
+        if !names.is_empty() {
+            writes.push(Box::pin(async {
+                transaction
+                    .execute(
+                        &statements.upsert_accounts,
+                        &[
+                            &names,
+                            &columns[0],
+                            &columns[1],
+                            &columns[2],
+                            &columns[3],
+                            &columns[4],
+                        ],
+                    )
+                    .await
+            }));
         }
-        transaction
-            .execute(
-                "UPDATE ledger_meta SET next_seq = $1 WHERE id = 1",
-                &[&to_i64(next_seq)?],
-            )
+        if !ids.is_empty() {
+            writes.push(Box::pin(async {
+                transaction
+                    .execute(
+                        &statements.upsert_holds,
+                        &[&ids, &states, &expiries, &records],
+                    )
+                    .await
+            }));
+        }
+        if !keys.is_empty() {
+            writes.push(Box::pin(async {
+                transaction
+                    .execute(&statements.insert_keys, &[&keys, &stored])
+                    .await
+            }));
+        }
+        if !seqs.is_empty() {
+            writes.push(Box::pin(async {
+                transaction
+                    .execute(&statements.insert_journal, &[&seqs, &tenants, &entries])
+                    .await
+            }));
+            writes.push(Box::pin(async {
+                transaction
+                    .execute(&statements.insert_outbox, &[&seqs, &events])
+                    .await
+            }));
+        }
+        writes.push(Box::pin(async {
+            transaction
+                .execute(&statements.update_meta, &[&next_seq])
+                .await
+        }));
+        futures_util::future::try_join_all(writes)
             .await
             .map_err(pg)?;
         Ok(())
