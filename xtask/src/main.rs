@@ -569,14 +569,17 @@ fn demo(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The long soak: the e2e soak test with many more kills (CI runs 40).
+/// The long soak: the e2e soak tests with many more kills (CI runs 40):
+/// one home on redb, and two homes sharing a ledger on the throwaway
+/// PostgreSQL cluster (which the soak kills once).
 fn soak(root: &Path, kills: Option<&str>) -> Result<()> {
     let kills = kills.unwrap_or("1000");
     if kills.parse::<u64>().is_err() {
         bail!("soak takes a number of kills, got `{kills}`");
     }
     build_extensions(root)?;
-    run(cargo()
+    let cluster = postgres::TestCluster::start(root)?;
+    let soaked = run(cargo()
         .args([
             "test",
             "--package",
@@ -587,7 +590,10 @@ fn soak(root: &Path, kills: Option<&str>) -> Result<()> {
             "--",
             "--nocapture",
         ])
-        .env("SANDBOXER_SOAK_KILLS", kills))
+        .env("SANDBOXER_SOAK_KILLS", kills)
+        .envs(cluster.environment()));
+    let stopped = cluster.stop();
+    soaked.and(stopped)
 }
 
 fn bench(root: &Path, suite: &str) -> Result<()> {
