@@ -10,7 +10,7 @@
 
 use crate::stats::{median, percentile, print_rows, show_ns, write_report};
 use anyhow::Result;
-use sandboxer_host::ledger::{Ledger, LedgerOptions};
+use sandboxer_host::ledger::{Ledger, LedgerOptions, LedgerStore};
 use sandboxer_host::manager::{CreateRequest, SandboxManager, now_ms};
 use sandboxer_host::profile::Profile;
 use sandboxer_host::runtime::{ExtensionCatalog, Runtime};
@@ -162,7 +162,7 @@ impl HostSide {
 /// ledger operations.
 struct FloorSide {
     world: World,
-    ledger: Arc<Ledger>,
+    ledger: Arc<dyn LedgerStore>,
     profile: Arc<Profile>,
 }
 
@@ -208,13 +208,13 @@ impl FloorSide {
                         let spec = profile.spec(&id, Some(60));
                         let estimate = stub.estimate_cost(&spec).await.unwrap();
                         ledger
-                            .hold_async("bench", estimate.amount, &id, "saas-stub", expires)
+                            .hold("bench", estimate.amount, &id, "saas-stub", expires)
                             .await
                             .unwrap();
                         let handle = stub.create(&spec).await.unwrap();
                         let usage = stub.destroy(&spec, &handle).await.unwrap();
                         let actual = stub.meter_actual(&spec, usage).await.unwrap();
-                        ledger.settle_async(&id, actual).await.unwrap();
+                        ledger.settle(&id, actual).await.unwrap();
                     }
                 });
             }

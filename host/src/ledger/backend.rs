@@ -94,10 +94,7 @@ impl dyn LedgerStore {
         amount: u64,
         key: Option<&str>,
     ) -> Result<GrantReceipt, LedgerError> {
-        match self.submit(grant_operation(tenant, amount, key)).await? {
-            Receipt::Grant(receipt) => Ok(receipt),
-            other => Err(unexpected(other)),
-        }
+        into_grant(self.submit(grant_operation(tenant, amount, key)).await?)
     }
 
     /// Reserves `amount` of a tenant's available credits for a sandbox
@@ -111,10 +108,7 @@ impl dyn LedgerStore {
         expires_at_ms: u64,
     ) -> Result<HoldReceipt, LedgerError> {
         let operation = hold_operation(tenant, amount, sandbox_id, extension, expires_at_ms);
-        match self.submit(operation).await? {
-            Receipt::Hold(receipt) => Ok(receipt),
-            other => Err(unexpected(other)),
-        }
+        into_hold(self.submit(operation).await?)
     }
 
     /// Charges a sandbox's actual cost and releases the rest of its hold.
@@ -123,18 +117,12 @@ impl dyn LedgerStore {
         sandbox_id: &str,
         actual: u64,
     ) -> Result<SettleReceipt, LedgerError> {
-        match self.submit(settle_operation(sandbox_id, actual)).await? {
-            Receipt::Settle(receipt) => Ok(receipt),
-            other => Err(unexpected(other)),
-        }
+        into_settle(self.submit(settle_operation(sandbox_id, actual)).await?)
     }
 
     /// Releases a sandbox's hold without charging anything.
     pub async fn void(&self, sandbox_id: &str, reason: &str) -> Result<VoidReceipt, LedgerError> {
-        match self.submit(void_operation(sandbox_id, reason)).await? {
-            Receipt::Void(receipt) => Ok(receipt),
-            other => Err(unexpected(other)),
-        }
+        into_void(self.submit(void_operation(sandbox_id, reason)).await?)
     }
 
     /// Raises an open hold by `add` and moves its expiry; refused, changing
@@ -158,10 +146,7 @@ impl dyn LedgerStore {
 
     /// Closes every open hold that expires at or before `now_ms`.
     pub async fn expire_due(&self, now_ms: u64) -> Result<Vec<ExpiredHold>, LedgerError> {
-        match self.submit(Operation::ExpireDue { now_ms }).await? {
-            Receipt::Expired { holds } => Ok(holds),
-            other => Err(unexpected(other)),
-        }
+        into_expired(self.submit(Operation::ExpireDue { now_ms }).await?)
     }
 }
 
@@ -211,4 +196,39 @@ pub(crate) fn unexpected(receipt: Receipt) -> LedgerError {
     LedgerError::Storage(format!(
         "the ledger answered with an unexpected receipt: {receipt:?}"
     ))
+}
+
+pub(crate) fn into_grant(receipt: Receipt) -> Result<GrantReceipt, LedgerError> {
+    match receipt {
+        Receipt::Grant(receipt) => Ok(receipt),
+        other => Err(unexpected(other)),
+    }
+}
+
+pub(crate) fn into_hold(receipt: Receipt) -> Result<HoldReceipt, LedgerError> {
+    match receipt {
+        Receipt::Hold(receipt) => Ok(receipt),
+        other => Err(unexpected(other)),
+    }
+}
+
+pub(crate) fn into_settle(receipt: Receipt) -> Result<SettleReceipt, LedgerError> {
+    match receipt {
+        Receipt::Settle(receipt) => Ok(receipt),
+        other => Err(unexpected(other)),
+    }
+}
+
+pub(crate) fn into_void(receipt: Receipt) -> Result<VoidReceipt, LedgerError> {
+    match receipt {
+        Receipt::Void(receipt) => Ok(receipt),
+        other => Err(unexpected(other)),
+    }
+}
+
+pub(crate) fn into_expired(receipt: Receipt) -> Result<Vec<ExpiredHold>, LedgerError> {
+    match receipt {
+        Receipt::Expired { holds } => Ok(holds),
+        other => Err(unexpected(other)),
+    }
 }

@@ -24,7 +24,10 @@ pub use verify::{VerifyReport, Violation};
 pub use writer::{MAX_BATCH, WriterStats};
 
 use crate::group_commit::GroupWriter;
-use backend::{grant_operation, hold_operation, settle_operation, unexpected, void_operation};
+use backend::{
+    grant_operation, hold_operation, into_expired, into_grant, into_hold, into_settle, into_void,
+    settle_operation, unexpected, void_operation,
+};
 use error::storage;
 use redb::{Database, ReadableDatabase, ReadableTable};
 use std::path::{Path, PathBuf};
@@ -140,18 +143,6 @@ impl Ledger {
         into_grant(self.submit(grant_operation(tenant, amount, key))?)
     }
 
-    pub async fn grant_async(
-        &self,
-        tenant: &str,
-        amount: u64,
-        key: Option<&str>,
-    ) -> Result<GrantReceipt, LedgerError> {
-        into_grant(
-            self.submit_async(grant_operation(tenant, amount, key))
-                .await?,
-        )
-    }
-
     /// Reserves `amount` of a tenant's available credits for a sandbox until
     /// `expires_at_ms` (milliseconds since the Unix epoch).
     pub fn hold(
@@ -166,32 +157,9 @@ impl Ledger {
         into_hold(self.submit(operation)?)
     }
 
-    pub async fn hold_async(
-        &self,
-        tenant: &str,
-        amount: u64,
-        sandbox_id: &str,
-        extension: &str,
-        expires_at_ms: u64,
-    ) -> Result<HoldReceipt, LedgerError> {
-        let operation = hold_operation(tenant, amount, sandbox_id, extension, expires_at_ms);
-        into_hold(self.submit_async(operation).await?)
-    }
-
     /// Charges a sandbox's actual cost and releases the rest of its hold.
     pub fn settle(&self, sandbox_id: &str, actual: u64) -> Result<SettleReceipt, LedgerError> {
         into_settle(self.submit(settle_operation(sandbox_id, actual))?)
-    }
-
-    pub async fn settle_async(
-        &self,
-        sandbox_id: &str,
-        actual: u64,
-    ) -> Result<SettleReceipt, LedgerError> {
-        into_settle(
-            self.submit_async(settle_operation(sandbox_id, actual))
-                .await?,
-        )
     }
 
     /// Releases a sandbox's hold without charging anything.
@@ -199,43 +167,9 @@ impl Ledger {
         into_void(self.submit(void_operation(sandbox_id, reason))?)
     }
 
-    pub async fn void_async(
-        &self,
-        sandbox_id: &str,
-        reason: &str,
-    ) -> Result<VoidReceipt, LedgerError> {
-        into_void(
-            self.submit_async(void_operation(sandbox_id, reason))
-                .await?,
-        )
-    }
-
-    /// Raises an open hold by `add` and moves its expiry (an extended
-    /// sandbox); refused, changing nothing, when the tenant cannot cover it.
-    pub async fn extend_async(
-        &self,
-        sandbox_id: &str,
-        add: u64,
-        expires_at_ms: u64,
-    ) -> Result<ExtendReceipt, LedgerError> {
-        let operation = Operation::Extend {
-            sandbox_id: sandbox_id.into(),
-            add,
-            expires_at_ms,
-        };
-        match self.submit_async(operation).await? {
-            Receipt::Extend(receipt) => Ok(receipt),
-            other => Err(unexpected(other)),
-        }
-    }
-
     /// Closes every open hold that expires at or before `now_ms`.
     pub fn expire_due(&self, now_ms: u64) -> Result<Vec<ExpiredHold>, LedgerError> {
         into_expired(self.submit(Operation::ExpireDue { now_ms })?)
-    }
-
-    pub async fn expire_due_async(&self, now_ms: u64) -> Result<Vec<ExpiredHold>, LedgerError> {
-        into_expired(self.submit_async(Operation::ExpireDue { now_ms }).await?)
     }
 
     /// A tenant's balance, held and available credits. Asking about the
@@ -258,13 +192,7 @@ impl Ledger {
 
     fn summary_now(&self, tenant: &str) -> Result<TenantSummary, LedgerError> {
         let totals = self.account_totals(&tenant_account(tenant))?;
-        Ok(TenantSummary {
-            tenant: tenant.into(),
-            balance: totals.balance(),
-            held: totals.debits_pending,
-            available: totals.available(),
-            overrun: totals.overrun,
-        })
+        Ok(TenantSummary::from_totals(tenant, &totals))
     }
 
     /// Whether a tenant has ever had an entry in the journal (or is the
@@ -446,41 +374,6 @@ impl Ledger {
     pub fn verify(&self) -> Result<VerifyReport, LedgerError> {
         let read = self.database.begin_read().map_err(storage)?;
         verify::verify(&read)
-    }
-}
-
-fn into_grant(receipt: Receipt) -> Result<GrantReceipt, LedgerError> {
-    match receipt {
-        Receipt::Grant(receipt) => Ok(receipt),
-        other => Err(unexpected(other)),
-    }
-}
-
-fn into_hold(receipt: Receipt) -> Result<HoldReceipt, LedgerError> {
-    match receipt {
-        Receipt::Hold(receipt) => Ok(receipt),
-        other => Err(unexpected(other)),
-    }
-}
-
-fn into_settle(receipt: Receipt) -> Result<SettleReceipt, LedgerError> {
-    match receipt {
-        Receipt::Settle(receipt) => Ok(receipt),
-        other => Err(unexpected(other)),
-    }
-}
-
-fn into_void(receipt: Receipt) -> Result<VoidReceipt, LedgerError> {
-    match receipt {
-        Receipt::Void(receipt) => Ok(receipt),
-        other => Err(unexpected(other)),
-    }
-}
-
-fn into_expired(receipt: Receipt) -> Result<Vec<ExpiredHold>, LedgerError> {
-    match receipt {
-        Receipt::Expired { holds } => Ok(holds),
-        other => Err(unexpected(other)),
     }
 }
 

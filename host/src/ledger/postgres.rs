@@ -1117,13 +1117,7 @@ impl LedgerStore for PgLedger {
                 self.send(Job::EnsureDefaultCredits).await?;
             }
             let totals = self.totals(&tenant_account(tenant)).await?;
-            Ok(TenantSummary {
-                tenant: tenant.into(),
-                balance: totals.balance(),
-                held: totals.debits_pending,
-                available: totals.available(),
-                overrun: totals.overrun,
-            })
+            Ok(TenantSummary::from_totals(tenant, &totals))
         })
     }
 

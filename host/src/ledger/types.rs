@@ -122,6 +122,19 @@ pub struct TenantSummary {
     pub overrun: u64,
 }
 
+impl TenantSummary {
+    /// What a tenant account's totals say.
+    pub fn from_totals(tenant: &str, totals: &AccountTotals) -> Self {
+        Self {
+            tenant: tenant.into(),
+            balance: totals.balance(),
+            held: totals.debits_pending,
+            available: totals.available(),
+            overrun: totals.overrun,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum EntryKind {
