@@ -29,5 +29,6 @@ pub mod scaffold;
 pub mod server;
 pub mod service;
 pub mod state_db;
+pub mod state_pg;
 pub mod supervisor;
 pub mod toml_file;

@@ -46,10 +46,14 @@ struct Opened {
     writer: GroupWriter<Job, Result<(), String>>,
 }
 
-/// A lazily opened, shared handle on `state.redb`.
+/// A lazily opened, shared handle on `state.redb`, and, when the host
+/// runs on a shared store, that store's part ([`crate::state_pg`]): sandbox
+/// records, lifecycle events and extension key-value stores then live
+/// there, and each of their readers and writers asks [`StateDb::shared`].
 pub struct StateDb {
     path: PathBuf,
     opened: Mutex<Option<Arc<Opened>>>,
+    shared: std::sync::OnceLock<Arc<crate::state_pg::PgState>>,
 }
 
 impl std::fmt::Debug for StateDb {
@@ -65,7 +69,19 @@ impl StateDb {
         Self {
             path,
             opened: Mutex::new(None),
+            shared: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Moves the shared part of the state to `shared`; set once, before
+    /// the store is used.
+    pub fn share(&self, shared: Arc<crate::state_pg::PgState>) {
+        let _ = self.shared.set(shared);
+    }
+
+    /// The shared store, when the host runs on one.
+    pub fn shared(&self) -> Option<&Arc<crate::state_pg::PgState>> {
+        self.shared.get()
     }
 
     pub fn path(&self) -> &Path {

@@ -23,6 +23,25 @@ impl Server {
 
     /// Starts it with these environment variables set too (its log level).
     pub fn start_with_env(home: TestHome, env: &[(&str, &str)]) -> Self {
+        let (child, url) = Self::spawn(&home, env);
+        Self {
+            home,
+            child: Some(child),
+            url,
+        }
+    }
+
+    /// Starts a killed (or stopped) server again on the same home.
+    pub fn start_again(&mut self, env: &[(&str, &str)]) {
+        assert!(self.child.is_none(), "the server is still running");
+        // A killed server leaves its file behind.
+        let _ = std::fs::remove_file(self.home.path().join("server.json"));
+        let (child, url) = Self::spawn(&self.home, env);
+        self.child = Some(child);
+        self.url = url;
+    }
+
+    fn spawn(home: &TestHome, env: &[(&str, &str)]) -> (Child, String) {
         let child = home
             .command()
             .envs(env.iter().copied())
@@ -42,11 +61,7 @@ impl Server {
             assert!(Instant::now() < deadline, "serve did not start in 60 s");
             std::thread::sleep(Duration::from_millis(50));
         };
-        Self {
-            home,
-            child: Some(child),
-            url,
-        }
+        (child, url)
     }
 
     pub fn operator_key(&self) -> String {
@@ -68,6 +83,13 @@ impl Server {
             .run(&["credits", "add", credits, "--tenant", name])
             .ok();
         created["api_key"].as_str().unwrap().to_string()
+    }
+
+    /// Sends SIGKILL: the host dies mid-whatever, as in a crash.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     /// Sends SIGTERM and returns how the server ended, with its stderr.
@@ -100,6 +122,20 @@ pub fn http(
     key: Option<&str>,
     body: Option<&Value>,
 ) -> (u16, Vec<(String, String)>, Value) {
+    try_http(method, url, key, body).unwrap()
+}
+
+/// An HTTP answer: status, headers, body as JSON or text.
+pub type Answer = (u16, Vec<(String, String)>, Value);
+
+/// [`http`], answering a transport failure (a server killed mid-request)
+/// instead of panicking.
+pub fn try_http(
+    method: &str,
+    url: &str,
+    key: Option<&str>,
+    body: Option<&Value>,
+) -> Result<Answer, ureq::Error> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(60)))
@@ -119,8 +155,7 @@ pub fn http(
             }
             request.send(body.map(Value::to_string).unwrap_or_default().as_bytes())
         }
-    }
-    .unwrap();
+    }?;
     let status = response.status().as_u16();
     let headers = response
         .headers()
@@ -134,7 +169,7 @@ pub fn http(
         .collect();
     let text = response.into_body().read_to_string().unwrap_or_default();
     let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    (status, headers, body)
+    Ok((status, headers, body))
 }
 
 fn served_home() -> TestHome {

@@ -19,6 +19,7 @@ pub use backend::{LedgerFuture, LedgerStore};
 pub use error::LedgerError;
 pub use events::{EVENT_SOURCE, MeterEvent, event_id, rfc3339_millis};
 pub use postgres::{PgLedger, redacted as redacted_store_url};
+pub(crate) use postgres::{connect as connect_postgres, describe as describe_postgres_error};
 pub use types::*;
 pub use verify::{VerifyReport, Violation};
 pub use writer::{MAX_BATCH, WriterStats};

@@ -39,10 +39,16 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_postgres::{Client, NoTls, Statement, Transaction};
 
 /// The schema, in order; each runs once, recorded in `sandboxer_migrations`.
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_ledger",
-    include_str!("../../migrations/postgres/0001_ledger.sql"),
-)];
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_ledger",
+        include_str!("../../migrations/postgres/0001_ledger.sql"),
+    ),
+    (
+        "0002_state",
+        include_str!("../../migrations/postgres/0002_state.sql"),
+    ),
+];
 
 /// Taken (for one transaction) while migrations run, so that hosts starting
 /// together apply each migration once.
@@ -56,10 +62,13 @@ fn pg(error: tokio_postgres::Error) -> LedgerError {
 
 /// A client error with the database's own words when it has them
 /// (tokio-postgres shows a server error as just "db error").
-fn describe(error: &tokio_postgres::Error) -> String {
+pub(crate) fn describe(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
-        None => error.to_string(),
+        None => match std::error::Error::source(error) {
+            Some(source) => format!("{error}: {source}"),
+            None => error.to_string(),
+        },
     }
 }
 
@@ -114,7 +123,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const SESSION_SETTINGS: &str =
     "SET lock_timeout = '10s'; SET idle_in_transaction_session_timeout = '30s'";
 
-async fn connect(url: &str) -> Result<Client, LedgerError> {
+pub(crate) async fn connect(url: &str) -> Result<Client, LedgerError> {
     let unreachable = |error: &dyn std::fmt::Display| {
         storage(format!(
             "cannot reach the PostgreSQL store at {}: {error}",

@@ -11,8 +11,8 @@
 
 use super::charge::{self, ChargeDecision, UNIT_TOLERANCE_PPM};
 use super::{
-    ManagerError, SandboxManager, SandboxState, SandboxStatus, destroy_retry_delay_ms, disputes,
-    lifecycle_events, now_ms,
+    ManagerError, RecordExtras, SandboxManager, SandboxState, SandboxStatus,
+    destroy_retry_delay_ms, disputes, lifecycle_events, now_ms,
 };
 use crate::ledger::{HoldState, LedgerError};
 use crate::runtime::{CallError, ExtError, Extension, Usage};
@@ -31,6 +31,7 @@ impl SandboxManager {
     /// rate.
     pub async fn destroy(&self, id: &str, force: bool) -> Result<SandboxStatus, ManagerError> {
         let _guard = self.lock(id).await;
+        self.records.claim(id).await?;
         let record = self.get(id)?;
         self.destroy_locked(record, force).await
     }
@@ -80,8 +81,14 @@ impl SandboxManager {
                     record.meter.basis = Some(METERED.into());
                     // The usage is durable before it is billed, together
                     // with what the extension wrote while destroying.
-                    self.save_quietly_with(&mut record, move |write| pending_kv.apply(write))
-                        .await?;
+                    self.save_quietly_with(
+                        &mut record,
+                        RecordExtras {
+                            kv: Some(pending_kv),
+                            ..RecordExtras::default()
+                        },
+                    )
+                    .await?;
                 }
                 Err(CallError::Backend {
                     error: ExtError::NotFound(message),
@@ -94,7 +101,8 @@ impl SandboxManager {
                     record.note = Some(format!(
                         "the backend no longer knew it ({message}); billed the host-measured wall time"
                     ));
-                    self.save_quietly_with(&mut record, |_| Ok(())).await?;
+                    self.save_quietly_with(&mut record, RecordExtras::default())
+                        .await?;
                 }
                 Err(error) => return self.destroy_failed(record, force, error).await,
             }
@@ -175,17 +183,18 @@ impl SandboxManager {
         let disputed = (decision.disputed > 0 && decision.charged == decision.ceiling)
             .then(|| (record.clone(), record.extension.clone().unwrap_or_default()));
         let now = now_ms();
-        self.save_with(&mut record, move |write| {
-            if let Some((record, instance)) = disputed {
-                let decision = record.meter.charge.expect("decided");
+        let mut extras = RecordExtras::default();
+        if let Some((record, instance)) = disputed {
+            let decision = record.meter.charge.expect("decided");
+            extras.events.push(lifecycle_events::PendingEvent::dispute(
+                &record, &decision, now,
+            ));
+            extras.local = Some(Box::new(move |write| {
                 disputes::add(write, &instance, decision.disputed)
-                    .map_err(|error| error.to_string())?;
-                lifecycle_events::append_dispute(write, &record, &decision, now)
-                    .map_err(|error| error.to_string())?;
-            }
-            Ok(())
-        })
-        .await?;
+                    .map_err(|error| error.to_string())
+            }));
+        }
+        self.save_with(&mut record, extras).await?;
         Ok(record)
     }
 
@@ -212,7 +221,8 @@ impl SandboxManager {
         let delay = destroy_retry_delay_ms(record.destroy_failures);
         record.retry_at_ms = Some(now_ms().saturating_add(delay));
         record.note = Some(error.to_string());
-        self.save_quietly_with(&mut record, |_| Ok(())).await?;
+        self.save_quietly_with(&mut record, RecordExtras::default())
+            .await?;
         Err(ManagerError::DestroyFailed {
             id: record.id,
             error: error.to_string(),
@@ -356,8 +366,14 @@ impl SandboxManager {
                         record.note = Some(
                             "create was interrupted; recovered its handle to destroy it".into(),
                         );
-                        self.save_with(&mut record, move |write| pending_kv.apply(write))
-                            .await?;
+                        self.save_with(
+                            &mut record,
+                            RecordExtras {
+                                kv: Some(pending_kv),
+                                ..RecordExtras::default()
+                            },
+                        )
+                        .await?;
                         Ok(Recovery::ToDestroy(Box::new(record)))
                     }
                     Err(CallError::Backend { error, .. }) => {

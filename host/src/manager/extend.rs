@@ -5,7 +5,9 @@
 //! cover, or nothing changes.
 
 use super::charge::prorated;
-use super::{HOLD_GRACE_MS, ManagerError, SandboxManager, SandboxState, SandboxStatus, now_ms};
+use super::{
+    HOLD_GRACE_MS, ManagerError, RecordExtras, SandboxManager, SandboxState, SandboxStatus, now_ms,
+};
 use crate::ledger::LedgerError;
 
 impl SandboxManager {
@@ -18,6 +20,7 @@ impl SandboxManager {
         only_later: bool,
     ) -> Result<SandboxStatus, ManagerError> {
         let _guard = self.lock(id).await;
+        self.records.claim(id).await?;
         let mut record = self.get(id)?;
         if record.state != SandboxState::Ready {
             return Err(ManagerError::Refused(format!(
@@ -52,7 +55,8 @@ impl SandboxManager {
             }
         }
         record.expires_at_ms = Some(ends_at_ms);
-        self.save_quietly_with(&mut record, |_| Ok(())).await?;
+        self.save_quietly_with(&mut record, RecordExtras::default())
+            .await?;
         Ok(record)
     }
 }

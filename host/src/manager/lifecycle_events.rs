@@ -2,7 +2,8 @@
 //! to an outbox in the state store in the same transaction as the record.
 //!
 //! Ids are `<host id>-L<seq>`: stable across redelivery, distinct from the
-//! ledger's `<ledger id>-<seq>`.
+//! ledger's `<ledger id>-<seq>`. On a shared store the outbox is the
+//! database's (`<store id>-L<seq>`), one for every host.
 
 use super::record::{RecordError, SandboxState, SandboxStatus, storage};
 use crate::ledger::{MeterEvent, rfc3339_millis};
@@ -26,90 +27,97 @@ pub fn event_type(state: SandboxState) -> String {
 /// The CloudEvents `type` of a charge the policy cut (see `charge.rs`).
 pub const CHARGE_DISPUTED: &str = "sandboxer.sandbox.charge_disputed";
 
-/// Appends the event of `record` entering its current state.
-pub fn append(
-    write: &WriteTransaction,
-    record: &SandboxStatus,
-    now_ms: u64,
-) -> Result<u64, RecordError> {
-    let mut data = serde_json::json!({
-        "sandbox_id": record.id,
-        "state": record.state.name(),
-        "tenant": record.tenant,
-        "profile": record.profile,
-        "extension": record.extension,
-        "kind": record.kind,
-    });
-    let object = data.as_object_mut().expect("a JSON object");
-    if let Some(estimate) = record.meter.estimate {
-        object.insert("estimate".into(), format_credits(estimate).into());
-    }
-    if let Some(actual) = record.meter.actual {
-        object.insert("actual".into(), format_credits(actual).into());
-    }
-    if let Some(note) = &record.note {
-        object.insert("note".into(), note.clone().into());
-    }
-    append_event(write, &record.id, event_type(record.state), data, now_ms)
+/// An event not yet given its sequence number: what a record write
+/// appends to the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingEvent {
+    pub sandbox_id: String,
+    pub event_type: String,
+    pub data: serde_json::Value,
+    pub time_ms: u64,
 }
 
-/// Appends the event saying `record`'s extension asked more than the
-/// charge policy let stand.
-pub fn append_dispute(
-    write: &WriteTransaction,
-    record: &SandboxStatus,
-    decision: &super::charge::ChargeDecision,
-    now_ms: u64,
-) -> Result<u64, RecordError> {
-    let data = serde_json::json!({
-        "sandbox_id": record.id,
-        "tenant": record.tenant,
-        "extension": record.extension,
-        "asked": format_credits(decision.asked),
-        "ceiling": format_credits(decision.ceiling),
-        "charged": format_credits(decision.charged),
-        "disputed": format_credits(decision.disputed),
-    });
-    append_event(write, &record.id, CHARGE_DISPUTED.into(), data, now_ms)
+impl PendingEvent {
+    /// The event of `record` entering its current state.
+    pub fn state_change(record: &SandboxStatus, now_ms: u64) -> Self {
+        let mut data = serde_json::json!({
+            "sandbox_id": record.id,
+            "state": record.state.name(),
+            "tenant": record.tenant,
+            "profile": record.profile,
+            "extension": record.extension,
+            "kind": record.kind,
+        });
+        let object = data.as_object_mut().expect("a JSON object");
+        if let Some(estimate) = record.meter.estimate {
+            object.insert("estimate".into(), format_credits(estimate).into());
+        }
+        if let Some(actual) = record.meter.actual {
+            object.insert("actual".into(), format_credits(actual).into());
+        }
+        if let Some(note) = &record.note {
+            object.insert("note".into(), note.clone().into());
+        }
+        Self {
+            sandbox_id: record.id.clone(),
+            event_type: event_type(record.state),
+            data,
+            time_ms: now_ms,
+        }
+    }
+
+    /// The event saying `record`'s extension asked more than the charge
+    /// policy let stand.
+    pub fn dispute(
+        record: &SandboxStatus,
+        decision: &super::charge::ChargeDecision,
+        now_ms: u64,
+    ) -> Self {
+        let data = serde_json::json!({
+            "sandbox_id": record.id,
+            "tenant": record.tenant,
+            "extension": record.extension,
+            "asked": format_credits(decision.asked),
+            "ceiling": format_credits(decision.ceiling),
+            "charged": format_credits(decision.charged),
+            "disputed": format_credits(decision.disputed),
+        });
+        Self {
+            sandbox_id: record.id.clone(),
+            event_type: CHARGE_DISPUTED.into(),
+            data,
+            time_ms: now_ms,
+        }
+    }
+
+    /// The CloudEvent, as the outbox keeps it (JSON), once it has its
+    /// sequence number in the outbox of `store_id`.
+    pub fn into_json(self, store_id: &str, seq: u64) -> Result<String, RecordError> {
+        let event = MeterEvent {
+            specversion: "1.0".into(),
+            id: format!("{store_id}-L{seq}"),
+            source: LIFECYCLE_SOURCE.into(),
+            event_type: self.event_type,
+            time: rfc3339_millis(self.time_ms),
+            subject: format!("sandbox/{}", self.sandbox_id),
+            datacontenttype: "application/json".into(),
+            data: self.data,
+        };
+        serde_json::to_string(&event).map_err(storage)
+    }
 }
 
-fn append_event(
-    write: &WriteTransaction,
-    sandbox_id: &str,
-    event_type: String,
-    data: serde_json::Value,
-    now_ms: u64,
-) -> Result<u64, RecordError> {
+/// Appends `event` to the outbox in `write`.
+pub fn append(write: &WriteTransaction, event: PendingEvent) -> Result<u64, RecordError> {
     let mut meta = write.open_table(META).map_err(storage)?;
     let seq = meta
         .get(NEXT_SEQ)
         .map_err(storage)?
         .map_or(1, |seq| seq.value());
     meta.insert(NEXT_SEQ, seq + 1).map_err(storage)?;
-    let mut meta_text = write.open_table(META_TEXT).map_err(storage)?;
-    let existing = meta_text
-        .get(HOST_ID)
-        .map_err(storage)?
-        .map(|id| id.value().to_string());
-    let host_id = match existing {
-        Some(id) => id,
-        None => {
-            let id = format!("{:016x}", rand::random::<u64>());
-            meta_text.insert(HOST_ID, id.as_str()).map_err(storage)?;
-            id
-        }
-    };
-    let event = MeterEvent {
-        specversion: "1.0".into(),
-        id: format!("{host_id}-L{seq}"),
-        source: LIFECYCLE_SOURCE.into(),
-        event_type,
-        time: rfc3339_millis(now_ms),
-        subject: format!("sandbox/{sandbox_id}"),
-        datacontenttype: "application/json".into(),
-        data,
-    };
-    let json = serde_json::to_string(&event).map_err(storage)?;
+    drop(meta);
+    let host_id = host_id_in(write)?;
+    let json = event.into_json(&host_id, seq)?;
     write
         .open_table(OUTBOX)
         .map_err(storage)?
@@ -118,12 +126,56 @@ fn append_event(
     Ok(seq)
 }
 
+/// This home's host id, made (random) on first need.
+fn host_id_in(write: &WriteTransaction) -> Result<String, RecordError> {
+    let mut meta_text = write.open_table(META_TEXT).map_err(storage)?;
+    let existing = meta_text
+        .get(HOST_ID)
+        .map_err(storage)?
+        .map(|id| id.value().to_string());
+    Ok(match existing {
+        Some(id) => id,
+        None => {
+            let id = format!("{:016x}", rand::random::<u64>());
+            meta_text.insert(HOST_ID, id.as_str()).map_err(storage)?;
+            id
+        }
+    })
+}
+
+/// This home's host id: in its lifecycle events' ids, and, on a shared
+/// store, the owner of the sandboxes it serves.
+pub fn host_id(state: &crate::state_db::StateDb) -> Result<String, RecordError> {
+    let database = state.database()?;
+    let read = database.begin_read().map_err(storage)?;
+    if let Ok(table) = read.open_table(META_TEXT)
+        && let Some(id) = table.get(HOST_ID).map_err(storage)?
+    {
+        return Ok(id.value().to_string());
+    }
+    drop(read);
+    let (sender, receiver) = std::sync::mpsc::channel();
+    state.write(move |write| {
+        let id = host_id_in(write).map_err(|error| error.to_string())?;
+        let _ = sender.send(id);
+        Ok(())
+    })?;
+    receiver
+        .recv()
+        .map_err(|_| storage("the host id was not written"))
+}
+
 /// Events after `after_seq`, oldest first, as stored JSON.
 pub fn after(
     state: &crate::state_db::StateDb,
     after_seq: u64,
     limit: usize,
 ) -> Result<Vec<(u64, String)>, RecordError> {
+    if let Some(shared) = state.shared() {
+        return shared
+            .events_after(after_seq, limit)
+            .map_err(RecordError::Storage);
+    }
     let database = state.database()?;
     let read = database.begin_read().map_err(storage)?;
     let table = match read.open_table(OUTBOX) {
@@ -145,6 +197,9 @@ pub fn after(
 
 /// The newest lifecycle event's sequence number (0 when none).
 pub fn last_seq(state: &crate::state_db::StateDb) -> Result<u64, RecordError> {
+    if let Some(shared) = state.shared() {
+        return shared.last_event_seq().map_err(RecordError::Storage);
+    }
     let database = state.database()?;
     let read = database.begin_read().map_err(storage)?;
     let table = match read.open_table(OUTBOX) {

@@ -22,7 +22,9 @@ use crate::router::{RouteDecision, Router, RouterError};
 use crate::runtime::{ExtensionCatalog, ExtensionSet};
 use crate::state_db::StateDb;
 pub use reconcile::{ReconcileReport, Retries};
-pub use record::{Attempt, Meter, RecordError, RecordStore, SandboxState, SandboxStatus};
+pub use record::{
+    Attempt, Meter, RecordError, RecordExtras, RecordStore, SandboxState, SandboxStatus,
+};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -188,11 +190,11 @@ impl SandboxManager {
 
     /// Live sandboxes, or every record with `all`.
     pub fn list(&self, all: bool) -> Result<Vec<SandboxStatus>, ManagerError> {
-        let records = self.records.all()?;
-        Ok(records
-            .into_iter()
-            .filter(|record| all || record.state.is_live())
-            .collect())
+        Ok(if all {
+            self.records.all()?
+        } else {
+            self.records.live()?
+        })
     }
 
     /// Waits until no other operation of this process works on `id`, then
@@ -231,50 +233,36 @@ impl SandboxManager {
 
     /// Writes `record` with the event of its current state.
     async fn save(&self, record: &mut SandboxStatus) -> Result<(), ManagerError> {
-        self.save_with(record, |_| Ok(())).await
+        self.save_with(record, RecordExtras::default()).await
     }
 
-    /// Writes `record` with its event and whatever `also` writes, in one
-    /// transaction.
+    /// Writes `record` with its event and `extras`, in one transaction.
     async fn save_with(
         &self,
         record: &mut SandboxStatus,
-        also: impl FnOnce(&redb::WriteTransaction) -> Result<(), String> + Send + 'static,
+        mut extras: RecordExtras,
     ) -> Result<(), ManagerError> {
         let now = now_ms();
         record.updated_at_ms = now;
-        let event_record = record.clone();
+        extras
+            .events
+            .insert(0, lifecycle_events::PendingEvent::state_change(record, now));
         // `requested` has had nothing acted on yet: if a crash loses it,
         // there is nothing to reconcile, so it need not wait for the disk.
         let durable = record.state != SandboxState::Requested;
-        self.records
-            .put_async(
-                record,
-                move |write| {
-                    lifecycle_events::append(write, &event_record, now)?;
-                    also(write).map_err(record::storage)
-                },
-                durable,
-            )
-            .await?;
+        self.records.put_async(record, extras, durable).await?;
         Ok(())
     }
 
     /// Writes `record` durably without an event (a detail of the current
-    /// state), with whatever `also` writes in the same transaction.
+    /// state), with `extras` in the same transaction.
     async fn save_quietly_with(
         &self,
         record: &mut SandboxStatus,
-        also: impl FnOnce(&redb::WriteTransaction) -> Result<(), String> + Send + 'static,
+        extras: RecordExtras,
     ) -> Result<(), ManagerError> {
         record.updated_at_ms = now_ms();
-        self.records
-            .put_async(
-                record,
-                move |write| also(write).map_err(record::storage),
-                true,
-            )
-            .await?;
+        self.records.put_async(record, extras, true).await?;
         Ok(())
     }
 
@@ -389,12 +377,15 @@ impl SandboxManager {
                     // Ready, its event, the extension's own key-value writes
                     // and what routing learns, in one commit.
                     let instance = candidate.name.clone();
-                    self.save_with(&mut record, move |write| {
-                        pending_kv.apply(write)?;
-                        health::apply_outcome(write, &instance, true, ready_at)?;
-                        health::apply_latency(write, &instance, latency_ms)
-                    })
-                    .await?;
+                    let extras = RecordExtras {
+                        kv: Some(pending_kv),
+                        local: Some(Box::new(move |write| {
+                            health::apply_outcome(write, &instance, true, ready_at)?;
+                            health::apply_latency(write, &instance, latency_ms)
+                        })),
+                        ..RecordExtras::default()
+                    };
+                    self.save_with(&mut record, extras).await?;
                     return Ok(record);
                 }
                 Err(error) => {

@@ -37,10 +37,32 @@ impl Retries {
 }
 
 impl SandboxManager {
+    /// On a shared store: renews this host's leases when a third of a lease
+    /// has passed, and takes over the live sandboxes whose owner's lease ran
+    /// out (a host that died or lost the database), so that this host's
+    /// reconcile reaps, destroys and settles them. One line per sandbox
+    /// taken over; nothing on redb.
+    pub async fn tend_leases(&self) -> Vec<String> {
+        let Some(shared) = self.records.state().shared() else {
+            return Vec::new();
+        };
+        let mut actions = Vec::new();
+        if let Err(error) = shared.renew_if_due().await {
+            actions.push(format!("leases could not be renewed: {error}"));
+        }
+        match shared.take_over_expired().await {
+            Ok(taken) => actions.extend(taken.into_iter().map(|(id, from)| {
+                format!("{id}: taken over from host {from}, whose lease ran out")
+            })),
+            Err(error) => actions.push(format!("expired leases could not be checked: {error}")),
+        }
+        actions
+    }
+
     /// Whether a reconcile pass at `now` would act on some sandbox (and so
     /// need the extensions loaded).
     pub fn has_work(&self, now: u64, retries: Retries) -> Result<bool, ManagerError> {
-        Ok(self.records.all()?.iter().any(|record| {
+        Ok(self.records.owned_live()?.iter().any(|record| {
             let due = match record.state {
                 SandboxState::Requested
                 | SandboxState::Provisioning
@@ -61,7 +83,7 @@ impl SandboxManager {
         retries: Retries,
     ) -> Result<Vec<SandboxStatus>, ManagerError> {
         let mut swept = Vec::new();
-        for record in self.records.all()? {
+        for record in self.records.owned_live()? {
             let due = record.state == SandboxState::Ready
                 && record.expires_at_ms.is_some_and(|at| at <= now);
             if !(due || record.state == SandboxState::Expired) || !retries.allows(&record, now) {
@@ -112,7 +134,7 @@ impl SandboxManager {
                 SandboxState::Requested | SandboxState::Provisioning | SandboxState::Destroying
             ) && retries.allows(record, now)
         };
-        for record in self.records.all()? {
+        for record in self.records.owned_live()? {
             if !interrupted(&record) {
                 continue;
             }
@@ -176,12 +198,12 @@ impl SandboxManager {
                 .actions
                 .push(format!("holds could not be checked: {error}")),
         }
-        // Process trees no live sandbox owns; directories past retention.
+        // Process trees no live sandbox of this host owns; directories past
+        // retention.
         let live = self
             .records
-            .all()?
+            .owned_live()?
             .into_iter()
-            .filter(|record| record.state.is_live())
             .map(|record| record.id)
             .collect();
         if let Some(sandboxes_dir) = &self.sandboxes_dir {
@@ -205,6 +227,12 @@ impl SandboxManager {
     async fn void_orphan_holds(&self) -> Result<Vec<String>, ManagerError> {
         let mut actions = Vec::new();
         let shared = self.ledger.shared();
+        let owned: std::collections::HashSet<String> = self
+            .records
+            .owned_live()?
+            .into_iter()
+            .map(|record| record.id)
+            .collect();
         for hold in self.ledger.open_holds().await? {
             let sandbox_id = hold
                 .sandbox_id
@@ -216,6 +244,15 @@ impl SandboxManager {
             };
             let record = self.records.get(sandbox_id)?;
             if shared && record.is_none() {
+                continue;
+            }
+            // A live sandbox of another host on a shared store is that
+            // host's to settle (or, once its lease runs out, the host that
+            // takes it over).
+            if let Some(record) = &record
+                && record.state.is_live()
+                && !owned.contains(&record.id)
+            {
                 continue;
             }
             let owned = record.is_some_and(|record| {

@@ -1,8 +1,10 @@
 //! A sandbox's record (`SandboxStatus`) and where it is kept: the host's
 //! state store, written before every step of the lifecycle is acted on.
 
-use crate::runtime::{SandboxHandle, SandboxSpec, Usage};
+use super::lifecycle_events::{self, PendingEvent};
+use crate::runtime::{PendingKv, SandboxHandle, SandboxSpec, Usage};
 use crate::state_db::StateDb;
+use crate::state_pg::{SharedWriteError, StateWrite};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -134,29 +136,38 @@ pub enum RecordError {
     State(#[from] crate::state_db::StateDbError),
     #[error("sandbox records: {0}")]
     Storage(String),
+    /// On a shared store: another host owns the sandbox now.
+    #[error("{0}")]
+    Fenced(String),
 }
 
 pub(crate) fn storage(error: impl std::fmt::Display) -> RecordError {
     RecordError::Storage(error.to_string())
 }
 
-/// The write of one record, with what `also` adds to its transaction.
-fn record_write(
-    record: &SandboxStatus,
-    also: impl FnOnce(&WriteTransaction) -> Result<(), RecordError> + Send + 'static,
-) -> Result<impl FnOnce(&WriteTransaction) -> Result<(), String> + Send + 'static, RecordError> {
-    let json = serde_json::to_string(record).map_err(storage)?;
-    let id = record.id.clone();
-    Ok(move |write: &WriteTransaction| {
-        let mut table = write
-            .open_table(SANDBOXES)
-            .map_err(|error| error.to_string())?;
-        table
-            .insert(id.as_str(), json.as_str())
-            .map_err(|error| error.to_string())?;
-        drop(table);
-        also(write).map_err(|error| error.to_string())
-    })
+impl From<SharedWriteError> for RecordError {
+    fn from(error: SharedWriteError) -> Self {
+        match error {
+            SharedWriteError::Fenced { .. } => Self::Fenced(error.to_string()),
+            SharedWriteError::Store(message) => Self::Storage(message),
+        }
+    }
+}
+
+/// A host-local write that goes with a record's (routing health, a
+/// dispute's tally).
+pub type LocalWrite = Box<dyn FnOnce(&WriteTransaction) -> Result<(), String> + Send>;
+
+/// What a record write carries besides the record. On redb all of it
+/// commits in one transaction. On a shared store the record, its events and
+/// the key-value writes commit in one transaction there, and the host-local
+/// part after it, in `state.redb` (it is only what routing learns and
+/// tallies, which a crash may lose).
+#[derive(Default)]
+pub struct RecordExtras {
+    pub events: Vec<PendingEvent>,
+    pub kv: Option<PendingKv>,
+    pub local: Option<LocalWrite>,
 }
 
 /// Reads and writes sandbox records.
@@ -174,41 +185,46 @@ impl RecordStore {
         &self.state
     }
 
-    /// Writes a record durably, with whatever `also` adds to the same
-    /// transaction (its lifecycle event, routing health).
-    pub fn put(
-        &self,
-        record: &SandboxStatus,
-        also: impl FnOnce(&WriteTransaction) -> Result<(), RecordError> + Send + 'static,
-    ) -> Result<(), RecordError> {
-        self.put_with_durability(record, also, true)
-    }
-
-    /// [`RecordStore::put`], optionally without waiting for the disk: for a
-    /// state whose loss in a crash leaves nothing to reconcile.
-    pub fn put_with_durability(
-        &self,
-        record: &SandboxStatus,
-        also: impl FnOnce(&WriteTransaction) -> Result<(), RecordError> + Send + 'static,
-        durable: bool,
-    ) -> Result<(), RecordError> {
-        let write = record_write(record, also)?;
-        if durable {
-            self.state.write(write)?;
-        } else {
-            self.state.write_eventually(write)?;
-        }
-        Ok(())
-    }
-
-    /// [`RecordStore::put_with_durability`], awaited.
+    /// Writes `record` with its extras, durably unless `durable` is false
+    /// (a state whose loss in a crash leaves nothing to reconcile).
     pub async fn put_async(
         &self,
         record: &SandboxStatus,
-        also: impl FnOnce(&WriteTransaction) -> Result<(), RecordError> + Send + 'static,
+        extras: RecordExtras,
         durable: bool,
     ) -> Result<(), RecordError> {
-        let write = record_write(record, also)?;
+        let RecordExtras { events, kv, local } = extras;
+        if let Some(shared) = self.state.shared() {
+            shared
+                .write_async(StateWrite {
+                    record: Some(record.clone()),
+                    events,
+                    kv: kv.and_then(PendingKv::into_writes),
+                })
+                .await?;
+            if let Some(local) = local {
+                self.state.write_eventually_async(local).await?;
+            }
+            return Ok(());
+        }
+        let json = serde_json::to_string(record).map_err(storage)?;
+        let id = record.id.clone();
+        let write = move |write: &WriteTransaction| {
+            let mut table = write
+                .open_table(SANDBOXES)
+                .map_err(|error| error.to_string())?;
+            table
+                .insert(id.as_str(), json.as_str())
+                .map_err(|error| error.to_string())?;
+            drop(table);
+            for event in events {
+                lifecycle_events::append(write, event).map_err(|error| error.to_string())?;
+            }
+            if let Some(kv) = kv {
+                kv.apply(write)?;
+            }
+            local.map_or(Ok(()), |local| local(write))
+        };
         if durable {
             self.state.write_async(write).await?;
         } else {
@@ -218,6 +234,9 @@ impl RecordStore {
     }
 
     pub fn get(&self, id: &str) -> Result<Option<SandboxStatus>, RecordError> {
+        if let Some(shared) = self.state.shared() {
+            return shared.record(id).map_err(RecordError::Storage);
+        }
         let database = self.state.database()?;
         let read = database.begin_read().map_err(storage)?;
         let table = match read.open_table(SANDBOXES) {
@@ -234,6 +253,9 @@ impl RecordStore {
 
     /// Every record, oldest first.
     pub fn all(&self) -> Result<Vec<SandboxStatus>, RecordError> {
+        if let Some(shared) = self.state.shared() {
+            return shared.records(false).map_err(RecordError::Storage);
+        }
         let database = self.state.database()?;
         let read = database.begin_read().map_err(storage)?;
         let table = match read.open_table(SANDBOXES) {
@@ -248,5 +270,33 @@ impl RecordStore {
         }
         records.sort_by_key(|record| (record.created_at_ms, record.id.clone()));
         Ok(records)
+    }
+
+    /// Live records, oldest first.
+    pub fn live(&self) -> Result<Vec<SandboxStatus>, RecordError> {
+        if let Some(shared) = self.state.shared() {
+            return shared.records(true).map_err(RecordError::Storage);
+        }
+        let mut records = self.all()?;
+        records.retain(|record| record.state.is_live());
+        Ok(records)
+    }
+
+    /// The live records this host acts on in reconcile and the ttl sweep:
+    /// every live one on redb; on a shared store, those it owns.
+    pub fn owned_live(&self) -> Result<Vec<SandboxStatus>, RecordError> {
+        match self.state.shared() {
+            Some(shared) => shared.owned_live().map_err(RecordError::Storage),
+            None => self.live(),
+        }
+    }
+
+    /// Makes this host the owner of `id` before it acts on it (a no-op on
+    /// redb); see [`crate::state_pg::PgState::claim`].
+    pub async fn claim(&self, id: &str) -> Result<(), RecordError> {
+        match self.state.shared() {
+            Some(shared) => Ok(shared.claim(id).await?),
+            None => Ok(()),
+        }
     }
 }

@@ -356,6 +356,11 @@ impl PendingKv {
     pub fn apply(self, write: &redb::WriteTransaction) -> Result<(), String> {
         self.0.apply(write)
     }
+
+    /// Them as data, for a shared store's transaction.
+    pub fn into_writes(self) -> Option<(String, Vec<crate::state_pg::KvWrite>)> {
+        self.0.into_writes()
+    }
 }
 
 /// An extension instance that passed every load check.

@@ -18,6 +18,7 @@
 
 use super::kv_usage::{self, KvUsage, entry_bytes};
 use crate::state_db::{StateDb, StateDbError};
+use crate::state_pg::{KvWrite, StateWrite};
 use redb::{ReadableDatabase, TableDefinition, WriteTransaction};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -139,6 +140,9 @@ impl KvSession {
         if let Some(pending) = self.pending.get(key) {
             return Ok(pending.value.clone());
         }
+        if let Some(shared) = self.state.shared() {
+            return shared.kv_get(&self.instance, key).map_err(KvError::Storage);
+        }
         let database = self.state.database()?;
         let read = database.begin_read().map_err(storage)?;
         let table = match read.open_table(VALUES) {
@@ -153,6 +157,11 @@ impl KvSession {
     /// What `key` counts against the quota in the database, without copying
     /// its value.
     fn stored_entry_bytes(&self, key: &str) -> Result<Option<u64>, KvError> {
+        if let Some(shared) = self.state.shared() {
+            return shared
+                .kv_entry_bytes(&self.instance, key)
+                .map_err(KvError::Storage);
+        }
         let database = self.state.database()?;
         let read = database.begin_read().map_err(storage)?;
         let table = match read.open_table(VALUES) {
@@ -169,7 +178,14 @@ impl KvSession {
         let stored = match self.stored_usage {
             Some(usage) => usage,
             None => {
-                let usage = kv_usage::stored_usage(&self.state, &self.instance)?;
+                let usage = match self.state.shared() {
+                    Some(shared) => {
+                        let (keys, bytes) =
+                            shared.kv_usage(&self.instance).map_err(KvError::Storage)?;
+                        KvUsage { keys, bytes }
+                    }
+                    None => kv_usage::stored_usage(&self.state, &self.instance)?,
+                };
                 self.stored_usage = Some(usage);
                 usage
             }
@@ -314,41 +330,81 @@ impl KvSession {
             .map(|(key, _)| key.as_str())
             .peekable();
         let mut keys = Vec::new();
-        let database = self.state.database()?;
-        let read = database.begin_read().map_err(storage)?;
-        match read.open_table(VALUES) {
-            Ok(table) => {
-                let range = table
-                    .range((self.instance.as_str(), prefix)..)
-                    .map_err(storage)?;
-                for entry in range {
-                    if keys.len() == limit {
-                        return Ok(keys);
-                    }
-                    let (key, _) = entry.map_err(storage)?;
-                    let (instance, key) = key.value();
-                    if instance != self.instance || !key.starts_with(prefix) {
-                        break;
-                    }
-                    // A buffered write or delete of this key decides for it.
-                    if self.pending.contains_key(key) {
-                        continue;
-                    }
-                    while keys.len() < limit
-                        && let Some(earlier) = buffered.next_if(|buffered| *buffered < key)
-                    {
-                        keys.push(earlier.to_string());
-                    }
-                    if keys.len() < limit {
-                        keys.push(key.to_string());
-                    }
-                }
+        // Stored keys a buffered write or delete decides for are skipped,
+        // so up to that many more are read.
+        let decided = self
+            .pending
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(|(key, _)| key.starts_with(prefix))
+            .count();
+        for key in self.stored_keys(prefix, limit + decided)? {
+            if keys.len() == limit {
+                return Ok(keys);
             }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(error) => return Err(storage(error)),
+            // A buffered write or delete of this key decides for it.
+            if self.pending.contains_key(&key) {
+                continue;
+            }
+            while keys.len() < limit
+                && let Some(earlier) = buffered.next_if(|buffered| *buffered < key.as_str())
+            {
+                keys.push(earlier.to_string());
+            }
+            if keys.len() < limit {
+                keys.push(key);
+            }
         }
         keys.extend(buffered.take(limit - keys.len()).map(ToString::to_string));
         Ok(keys)
+    }
+
+    /// Up to `want` stored keys starting with `prefix`, in byte order.
+    fn stored_keys(&self, prefix: &str, want: usize) -> Result<Vec<String>, KvError> {
+        if let Some(shared) = self.state.shared() {
+            return shared
+                .kv_keys(&self.instance, prefix, want)
+                .map_err(KvError::Storage);
+        }
+        let database = self.state.database()?;
+        let read = database.begin_read().map_err(storage)?;
+        let table = match read.open_table(VALUES) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(error) => return Err(storage(error)),
+        };
+        let mut keys = Vec::new();
+        for entry in table
+            .range((self.instance.as_str(), prefix)..)
+            .map_err(storage)?
+        {
+            if keys.len() == want {
+                break;
+            }
+            let (key, _) = entry.map_err(storage)?;
+            let (instance, key) = key.value();
+            if instance != self.instance || !key.starts_with(prefix) {
+                break;
+            }
+            keys.push(key.to_string());
+        }
+        Ok(keys)
+    }
+
+    /// The call's writes as data, for a shared store's transaction; none
+    /// when there are none.
+    pub fn into_writes(self) -> Option<(String, Vec<KvWrite>)> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let writes = self
+            .pending
+            .into_iter()
+            .map(|(key, pending)| (key, pending.value))
+            .collect();
+        Some((self.instance, writes))
     }
 
     /// Makes the call's writes durable in one transaction. Nothing to write
@@ -359,6 +415,14 @@ impl KvSession {
             return Ok(());
         }
         let state = self.state.clone();
+        if let Some(shared) = state.shared() {
+            return shared
+                .write(StateWrite {
+                    kv: self.into_writes(),
+                    ..StateWrite::default()
+                })
+                .map_err(|error| KvError::Storage(error.to_string()));
+        }
         state.write(move |write| self.apply(write))?;
         Ok(())
     }
@@ -369,6 +433,15 @@ impl KvSession {
             return Ok(());
         }
         let state = self.state.clone();
+        if let Some(shared) = state.shared() {
+            return shared
+                .write_async(StateWrite {
+                    kv: self.into_writes(),
+                    ..StateWrite::default()
+                })
+                .await
+                .map_err(|error| KvError::Storage(error.to_string()));
+        }
         state.write_async(move |write| self.apply(write)).await?;
         Ok(())
     }

@@ -120,6 +120,9 @@ impl From<ManagerError> for ServiceError {
                 Self::Unavailable(message)
             }
             ManagerError::Ledger(error) => error.into(),
+            ManagerError::Records(crate::manager::RecordError::Fenced(_)) => {
+                Self::Conflict(message)
+            }
             ManagerError::Records(_) | ManagerError::Health(_) | ManagerError::Router(_) => {
                 Self::Internal(message)
             }

@@ -82,6 +82,23 @@ impl Caller {
     }
 }
 
+/// How long a host owns its sandboxes on a shared store without renewing
+/// (`SANDBOXER_LEASE_SECS`, whole seconds, at least 3).
+fn lease_from_env() -> Result<std::time::Duration, ServiceError> {
+    let Ok(text) = std::env::var("SANDBOXER_LEASE_SECS") else {
+        return Ok(crate::state_pg::DEFAULT_LEASE);
+    };
+    let minimum = crate::state_pg::MIN_LEASE.as_secs();
+    match text.trim().parse::<u64>() {
+        Ok(secs) if (minimum..=86_400).contains(&secs) => Ok(std::time::Duration::from_secs(secs)),
+        _ => Err(ServiceError::InvalidInput(format!(
+            "SANDBOXER_LEASE_SECS is `{text}`; it must be whole seconds from {minimum} to 86400 \
+             (how long a host owns its sandboxes without renewing; default {})",
+            crate::state_pg::DEFAULT_LEASE.as_secs()
+        ))),
+    }
+}
+
 /// An opened home.
 pub struct Service {
     config: ServiceConfig,
@@ -117,8 +134,14 @@ impl Service {
         };
         let ledger: Arc<dyn LedgerStore> = match &config.store {
             Some(url) => {
+                let lease = lease_from_env()?;
                 let ledger = PgLedger::connect(url, options).await?;
                 wait_for_home(&config, || Ok(state.database()?)).await?;
+                let host_id = crate::manager::lifecycle_events::host_id(&state)
+                    .map_err(|error| ServiceError::Internal(error.to_string()))?;
+                let shared = crate::state_pg::PgState::start(url, host_id, lease)
+                    .map_err(ServiceError::Internal)?;
+                state.share(Arc::new(shared));
                 Arc::new(ledger)
             }
             None => Arc::new(
@@ -186,13 +209,19 @@ impl Service {
     /// Recovery after a crash and the ttl sweep (see the manager). Loads the
     /// extensions only when some sandbox needs one.
     pub async fn reconcile(&self, retries: Retries) -> Result<ReconcileReport, ServiceError> {
+        let taken_over = self.manager.tend_leases().await;
         let now = now_ms();
         if self.manager.has_work(now, retries)? {
             // A missing extensions directory leaves them unloaded: each
             // sandbox then reports that its extension is missing.
             let _ = self.extensions().await;
         }
-        Ok(self.manager.reconcile(now, retries).await?)
+        let mut report = self.manager.reconcile(now, retries).await?;
+        for action in &taken_over {
+            tracing::info!("reconciled: {action}");
+        }
+        report.actions.splice(0..0, taken_over);
+        Ok(report)
     }
 
     /// Delivers waiting meter events to the sinks. A sink that fails is a

@@ -1,4 +1,5 @@
-//! Tenants and their API keys, and the operator's keys, in the state store.
+//! Tenants and their API keys, and the operator's keys, in the state store
+//! (on a shared store, in its database: a key works at every host).
 //!
 //! A key is shown once, when it is made, and stored only as its SHA-256: a
 //! copy of the state store does not hand out keys. Tenant keys have the
@@ -85,6 +86,17 @@ pub async fn create(
         revoked_at_ms: None,
     };
     let json = serde_json::to_string(&row).map_err(storage)?;
+    if let Some(shared) = state.shared() {
+        return if shared
+            .tenant_create(name, json, &row.key_sha256)
+            .await
+            .map_err(TenantError::Storage)?
+        {
+            Ok((row, key))
+        } else {
+            Err(TenantError::Exists(name.to_string()))
+        };
+    }
     let stored = row.clone();
     let (sender, outcome) = std::sync::mpsc::channel();
     state
@@ -122,6 +134,14 @@ pub async fn create(
 
 /// Every tenant, by name.
 pub fn list(state: &StateDb) -> Result<Vec<TenantRow>, TenantError> {
+    if let Some(shared) = state.shared() {
+        return shared
+            .tenant_rows()
+            .map_err(TenantError::Storage)?
+            .iter()
+            .map(|json| serde_json::from_str(json).map_err(storage))
+            .collect();
+    }
     let database = state.database()?;
     let read = database.begin_read().map_err(storage)?;
     let table = match read.open_table(TENANTS) {
@@ -149,6 +169,13 @@ pub async fn revoke(state: &StateDb, name: &str, now_ms: u64) -> Result<TenantRo
         row.revoked_at_ms = Some(now_ms);
     }
     let json = serde_json::to_string(&row).map_err(storage)?;
+    if let Some(shared) = state.shared() {
+        shared
+            .tenant_revoke(name, json, &row.key_sha256)
+            .await
+            .map_err(TenantError::Storage)?;
+        return Ok(row);
+    }
     let stored = row.clone();
     state
         .write_async(move |write| {
@@ -171,6 +198,12 @@ pub async fn revoke(state: &StateDb, name: &str, now_ms: u64) -> Result<TenantRo
 /// Remembers an operator key (its hash).
 pub async fn add_operator_key(state: &StateDb, key: &str, now_ms: u64) -> Result<(), TenantError> {
     let hash = key_sha256(key);
+    if let Some(shared) = state.shared() {
+        return shared
+            .operator_key_add(&hash, now_ms)
+            .await
+            .map_err(TenantError::Storage);
+    }
     state
         .write_async(move |write| {
             write
@@ -187,6 +220,12 @@ pub async fn add_operator_key(state: &StateDb, key: &str, now_ms: u64) -> Result
 /// Whose key this is, if anyone's.
 pub fn owner(state: &StateDb, key: &str) -> Result<Option<KeyOwner>, TenantError> {
     let hash = key_sha256(key);
+    if let Some(shared) = state.shared() {
+        return Ok(shared
+            .key_owner(&hash)
+            .map_err(TenantError::Storage)?
+            .map(|tenant| tenant.map_or(KeyOwner::Operator, KeyOwner::Tenant)));
+    }
     let database = state.database()?;
     let read = database.begin_read().map_err(storage)?;
     match read.open_table(OPERATOR_KEYS) {
