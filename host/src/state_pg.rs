@@ -6,8 +6,8 @@
 //!
 //! Ownership. Every live sandbox is owned by one host (its home's host id)
 //! until `lease_until_ms`, on the database's clock. The owner's writes
-//! renew the lease, and its background pass renews all of them every third
-//! of a lease. A record write from a host that no longer owns the row
+//! renew the lease, and its reader thread renews all of them every third of
+//! a lease, on a timer of its own. A record write from a host that no longer owns the row
 //! changes nothing and fails ([`SharedWriteError::Fenced`]): once another
 //! host has taken a sandbox over, the old owner cannot touch it again, even
 //! if it was only paused. A host takes over the live sandboxes whose lease
@@ -27,10 +27,10 @@ use crate::manager::lifecycle_events::PendingEvent;
 use crate::manager::record::SandboxStatus;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, GenericClient};
 
 /// How long a host owns its sandboxes without renewing, by default
 /// (`SANDBOXER_LEASE_SECS`).
@@ -50,6 +50,10 @@ pub enum SharedWriteError {
         "sandbox {id} is now served by host {owner}, which took it over; this host no longer acts on it"
     )]
     Fenced { id: String, owner: String },
+    #[error(
+        "sandbox {id} is served by host {owner}, which is working on it (or runs it on its own machine); send the request to that host, or try again shortly"
+    )]
+    Owned { id: String, owner: String },
     #[error("{0}")]
     Store(String),
 }
@@ -124,6 +128,12 @@ async fn connection(slot: &mut Option<Arc<Client>>, url: &str) -> Result<Arc<Cli
             .await
             .map_err(|error| error.to_string())?,
     );
+    // A statement stuck longer than this (a lost network, a lock held by a
+    // frozen host) fails instead of stopping every caller behind it.
+    client
+        .batch_execute("SET statement_timeout = '20s'")
+        .await
+        .map_err(pg)?;
     *slot = Some(client.clone());
     Ok(client)
 }
@@ -134,7 +144,6 @@ pub struct PgState {
     lease: Duration,
     reads: mpsc::UnboundedSender<ReadJob>,
     writes: mpsc::UnboundedSender<WriteJob>,
-    last_renewal: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for PgState {
@@ -152,11 +161,34 @@ impl PgState {
     pub fn start(url: &str, host_id: String, lease: Duration) -> Result<Self, String> {
         let (reads, mut read_jobs) = mpsc::unbounded_channel::<ReadJob>();
         let reader_url = url.to_string();
+        let renewer = Owner {
+            host_id: host_id.clone(),
+            lease_ms: lease.as_millis() as i64,
+        };
         spawn_thread("state-pg-reader", move || async move {
             let mut slot = None;
-            while let Some(job) = read_jobs.recv().await {
-                let client = connection(&mut slot, &reader_url).await;
-                job(client).await;
+            // Leases are renewed here, on their own timer, so that nothing
+            // the host is busy with (a long reconcile pass, slow backends)
+            // delays them.
+            let mut renewal = tokio::time::interval(lease / 3);
+            renewal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    job = read_jobs.recv() => {
+                        let Some(job) = job else { break };
+                        let client = connection(&mut slot, &reader_url).await;
+                        job(client).await;
+                    }
+                    _ = renewal.tick() => {
+                        let renewed = match connection(&mut slot, &reader_url).await {
+                            Ok(client) => renew_leases(&client, &renewer).await,
+                            Err(error) => Err(error),
+                        };
+                        if let Err(error) = renewed {
+                            tracing::warn!("leases could not be renewed: {error}");
+                        }
+                    }
+                }
             }
         })?;
         let (writes, write_jobs) = mpsc::unbounded_channel::<WriteJob>();
@@ -173,12 +205,20 @@ impl PgState {
             lease,
             reads,
             writes,
-            last_renewal: Mutex::new(None),
         })
     }
 
     pub fn host_id(&self) -> &str {
         &self.host_id
+    }
+
+    /// This host as the writer of records (for a write the ledger commits
+    /// with its operation: [`crate::ledger::Joint`]).
+    pub fn owner(&self) -> Owner {
+        Owner {
+            host_id: self.host_id.clone(),
+            lease_ms: self.lease_ms(),
+        }
     }
 
     pub fn lease(&self) -> Duration {
@@ -300,44 +340,18 @@ impl PgState {
         })
     }
 
-    /// Renews this host's leases if a third of a lease has passed since the
-    /// last renewal; returns how many were renewed.
-    pub async fn renew_if_due(&self) -> Result<u64, String> {
-        {
-            let last = self
-                .last_renewal
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            if last.is_some_and(|at| at.elapsed() < self.lease / 3) {
-                return Ok(0);
-            }
-        }
-        let (host, lease) = (self.host_id.clone(), self.lease_ms());
-        let started = Instant::now();
-        let renewed = self
-            .read_async(move |client| async move {
-                client
-                    .execute(
-                        &format!(
-                            "UPDATE sandboxes SET lease_until_ms = {DB_NOW} + $2::bigint \
-                             WHERE live AND owner_host = $1"
-                        ),
-                        &[&host, &lease],
-                    )
-                    .await
-                    .map_err(pg)
-            })
-            .await?;
-        *self
-            .last_renewal
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(started);
-        Ok(renewed)
-    }
-
     /// Takes over every live sandbox whose owner's lease ran out; returns
     /// each one's id and the host it was taken from.
-    pub async fn take_over_expired(&self) -> Result<Vec<(String, String)>, String> {
+    ///
+    /// Only sandboxes of `extensions` (those loaded here) are taken: a host
+    /// that could not destroy one leaves it to a host that can.
+    pub async fn take_over_expired(
+        &self,
+        extensions: Vec<String>,
+    ) -> Result<Vec<(String, String)>, String> {
+        if extensions.is_empty() {
+            return Ok(Vec::new());
+        }
         let (host, lease) = (self.host_id.clone(), self.lease_ms());
         self.read_async(move |client| async move {
             let rows = client
@@ -346,12 +360,13 @@ impl PgState {
                         "WITH expired AS ( \
                              SELECT id, owner_host FROM sandboxes \
                              WHERE live AND owner_host <> $1 AND lease_until_ms < {DB_NOW} \
-                             FOR UPDATE SKIP LOCKED) \
+                                 AND record::jsonb ->> 'extension' = ANY($3) \
+                             ORDER BY id FOR UPDATE SKIP LOCKED) \
                          UPDATE sandboxes SET owner_host = $1, lease_until_ms = {DB_NOW} + $2::bigint \
                          FROM expired WHERE sandboxes.id = expired.id \
                          RETURNING sandboxes.id, expired.owner_host"
                     ),
-                    &[&host, &lease],
+                    &[&host, &lease, &extensions],
                 )
                 .await
                 .map_err(pg)?;
@@ -364,10 +379,11 @@ impl PgState {
     }
 
     /// Makes this host the owner of sandbox `id` before it acts on it: a
-    /// sandbox it owns already, one whose lease ran out, or a ready one (no
-    /// operation of its owner is under way). Another host working on it
-    /// (creating, destroying) keeps it: the answer names that host. A
-    /// finished or unknown sandbox has nothing to claim.
+    /// sandbox it owns already, one whose lease ran out, or a ready SaaS one
+    /// (no operation of its owner is under way, and it runs at the provider,
+    /// reachable from any host). Another host working on it (creating,
+    /// destroying), or running it on its own machine, keeps it: the answer
+    /// names that host. A finished or unknown sandbox has nothing to claim.
     pub async fn claim(&self, id: &str) -> Result<(), SharedWriteError> {
         let (id, host, lease) = (id.to_string(), self.host_id.clone(), self.lease_ms());
         let owner = self
@@ -377,7 +393,8 @@ impl PgState {
                         &format!(
                             "UPDATE sandboxes SET owner_host = $2, lease_until_ms = {DB_NOW} + $3::bigint \
                              WHERE id = $1 AND live AND (owner_host = $2 \
-                                 OR lease_until_ms < {DB_NOW} OR state = 'ready') \
+                                 OR lease_until_ms < {DB_NOW} \
+                                 OR (state = 'ready' AND record::jsonb ->> 'kind' = 'saas')) \
                              RETURNING 1"
                         ),
                         &[&id, &host, &lease],
@@ -400,7 +417,7 @@ impl PgState {
             .map_err(SharedWriteError::Store)?;
         match owner {
             None => Ok(()),
-            Some((id, owner)) => Err(SharedWriteError::Fenced { id, owner }),
+            Some((id, owner)) => Err(SharedWriteError::Owned { id, owner }),
         }
     }
 
@@ -558,7 +575,7 @@ impl PgState {
         self.read_async(move |client| async move {
             client
                 .execute(
-                    "WITH gone AS (DELETE FROM tenant_keys WHERE key_sha256 = $3) \
+                    "WITH gone AS (DELETE FROM tenant_keys WHERE name = $1 OR key_sha256 = $3) \
                      UPDATE tenants SET revoked = true, row = $2 WHERE name = $1",
                     &[&name, &row_json, &key],
                 )
@@ -612,10 +629,28 @@ fn parse_record(json: &str) -> Result<SandboxStatus, String> {
     serde_json::from_str(json).map_err(|error| format!("sandbox records: {error}"))
 }
 
+/// Renews every lease `owner` holds. Rows a write holds are skipped (that
+/// write renews them): never waiting on a row lock, renewal cannot deadlock
+/// with a writer's group.
+async fn renew_leases(client: &Client, owner: &Owner) -> Result<u64, String> {
+    client
+        .execute(
+            &format!(
+                "UPDATE sandboxes SET lease_until_ms = {DB_NOW} + $2::bigint \
+                 WHERE id IN (SELECT id FROM sandboxes WHERE live AND owner_host = $1 \
+                     ORDER BY id FOR UPDATE SKIP LOCKED)"
+            ),
+            &[&owner.host_id, &owner.lease_ms],
+        )
+        .await
+        .map_err(pg)
+}
+
 /// Who writes: this host, and the lease each write renews.
-struct Owner {
-    host_id: String,
-    lease_ms: i64,
+#[derive(Debug, Clone)]
+pub struct Owner {
+    pub(crate) host_id: String,
+    pub(crate) lease_ms: i64,
 }
 
 async fn write_loop(url: String, owner: Owner, mut jobs: mpsc::UnboundedReceiver<WriteJob>) {
@@ -673,61 +708,121 @@ async fn apply_group(
     owner: &Owner,
     writes: Vec<StateWrite>,
 ) -> Result<Vec<Result<(), SharedWriteError>>, String> {
-    let meta = client
-        .query_one(
-            "SELECT state_id, next_event_seq FROM state_meta WHERE id = 1 FOR UPDATE",
-            &[],
-        )
-        .await
-        .map_err(pg)?;
-    let state_id: String = meta.get(0);
-    let first_seq: i64 = meta.get(1);
-    let mut next_seq = first_seq;
+    let mut outbox = Outbox::lock(client).await?;
     let mut results = Vec::with_capacity(writes.len());
     for write in writes {
-        if let Some(record) = &write.record
-            && let Some(holder) = put_record(client, record, owner).await?
-        {
-            results.push(Err(SharedWriteError::Fenced {
-                id: record.id.clone(),
-                owner: holder,
-            }));
-            continue;
-        }
-        if let Some((instance, kv)) = &write.kv {
-            apply_kv(client, instance, kv).await?;
-        }
-        for event in write.events {
-            let json = event
-                .into_json(&state_id, next_seq as u64)
-                .map_err(|error| error.to_string())?;
-            client
-                .execute(
-                    "INSERT INTO lifecycle_events (seq, event) VALUES ($1, $2)",
-                    &[&next_seq, &json],
-                )
-                .await
-                .map_err(pg)?;
-            next_seq += 1;
-        }
-        results.push(Ok(()));
+        results.push(apply_write(client, owner, &mut outbox, write).await?);
     }
-    if next_seq != first_seq {
-        client
-            .execute(
-                "UPDATE state_meta SET next_event_seq = $1 WHERE id = 1",
-                &[&next_seq],
+    outbox.save(client).await?;
+    Ok(results)
+}
+
+/// The lifecycle outbox's counter, locked (the `state_meta` row) for the
+/// rest of a transaction.
+pub(crate) struct Outbox {
+    state_id: String,
+    first_seq: i64,
+    next_seq: i64,
+}
+
+impl Outbox {
+    /// Locks `state_meta`: every transaction that writes state takes it
+    /// first (after `ledger_meta`, for one that writes the ledger too), so
+    /// sequence numbers are gap-free in commit order, and no two hosts'
+    /// writes interleave.
+    pub(crate) async fn lock(client: &impl GenericClient) -> Result<Self, String> {
+        let meta = client
+            .query_one(
+                "SELECT state_id, next_event_seq FROM state_meta WHERE id = 1 FOR UPDATE",
+                &[],
             )
             .await
             .map_err(pg)?;
+        let next_seq: i64 = meta.get(1);
+        Ok(Self {
+            state_id: meta.get(0),
+            first_seq: next_seq,
+            next_seq,
+        })
     }
-    Ok(results)
+
+    /// Stores the counter moved by the events appended.
+    pub(crate) async fn save(&self, client: &impl GenericClient) -> Result<(), String> {
+        if self.next_seq != self.first_seq {
+            client
+                .execute(
+                    "UPDATE state_meta SET next_event_seq = $1 WHERE id = 1",
+                    &[&self.next_seq],
+                )
+                .await
+                .map_err(pg)?;
+        }
+        Ok(())
+    }
+}
+
+/// Applies one write inside the caller's transaction (which holds the
+/// outbox lock): its record as `owner`'s, then its key-value writes and its
+/// events. A record another host owns is answered `Fenced`, and nothing of
+/// that write is applied.
+pub(crate) async fn apply_write(
+    client: &impl GenericClient,
+    owner: &Owner,
+    outbox: &mut Outbox,
+    write: StateWrite,
+) -> Result<Result<(), SharedWriteError>, String> {
+    if let Some(record) = &write.record
+        && let Some(holder) = put_record(client, record, owner).await?
+    {
+        return Ok(Err(SharedWriteError::Fenced {
+            id: record.id.clone(),
+            owner: holder,
+        }));
+    }
+    if let Some((instance, kv)) = &write.kv {
+        apply_kv(client, instance, kv).await?;
+    }
+    for event in write.events {
+        let json = event
+            .into_json(&outbox.state_id, outbox.next_seq as u64)
+            .map_err(|error| error.to_string())?;
+        client
+            .execute(
+                "INSERT INTO lifecycle_events (seq, event) VALUES ($1, $2)",
+                &[&outbox.next_seq, &json],
+            )
+            .await
+            .map_err(pg)?;
+        outbox.next_seq += 1;
+    }
+    Ok(Ok(()))
+}
+
+/// Locks the records `ids` for the rest of the caller's transaction and
+/// answers which of them another host than `owner` owns (id, owner).
+pub(crate) async fn lock_records(
+    client: &impl GenericClient,
+    ids: &[String],
+    owner: &str,
+) -> Result<Vec<(String, String)>, String> {
+    let rows = client
+        .query(
+            "SELECT id, owner_host FROM sandboxes WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+            &[&ids],
+        )
+        .await
+        .map_err(pg)?;
+    Ok(rows
+        .iter()
+        .map(|row| (row.get::<_, String>(0), row.get::<_, String>(1)))
+        .filter(|(_, holder)| holder != owner)
+        .collect())
 }
 
 /// Writes `record` as `host`'s, renewing its lease; answers the owner's id
 /// instead when another host owns it (and writes nothing).
 async fn put_record(
-    client: &Client,
+    client: &impl GenericClient,
     record: &SandboxStatus,
     owner: &Owner,
 ) -> Result<Option<String>, String> {
@@ -775,7 +870,11 @@ async fn put_record(
 
 /// Applies one call's key-value writes and moves its usage row by what
 /// they changed.
-async fn apply_kv(client: &Client, instance: &str, writes: &[KvWrite]) -> Result<(), String> {
+async fn apply_kv(
+    client: &impl GenericClient,
+    instance: &str,
+    writes: &[KvWrite],
+) -> Result<(), String> {
     let (mut keys, mut bytes) = (0i64, 0i64);
     for (key, value) in writes {
         let previous: Option<i32> = match value {

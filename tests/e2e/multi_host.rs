@@ -634,3 +634,143 @@ fn serve_hosts_killed_mid_burst_and_a_postgresql_crash_lose_and_double_nothing()
     assert_eq!(shown["held"], "0.000000", "{shown}");
     hosts[0].home.run(&["ledger", "verify"]).ok();
 }
+
+#[test]
+fn a_lease_shorter_than_three_seconds_is_refused_saying_the_rule() {
+    let _cluster = pg::shared();
+    let store = pg::fresh_database("short_lease");
+    let home = TestHome::new()
+        .with_env("SANDBOXER_STORE", &store)
+        .with_env("SANDBOXER_LEASE_SECS", "1");
+    let run = home.run(&["sandbox", "list"]).fails(2);
+    assert!(
+        run.stderr
+            .contains("SANDBOXER_LEASE_SECS is `1`; it must be whole seconds from 3 to 86400"),
+        "{}",
+        run.stderr
+    );
+}
+
+/// A host paused past its lease (or cut off from the database) comes back
+/// to find its sandbox taken over: it can neither write the record nor
+/// settle the hold with it, so the sandbox is billed once, by the host that
+/// owns it now.
+#[test]
+fn a_host_that_lost_a_sandbox_can_neither_write_its_record_nor_settle_it() {
+    use sandboxer_host::ledger::{Joint, LedgerError, LedgerOptions, LedgerStore, PgLedger};
+    use sandboxer_host::manager::SandboxStatus;
+    use sandboxer_host::state_pg::{PgState, StateWrite};
+    use std::sync::Arc;
+    use std::time::Duration;
+    let _cluster = pg::shared();
+    let store = pg::fresh_database("lost_sandbox");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let options = LedgerOptions {
+            default_credits: 0,
+            expire_on_open: false,
+        };
+        let ledger: Arc<dyn LedgerStore> =
+            Arc::new(PgLedger::connect(&store, options).await.unwrap());
+        let lease = Duration::from_secs(3);
+        let a = PgState::start(&store, "host-a".into(), lease).unwrap();
+        let b = PgState::start(&store, "host-b".into(), lease).unwrap();
+        ledger
+            .grant("acme", 1_000_000, Some("start"))
+            .await
+            .unwrap();
+        let ready: SandboxStatus = serde_json::from_value(serde_json::json!({
+            "id": "sbx-lost", "tenant": "acme", "profile": "saas-stub", "state": "ready",
+            "extension": "saas-stub", "kind": "saas",
+            "handle": {"backend_ref": "stub-1", "endpoint": null},
+            "spec": {"sandbox_id": "sbx-lost", "profile": "saas-stub", "template": "base",
+                     "cpu_millis": 1000, "memory_mb": 1024, "ttl_secs": 600,
+                     "network": false, "env": [], "command": []},
+            "created_at_ms": 1, "ready_at_ms": 2, "expires_at_ms": 600_002,
+            "finished_at_ms": null, "updated_at_ms": 2, "attempts": [],
+            "meter": {"estimate": 500_000, "hold": 500_000, "hold_id": "sbx-lost.1"},
+            "note": null
+        }))
+        .unwrap();
+        a.write_async(StateWrite {
+            record: Some(ready.clone()),
+            ..StateWrite::default()
+        })
+        .await
+        .unwrap();
+        ledger
+            .hold("acme", 500_000, "sbx-lost.1", "saas-stub", u64::MAX / 2)
+            .await
+            .unwrap();
+        // A ready SaaS sandbox moves to the host asked to act on it.
+        b.claim("sbx-lost").await.unwrap();
+
+        let mut destroyed = ready.clone();
+        destroyed.state = serde_json::from_value(serde_json::json!("destroyed")).unwrap();
+        let write = a
+            .write_async(StateWrite {
+                record: Some(destroyed.clone()),
+                ..StateWrite::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            write
+                .to_string()
+                .contains("sandbox sbx-lost is now served by host host-b"),
+            "{write}"
+        );
+        let late = destroyed.clone();
+        let settle = ledger
+            .settle_with(
+                "sbx-lost.1",
+                200_000,
+                Joint {
+                    record_id: "sbx-lost".into(),
+                    owner: a.owner(),
+                    then: Box::new(move |_| {
+                        Some(StateWrite {
+                            record: Some(late),
+                            ..StateWrite::default()
+                        })
+                    }),
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(settle, LedgerError::Fenced(_)), "{settle}");
+        // Nothing moved: the hold is open, the record still ready.
+        let hold = ledger.hold_record("sbx-lost.1").await.unwrap().unwrap();
+        assert_eq!(format!("{:?}", hold.state), "Open");
+        assert_eq!(b.record("sbx-lost").unwrap().unwrap().state, ready.state);
+
+        // The owner settles, record and charge in one transaction.
+        let finished = destroyed.clone();
+        let receipt = ledger
+            .settle_with(
+                "sbx-lost.1",
+                200_000,
+                Joint {
+                    record_id: "sbx-lost".into(),
+                    owner: b.owner(),
+                    then: Box::new(move |result| {
+                        result.is_ok().then(|| StateWrite {
+                            record: Some(finished),
+                            ..StateWrite::default()
+                        })
+                    }),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(receipt.charged, 200_000);
+        assert_eq!(
+            b.record("sbx-lost").unwrap().unwrap().state,
+            destroyed.state
+        );
+        assert_eq!(ledger.summary("acme").await.unwrap().balance, 800_000);
+    });
+}

@@ -61,8 +61,11 @@ pub struct GlobalArgs {
     )]
     pub hub_url: Option<String>,
 
-    /// Keep the credits ledger in this PostgreSQL database instead of the home's ledger.redb,
-    /// shared by every host given the same URL (docs/deployment.md)
+    /// Keep the credits ledger and the shared state (sandbox records with their owners' leases,
+    /// key-value stores, tenants and keys) in this PostgreSQL database instead of the home's
+    /// redb files, shared by every host given the same URL; SANDBOXER_LEASE_SECS (default 30)
+    /// is how long a dead host keeps its sandboxes before another takes them over
+    /// (docs/deployment.md)
     #[arg(
         long,
         global = true,
@@ -457,7 +460,7 @@ fn parse_store_url(text: &str) -> Result<String, String> {
     })?;
     if !matches!(url.scheme(), "postgres" | "postgresql") {
         return Err(format!(
-            "the scheme must be postgres (or postgresql), not `{}`; leave --store unset to keep the ledger in the home",
+            "the scheme must be postgres (or postgresql), not `{}`; leave --store unset to keep the ledger and the state in the home",
             url.scheme()
         ));
     }

@@ -20,6 +20,22 @@ use std::pin::Pin;
 /// What a ledger call returns: a future that any worker thread may poll.
 pub type LedgerFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, LedgerError>> + Send + 'a>>;
 
+/// A state write the ledger commits in the same transaction as its
+/// operation, on a store that keeps the sandbox records in the ledger's
+/// database (PostgreSQL): the hold and the `provisioning` record, the settle
+/// and the `destroyed` record, commit together or not at all.
+pub struct Joint {
+    /// The record the write belongs to: locked for the transaction, and the
+    /// operation refused ([`LedgerError::Fenced`]) when another host owns it.
+    pub record_id: String,
+    pub owner: crate::state_pg::Owner,
+    /// Makes the write from the operation's outcome; `None` writes nothing.
+    pub then: JointWrite,
+}
+
+pub type JointWrite =
+    Box<dyn FnOnce(&Result<Receipt, LedgerError>) -> Option<crate::state_pg::StateWrite> + Send>;
+
 /// A credits ledger. Implementations keep the same rules (see
 /// `docs/payments.md`): double entry, holds idempotent by key with the same
 /// replay answers, available credits never spent twice, and a journal whose
@@ -34,6 +50,22 @@ pub trait LedgerStore: Send + Sync + 'static {
     /// host's to void.
     fn shared(&self) -> bool {
         false
+    }
+
+    /// Whether [`LedgerStore::submit_joint`] works here.
+    fn joint_commits(&self) -> bool {
+        false
+    }
+
+    /// [`LedgerStore::submit`], with `joint`'s state write in the same
+    /// transaction. Only where [`LedgerStore::joint_commits`].
+    fn submit_joint(&self, operation: Operation, joint: Joint) -> LedgerFuture<'_, Receipt> {
+        let _ = (operation, joint);
+        Box::pin(async {
+            Err(LedgerError::Storage(
+                "this ledger cannot commit a sandbox record with its operations".into(),
+            ))
+        })
     }
 
     /// Applies one operation durably and returns its receipt (the first
@@ -109,6 +141,33 @@ impl dyn LedgerStore {
     ) -> Result<HoldReceipt, LedgerError> {
         let operation = hold_operation(tenant, amount, sandbox_id, extension, expires_at_ms);
         into_hold(self.submit(operation).await?)
+    }
+
+    /// [`Self::hold`] with `joint`'s write in the same transaction.
+    pub async fn hold_with(
+        &self,
+        tenant: &str,
+        amount: u64,
+        sandbox_id: &str,
+        extension: &str,
+        expires_at_ms: u64,
+        joint: Joint,
+    ) -> Result<HoldReceipt, LedgerError> {
+        let operation = hold_operation(tenant, amount, sandbox_id, extension, expires_at_ms);
+        into_hold(self.submit_joint(operation, joint).await?)
+    }
+
+    /// [`Self::settle`] with `joint`'s write in the same transaction.
+    pub async fn settle_with(
+        &self,
+        sandbox_id: &str,
+        actual: u64,
+        joint: Joint,
+    ) -> Result<SettleReceipt, LedgerError> {
+        into_settle(
+            self.submit_joint(settle_operation(sandbox_id, actual), joint)
+                .await?,
+        )
     }
 
     /// Charges a sandbox's actual cost and releases the rest of its hold.

@@ -41,6 +41,11 @@ pub enum LedgerError {
     #[error("ledger storage: {0}")]
     Storage(String),
 
+    /// On a shared store: the sandbox record the operation goes with is
+    /// another host's now; nothing was applied.
+    #[error("{0}")]
+    Fenced(String),
+
     #[error("the ledger's writer has stopped")]
     WriterStopped,
 }

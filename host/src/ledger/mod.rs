@@ -15,7 +15,8 @@ mod types;
 mod verify;
 mod writer;
 
-pub use backend::{LedgerFuture, LedgerStore};
+pub(crate) use backend::into_settle;
+pub use backend::{Joint, JointWrite, LedgerFuture, LedgerStore};
 pub use error::LedgerError;
 pub use events::{EVENT_SOURCE, MeterEvent, event_id, rfc3339_millis};
 pub use postgres::{PgLedger, redacted as redacted_store_url};
@@ -26,7 +27,7 @@ pub use writer::{MAX_BATCH, WriterStats};
 
 use crate::group_commit::GroupWriter;
 use backend::{
-    grant_operation, hold_operation, into_expired, into_grant, into_hold, into_settle, into_void,
+    grant_operation, hold_operation, into_expired, into_grant, into_hold, into_void,
     settle_operation, unexpected, void_operation,
 };
 use error::storage;

@@ -31,7 +31,8 @@ use super::store::{ApplyError, Batch, Row, Tables, initial_ledger_id};
 use super::types::*;
 use super::verify::{self, VerifyReport, VerifySource};
 use super::writer::{Job, MAX_BATCH, now_ms, run_job};
-use super::{LedgerFuture, LedgerOptions, LedgerStore};
+use super::{Joint, LedgerFuture, LedgerOptions, LedgerStore};
+use crate::state_pg;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -164,7 +165,7 @@ type Reply = oneshot::Sender<Result<Receipt, LedgerError>>;
 pub struct PgLedger {
     url: String,
     reads: Connection,
-    writer: mpsc::UnboundedSender<(Job, Reply)>,
+    writer: mpsc::UnboundedSender<(Job, Option<Joint>, Reply)>,
 }
 
 impl PgLedger {
@@ -190,9 +191,13 @@ impl PgLedger {
     }
 
     async fn send(&self, job: Job) -> Result<Receipt, LedgerError> {
+        self.send_with(job, None).await
+    }
+
+    async fn send_with(&self, job: Job, joint: Option<Joint>) -> Result<Receipt, LedgerError> {
         let (reply, answer) = oneshot::channel();
         self.writer
-            .send((job, reply))
+            .send((job, joint, reply))
             .map_err(|_| LedgerError::WriterStopped)?;
         answer.await.map_err(|_| LedgerError::WriterStopped)?
     }
@@ -423,7 +428,7 @@ impl Statements {
 
 async fn write_loop(
     url: String,
-    mut jobs: mpsc::UnboundedReceiver<(Job, Reply)>,
+    mut jobs: mpsc::UnboundedReceiver<(Job, Option<Joint>, Reply)>,
     default_credits: u64,
 ) {
     // The writer's own connection (a transaction needs `&mut Client`),
@@ -437,7 +442,14 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
-        let (batch_jobs, replies): (Vec<Job>, Vec<Reply>) = batch.into_iter().unzip();
+        let mut batch_jobs = Vec::with_capacity(batch.len());
+        let mut joints = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
+        for (job, joint, reply) in batch {
+            batch_jobs.push(job);
+            joints.push(joint);
+            replies.push(reply);
+        }
         if connection
             .as_ref()
             .is_some_and(|(client, _)| client.is_closed())
@@ -461,7 +473,7 @@ async fn write_loop(
             }
         }
         let (client, statements) = connection.as_mut().expect("connected above");
-        let results = commit_batch(client, statements, &batch_jobs, default_credits).await;
+        let results = commit_batch(client, statements, &batch_jobs, joints, default_credits).await;
         for (reply, result) in replies.into_iter().zip(results) {
             let _ = reply.send(result);
         }
@@ -476,13 +488,14 @@ async fn commit_batch(
     client: &mut Client,
     statements: &Statements,
     jobs: &[Job],
+    joints: Vec<Option<Joint>>,
     default_credits: u64,
 ) -> Vec<Result<Receipt, LedgerError>> {
     let transaction = match client.transaction().await {
         Ok(transaction) => transaction,
         Err(error) => return all_failed(jobs, pg(error)),
     };
-    match apply_batch(&transaction, statements, jobs, default_credits).await {
+    match apply_batch(&transaction, statements, jobs, joints, default_credits).await {
         Ok(results) => match transaction.commit().await {
             Ok(()) => results,
             Err(error) => all_failed(
@@ -507,6 +520,7 @@ async fn apply_batch(
     transaction: &Transaction<'_>,
     statements: &Statements,
     jobs: &[Job],
+    joints: Vec<Option<Joint>>,
     default_credits: u64,
 ) -> Result<Vec<Result<Receipt, LedgerError>>, LedgerError> {
     let meta = transaction
@@ -516,6 +530,45 @@ async fn apply_batch(
     let ledger_id: String = meta.get(0);
     let next_seq = seq(meta.get(1))?;
     let now = now_ms();
+
+    // Operations that go with a record: the state's lock next (always after
+    // the ledger's), then their records; one another host owns now is
+    // refused before it runs.
+    let mut joint_state = None;
+    let mut fenced: HashMap<usize, String> = HashMap::new();
+    if joints.iter().any(Option::is_some) {
+        let outbox = state_pg::Outbox::lock(transaction).await.map_err(storage)?;
+        let mut by_owner: BTreeMap<String, Vec<(usize, String)>> = BTreeMap::new();
+        for (index, joint) in joints.iter().enumerate() {
+            if let Some(joint) = joint {
+                by_owner
+                    .entry(joint.owner.host_id.clone())
+                    .or_default()
+                    .push((index, joint.record_id.clone()));
+            }
+        }
+        for (owner, records) in by_owner {
+            let ids: Vec<String> = records.iter().map(|(_, id)| id.clone()).collect();
+            let others: HashMap<String, String> = state_pg::lock_records(transaction, &ids, &owner)
+                .await
+                .map_err(storage)?
+                .into_iter()
+                .collect();
+            for (index, id) in records {
+                if let Some(holder) = others.get(&id) {
+                    fenced.insert(
+                        index,
+                        state_pg::SharedWriteError::Fenced {
+                            id,
+                            owner: holder.clone(),
+                        }
+                        .to_string(),
+                    );
+                }
+            }
+        }
+        joint_state = Some(outbox);
+    }
 
     let mut rows = ReadAhead::default();
     let mut wanted = wanted_rows(jobs);
@@ -543,7 +596,11 @@ async fn apply_batch(
         );
         let mut results = Vec::with_capacity(jobs.len());
         let mut missing = None;
-        for job in jobs {
+        for (index, job) in jobs.iter().enumerate() {
+            if let Some(why) = fenced.get(&index) {
+                results.push(Err(LedgerError::Fenced(why.clone())));
+                continue;
+            }
             match run_job(&mut batch, job) {
                 Ok(receipt) => results.push(Ok(receipt)),
                 Err(ApplyError::Refused(error)) => results.push(Err(error)),
@@ -560,6 +617,23 @@ async fn apply_batch(
         }
         let (tables, next_seq) = batch.into_parts();
         tables.write(transaction, statements, next_seq).await?;
+        if let Some(mut outbox) = joint_state {
+            for ((joint, result), index) in joints.into_iter().zip(&results).zip(0..) {
+                let Some(joint) = joint else { continue };
+                if fenced.contains_key(&index) {
+                    continue;
+                }
+                if let Some(write) = (joint.then)(result) {
+                    // The record is locked and this host's (checked above):
+                    // the write cannot be fenced.
+                    state_pg::apply_write(transaction, &joint.owner, &mut outbox, write)
+                        .await
+                        .map_err(storage)?
+                        .map_err(|error| storage(error.to_string()))?;
+                }
+            }
+            outbox.save(transaction).await.map_err(storage)?;
+        }
         return Ok(results);
     }
 }
@@ -1117,6 +1191,14 @@ impl LedgerStore for PgLedger {
 
     fn submit(&self, operation: Operation) -> LedgerFuture<'_, Receipt> {
         Box::pin(self.send(Job::Apply(operation)))
+    }
+
+    fn joint_commits(&self) -> bool {
+        true
+    }
+
+    fn submit_joint(&self, operation: Operation, joint: Joint) -> LedgerFuture<'_, Receipt> {
+        Box::pin(self.send_with(Job::Apply(operation), Some(joint)))
     }
 
     fn summary<'a>(&'a self, tenant: &'a str) -> LedgerFuture<'a, TenantSummary> {

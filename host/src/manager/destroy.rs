@@ -14,8 +14,9 @@ use super::{
     ManagerError, RecordExtras, SandboxManager, SandboxState, SandboxStatus,
     destroy_retry_delay_ms, disputes, lifecycle_events, now_ms,
 };
-use crate::ledger::{HoldState, LedgerError};
+use crate::ledger::{HoldState, Joint, LedgerError};
 use crate::runtime::{CallError, ExtError, Extension, Usage};
+use crate::state_pg::StateWrite;
 use std::sync::Arc;
 
 /// How a charge was arrived at, as the record's `meter.basis` says.
@@ -137,64 +138,87 @@ impl SandboxManager {
 
     /// Settles the hold at the decided charge and records the end. A hold
     /// already settled answers with its first charge (adopted here); a hold
-    /// already voided (an operator, or reconcile) charges nothing.
+    /// already voided (an operator, or reconcile) charges nothing. On a
+    /// shared store the settle and the `destroyed` record commit in one
+    /// transaction.
     async fn settle_and_finish(
         &self,
-        mut record: SandboxStatus,
-        mut decision: ChargeDecision,
+        record: SandboxStatus,
+        decision: ChargeDecision,
     ) -> Result<SandboxStatus, ManagerError> {
-        if let Some(hold_id) = record.meter.hold_id.clone() {
-            match self.ledger.settle(&hold_id, decision.charged).await {
-                Ok(receipt) => decision.charged = receipt.charged,
-                Err(LedgerError::HoldClosed { state, .. }) => {
-                    decision.charged = 0;
-                    add_note(
-                        &mut record,
-                        format!("its hold was already {state}; nothing was charged"),
-                    );
-                }
-                Err(LedgerError::NoHold { .. }) => {
-                    decision.charged = 0;
-                    add_note(&mut record, "it had no hold; nothing was charged".into());
-                }
-                Err(error) => return Err(error.into()),
-            }
-        }
-        decision.disputed = decision.asked.saturating_sub(decision.charged);
-        if decision.disputed > 0 && decision.charged == decision.ceiling {
-            add_note(
-                &mut record,
-                format!(
-                    "meter-actual asked {}; charged the policy's ceiling, {} disputed",
-                    sandboxer_credits::format_credits(decision.asked),
-                    sandboxer_credits::format_credits(decision.disputed)
-                ),
-            );
-        }
-        record.meter.actual = Some(decision.charged);
-        record.meter.drift = record
-            .meter
-            .estimate
-            .map(|estimate| i128::from(decision.charged) - i128::from(estimate));
-        record.meter.charge = Some(decision);
-        record.state = SandboxState::Destroyed;
-        record.finished_at_ms = Some(now_ms());
-        record.retry_at_ms = None;
-        let disputed = (decision.disputed > 0 && decision.charged == decision.ceiling)
-            .then(|| (record.clone(), record.extension.clone().unwrap_or_default()));
         let now = now_ms();
-        let mut extras = RecordExtras::default();
-        if let Some((record, instance)) = disputed {
-            let decision = record.meter.charge.expect("decided");
-            extras.events.push(lifecycle_events::PendingEvent::dispute(
-                &record, &decision, now,
-            ));
-            extras.local = Some(Box::new(move |write| {
-                disputes::add(write, &instance, decision.disputed)
-                    .map_err(|error| error.to_string())
-            }));
+        let hold_id = record.meter.hold_id.clone();
+        if let (Some(hold_id), Some(owner)) = (&hold_id, self.joint_owner()) {
+            let slot: Arc<std::sync::Mutex<Option<Finished>>> = Arc::default();
+            let (unfinished, written) = (record.clone(), slot.clone());
+            let then: crate::ledger::JointWrite = Box::new(move |result| {
+                let settled = result.clone().and_then(crate::ledger::into_settle);
+                let finished = finish_destroyed(unfinished, decision, Some(settled), now).ok()?;
+                let write = StateWrite {
+                    record: Some(finished.record.clone()),
+                    events: finished.events.clone(),
+                    kv: None,
+                };
+                *written
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(finished);
+                Some(write)
+            });
+            let joint = Joint {
+                record_id: record.id.clone(),
+                owner,
+                then,
+            };
+            let outcome = self
+                .ledger
+                .settle_with(hold_id, decision.charged, joint)
+                .await;
+            // The record was written with the settle when the batch
+            // committed: the settle succeeded, or answered for the hold.
+            let committed = match &outcome {
+                Ok(_) => true,
+                Err(LedgerError::HoldClosed { .. } | LedgerError::NoHold { .. }) => true,
+                Err(_) => false,
+            };
+            let finished = slot
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .take();
+            return match (committed, finished) {
+                (true, Some(finished)) => {
+                    if let Some(tally) = finished.dispute_tally() {
+                        self.records
+                            .state()
+                            .write_eventually_async(tally)
+                            .await
+                            .map_err(super::RecordError::from)?;
+                    }
+                    Ok(finished.record)
+                }
+                _ => Err(outcome.err().map_or_else(
+                    || ManagerError::Refused("the settle wrote no record".into()),
+                    ManagerError::Ledger,
+                )),
+            };
         }
-        self.save_with(&mut record, extras).await?;
+        let settled = match &hold_id {
+            Some(hold_id) => Some(self.ledger.settle(hold_id, decision.charged).await),
+            None => None,
+        };
+        let finished = finish_destroyed(record, decision, settled, now)?;
+        let local = finished.dispute_tally();
+        let Finished { record, events, .. } = finished;
+        self.records
+            .put_async(
+                &record,
+                RecordExtras {
+                    events,
+                    kv: None,
+                    local,
+                },
+                true,
+            )
+            .await?;
         Ok(record)
     }
 
@@ -454,4 +478,86 @@ fn add_note(record: &mut SandboxStatus, note: String) {
         Some(existing) => format!("{existing}; {note}"),
         None => note,
     });
+}
+
+/// A destroyed record and what its write carries.
+struct Finished {
+    record: SandboxStatus,
+    events: Vec<lifecycle_events::PendingEvent>,
+    /// The instance and amount the charge policy cut, for its tally.
+    disputed: Option<(String, u64)>,
+}
+
+impl Finished {
+    fn dispute_tally(&self) -> Option<super::record::LocalWrite> {
+        let (instance, disputed) = self.disputed.clone()?;
+        Some(Box::new(move |write| {
+            disputes::add(write, &instance, disputed).map_err(|error| error.to_string())
+        }))
+    }
+}
+
+/// `record` destroyed and billed as `settled` answered (none: it had no
+/// hold), at `now`. An error other than the hold's own answer is returned:
+/// the sandbox stays as it was, to be settled again.
+fn finish_destroyed(
+    mut record: SandboxStatus,
+    mut decision: ChargeDecision,
+    settled: Option<Result<crate::ledger::SettleReceipt, LedgerError>>,
+    now: u64,
+) -> Result<Finished, LedgerError> {
+    match settled {
+        None => {}
+        Some(Ok(receipt)) => decision.charged = receipt.charged,
+        Some(Err(LedgerError::HoldClosed { state, .. })) => {
+            decision.charged = 0;
+            add_note(
+                &mut record,
+                format!("its hold was already {state}; nothing was charged"),
+            );
+        }
+        Some(Err(LedgerError::NoHold { .. })) => {
+            decision.charged = 0;
+            add_note(&mut record, "it had no hold; nothing was charged".into());
+        }
+        Some(Err(error)) => return Err(error),
+    }
+    decision.disputed = decision.asked.saturating_sub(decision.charged);
+    let cut = decision.disputed > 0 && decision.charged == decision.ceiling;
+    if cut {
+        add_note(
+            &mut record,
+            format!(
+                "meter-actual asked {}; charged the policy's ceiling, {} disputed",
+                sandboxer_credits::format_credits(decision.asked),
+                sandboxer_credits::format_credits(decision.disputed)
+            ),
+        );
+    }
+    record.meter.actual = Some(decision.charged);
+    record.meter.drift = record
+        .meter
+        .estimate
+        .map(|estimate| i128::from(decision.charged) - i128::from(estimate));
+    record.meter.charge = Some(decision);
+    record.state = SandboxState::Destroyed;
+    record.finished_at_ms = Some(now);
+    record.retry_at_ms = None;
+    record.updated_at_ms = now;
+    let mut events = vec![lifecycle_events::PendingEvent::state_change(&record, now)];
+    let mut disputed = None;
+    if cut {
+        events.push(lifecycle_events::PendingEvent::dispute(
+            &record, &decision, now,
+        ));
+        disputed = Some((
+            record.extension.clone().unwrap_or_default(),
+            decision.disputed,
+        ));
+    }
+    Ok(Finished {
+        record,
+        events,
+        disputed,
+    })
 }

@@ -20,8 +20,7 @@ impl SandboxManager {
         only_later: bool,
     ) -> Result<SandboxStatus, ManagerError> {
         let _guard = self.lock(id).await;
-        self.records.claim(id).await?;
-        let mut record = self.get(id)?;
+        let record = self.get(id)?;
         if record.state != SandboxState::Ready {
             return Err(ManagerError::Refused(format!(
                 "sandbox {id} is {}; only a ready sandbox's timeout can change",
@@ -31,6 +30,16 @@ impl SandboxManager {
         let current_end = record.expires_at_ms.unwrap_or(0);
         if only_later && ends_at_ms <= current_end {
             return Ok(record);
+        }
+        // It changes: this host becomes its owner first (on a shared
+        // store), and works from the record as it is then.
+        self.records.claim(id).await?;
+        let mut record = self.get(id)?;
+        if record.state != SandboxState::Ready {
+            return Err(ManagerError::Refused(format!(
+                "sandbox {id} is {}; only a ready sandbox's timeout can change",
+                record.state.name()
+            )));
         }
         let ready_at = record.ready_at_ms.unwrap_or(record.created_at_ms);
         let rate = record.meter.rate_per_hour.unwrap_or_else(|| {

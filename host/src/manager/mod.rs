@@ -231,6 +231,15 @@ impl SandboxManager {
         })
     }
 
+    /// This host as a record's writer, when the ledger commits records with
+    /// its operations (both on one PostgreSQL database).
+    fn joint_owner(&self) -> Option<crate::state_pg::Owner> {
+        if !self.ledger.joint_commits() {
+            return None;
+        }
+        self.records.state().shared().map(|shared| shared.owner())
+    }
+
     /// Writes `record` with the event of its current state.
     async fn save(&self, record: &mut SandboxStatus) -> Result<(), ManagerError> {
         self.save_with(record, RecordExtras::default()).await
@@ -343,14 +352,46 @@ impl SandboxManager {
                 started_at_ms: now_ms(),
                 outcome: None,
             });
-            self.save(&mut record).await?;
-
             let expires = now_ms() + ttl_ms + HOLD_GRACE_MS;
-            if let Err(error) = self
-                .ledger
-                .hold(&record.tenant, estimate, &hold_id, &candidate.name, expires)
-                .await
-            {
+            let held = match self.joint_owner() {
+                // On a shared store the hold and the `provisioning` record
+                // saying what it holds commit together.
+                Some(owner) => {
+                    let now = now_ms();
+                    record.updated_at_ms = now;
+                    let mut provisioning = record.clone();
+                    provisioning.meter.hold = Some(estimate);
+                    let event = lifecycle_events::PendingEvent::state_change(&provisioning, now);
+                    let joint = crate::ledger::Joint {
+                        record_id: id.clone(),
+                        owner,
+                        then: Box::new(move |result| {
+                            result.is_ok().then(|| crate::state_pg::StateWrite {
+                                record: Some(provisioning),
+                                events: vec![event],
+                                kv: None,
+                            })
+                        }),
+                    };
+                    self.ledger
+                        .hold_with(
+                            &record.tenant,
+                            estimate,
+                            &hold_id,
+                            &candidate.name,
+                            expires,
+                            joint,
+                        )
+                        .await
+                }
+                None => {
+                    self.save(&mut record).await?;
+                    self.ledger
+                        .hold(&record.tenant, estimate, &hold_id, &candidate.name, expires)
+                        .await
+                }
+            };
+            if let Err(error) = held {
                 let message = error.to_string();
                 set_outcome(&mut record, message.clone());
                 self.fail(&mut record, message).await?;

@@ -37,26 +37,29 @@ impl Retries {
 }
 
 impl SandboxManager {
-    /// On a shared store: renews this host's leases when a third of a lease
-    /// has passed, and takes over the live sandboxes whose owner's lease ran
-    /// out (a host that died or lost the database), so that this host's
-    /// reconcile reaps, destroys and settles them. One line per sandbox
-    /// taken over; nothing on redb.
+    /// On a shared store: takes over the live sandboxes whose owner's lease
+    /// ran out (a host that died or lost the database) and whose extension
+    /// is loaded here, so that this host's reconcile reaps, destroys and
+    /// settles them. One line per sandbox taken over; nothing on redb, or
+    /// before the extensions are loaded (a command that never loads them
+    /// takes nothing over).
     pub async fn tend_leases(&self) -> Vec<String> {
         let Some(shared) = self.records.state().shared() else {
             return Vec::new();
         };
-        let mut actions = Vec::new();
-        if let Err(error) = shared.renew_if_due().await {
-            actions.push(format!("leases could not be renewed: {error}"));
+        let loaded = self
+            .extensions
+            .snapshot()
+            .loaded()
+            .map(|extension| extension.name.clone())
+            .collect();
+        match shared.take_over_expired(loaded).await {
+            Ok(taken) => taken
+                .into_iter()
+                .map(|(id, from)| format!("{id}: taken over from host {from}, whose lease ran out"))
+                .collect(),
+            Err(error) => vec![format!("expired leases could not be checked: {error}")],
         }
-        match shared.take_over_expired().await {
-            Ok(taken) => actions.extend(taken.into_iter().map(|(id, from)| {
-                format!("{id}: taken over from host {from}, whose lease ran out")
-            })),
-            Err(error) => actions.push(format!("expired leases could not be checked: {error}")),
-        }
-        actions
     }
 
     /// Whether a reconcile pass at `now` would act on some sandbox (and so
@@ -242,19 +245,15 @@ impl SandboxManager {
             let Some(_guard) = self.try_lock(sandbox_id) else {
                 continue;
             };
+            // On a shared store only holds of this host's own sandboxes are
+            // its to judge: another host's are that host's to settle (or,
+            // once its lease runs out, the host's that takes it over), and a
+            // hold with no record at all is released at its expiry. (This
+            // also spares a read per hold of every host.)
+            if shared && !owned.contains(sandbox_id) {
+                continue;
+            }
             let record = self.records.get(sandbox_id)?;
-            if shared && record.is_none() {
-                continue;
-            }
-            // A live sandbox of another host on a shared store is that
-            // host's to settle (or, once its lease runs out, the host that
-            // takes it over).
-            if let Some(record) = &record
-                && record.state.is_live()
-                && !owned.contains(&record.id)
-            {
-                continue;
-            }
             let owned = record.is_some_and(|record| {
                 record.state.is_live()
                     && record.meter.hold_id.as_deref() == Some(hold.sandbox_id.as_str())

@@ -148,7 +148,9 @@ pub(crate) fn storage(error: impl std::fmt::Display) -> RecordError {
 impl From<SharedWriteError> for RecordError {
     fn from(error: SharedWriteError) -> Self {
         match error {
-            SharedWriteError::Fenced { .. } => Self::Fenced(error.to_string()),
+            SharedWriteError::Fenced { .. } | SharedWriteError::Owned { .. } => {
+                Self::Fenced(error.to_string())
+            }
             SharedWriteError::Store(message) => Self::Storage(message),
         }
     }

@@ -141,7 +141,7 @@ impl From<LedgerError> for ServiceError {
             }
             LedgerError::NoHold { .. } => Self::NotFound(message),
             LedgerError::InUse { .. } => Self::Busy(message),
-            LedgerError::Overflow { .. } => Self::Conflict(message),
+            LedgerError::Overflow { .. } | LedgerError::Fenced(_) => Self::Conflict(message),
             LedgerError::Storage(_) | LedgerError::WriterStopped => Self::Internal(message),
         }
     }
