@@ -7,7 +7,9 @@
 //! given).
 //!
 //! Delivery is at-least-once. For every (sink, outbox) pair a cursor in the
-//! state store remembers the last event delivered; it moves only after the
+//! state store remembers the last event delivered (on a shared store the
+//! hub's cursors are in the database, and one host at a time, under a
+//! lease, delivers the hub; each host's file gets every event); it moves only after the
 //! sink has the events (the file is synced, the hub answered 2xx). A crash
 //! in between delivers some events again, with the same ids, so a sink can
 //! deduplicate. A hub that is down loses nothing: its cursor stays and the
@@ -118,7 +120,7 @@ pub fn flush(
 ) -> Result<DeliveryReport, DeliveryError> {
     let mut report = DeliveryReport::default();
     for source in [Source::Ledger, Source::Lifecycle] {
-        report.to_file += drain(state, "file", source, ledger, |events| {
+        report.to_file += drain(state, "file", None, source, ledger, |events| {
             append_lines(&sinks.events_file, events)
         })
         .map_err(|error| match error {
@@ -133,7 +135,7 @@ pub fn flush(
     if let Some(url) = sinks.hub_url.as_deref().filter(|_| contact_hub) {
         let agent = hub_agent();
         for source in [Source::Ledger, Source::Lifecycle] {
-            match drain(state, "hub", source, ledger, |events| {
+            match drain(state, "hub", Some(url), source, ledger, |events| {
                 post(&agent, url, events)
             }) {
                 Ok(count) => report.to_hub += count,
@@ -150,16 +152,34 @@ pub fn flush(
 
 /// Sends batches from one outbox to one sink until it is empty or the sink
 /// fails; returns how many were delivered.
+/// `shared_url` names a sink every host shares (the hub): on a shared store
+/// its cursor is the database's, keyed by its URL.
 fn drain(
     state: &StateDb,
     sink: &'static str,
+    shared_url: Option<&str>,
     source: Source,
     ledger: &dyn LedgerStore,
     mut deliver: impl FnMut(&[String]) -> Result<(), String>,
 ) -> Result<usize, DrainError> {
     let mut delivered = 0;
+    // On a shared store the hub is every host's: one host at a time
+    // delivers it, from one cursor (the file is each home's own).
+    let shared_hub = state
+        .shared()
+        .zip(shared_url)
+        .map(|(shared, url)| (shared, format!("{sink} {url}")));
     loop {
-        let cursor = read_cursor(state, sink, source)?;
+        let cursor = match &shared_hub {
+            Some((shared, key)) => {
+                match shared.delivery_claim(key, source.name()).map_err(storage)? {
+                    Some(cursor) => cursor,
+                    // Another host delivers it.
+                    None => return Ok(delivered),
+                }
+            }
+            None => read_cursor(state, sink, source)?,
+        };
         let events = match source {
             Source::Ledger => tokio::runtime::Handle::current()
                 .block_on(ledger.outbox_after(cursor, BATCH))
@@ -171,7 +191,21 @@ fn drain(
         };
         let bodies: Vec<String> = events.into_iter().map(|(_, json)| json).collect();
         deliver(&bodies).map_err(DrainError::Sink)?;
-        write_cursor(state, sink, source, last)?;
+        match &shared_hub {
+            Some((shared, key)) => {
+                if !shared
+                    .delivery_advance(key, source.name(), last)
+                    .map_err(storage)?
+                {
+                    // Another host took the delivery over meanwhile (this
+                    // one was stalled past the lease): it goes on from the
+                    // cursor as stored, so some events may reach the hub
+                    // twice, with the same ids.
+                    return Ok(delivered + bodies.len());
+                }
+            }
+            None => write_cursor(state, sink, source, last)?,
+        }
         delivered += bodies.len();
     }
 }

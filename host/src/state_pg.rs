@@ -1,8 +1,9 @@
 //! The shared part of the state store on PostgreSQL (`--store
 //! postgres://…`): sandbox records with the host that owns each and its
 //! lease, the lifecycle outbox, the extensions' key-value stores, tenants
-//! and keys. What stays in each home's `state.redb` is the host's own:
-//! routing health (breakers, latencies), dispute tallies, delivery cursors.
+//! and keys, the webhook's delivery cursors. What stays in each home's
+//! `state.redb` is the host's own: routing health (breakers, latencies),
+//! dispute tallies, the cursors of its own `events.jsonl`.
 //!
 //! Ownership. Every live sandbox is owned by one host (its home's host id)
 //! until `lease_until_ms`, on the database's clock. The owner's writes
@@ -617,6 +618,67 @@ impl PgState {
                 .await
                 .map_err(pg)?;
             Ok(row.map(|row| row.get::<_, Option<String>>(0)))
+        })
+    }
+}
+
+/// How long a host keeps delivering a shared sink without delivering again
+/// (it renews each time it delivers).
+const DELIVERY_LEASE_MS: i64 = 30_000;
+
+impl PgState {
+    // ---- delivery to shared sinks ----
+
+    /// Takes (or keeps) the delivery of `sink`'s `source` outbox for this
+    /// host and answers its cursor; `None` when another host delivers it.
+    pub fn delivery_claim(&self, sink: &str, source: &str) -> Result<Option<u64>, String> {
+        let (sink, source) = (sink.to_string(), source.to_string());
+        let host = self.host_id.clone();
+        self.read(move |client| async move {
+            client
+                .execute(
+                    "INSERT INTO delivery_cursors (sink, source, seq, holder, until_ms) \
+                     VALUES ($1, $2, 0, '', 0) ON CONFLICT (sink, source) DO NOTHING",
+                    &[&sink, &source],
+                )
+                .await
+                .map_err(pg)?;
+            let row = client
+                .query_opt(
+                    &format!(
+                        "UPDATE delivery_cursors SET holder = $3, \
+                             until_ms = {DB_NOW} + {DELIVERY_LEASE_MS} \
+                         WHERE sink = $1 AND source = $2 \
+                             AND (holder = $3 OR until_ms < {DB_NOW}) \
+                         RETURNING seq"
+                    ),
+                    &[&sink, &source, &host],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(row.map(|row| row.get::<_, i64>(0) as u64))
+        })
+    }
+
+    /// Moves the cursor after a delivery, if this host still delivers it;
+    /// answers whether it does.
+    pub fn delivery_advance(&self, sink: &str, source: &str, seq: u64) -> Result<bool, String> {
+        let (sink, source) = (sink.to_string(), source.to_string());
+        let host = self.host_id.clone();
+        let seq = seq.min(i64::MAX as u64) as i64;
+        self.read(move |client| async move {
+            let moved = client
+                .execute(
+                    &format!(
+                        "UPDATE delivery_cursors SET seq = greatest(seq, $4::bigint), \
+                             until_ms = {DB_NOW} + {DELIVERY_LEASE_MS} \
+                         WHERE sink = $1 AND source = $2 AND holder = $3"
+                    ),
+                    &[&sink, &source, &host, &seq],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(moved == 1)
         })
     }
 }

@@ -376,7 +376,7 @@ fn sigkill_during_run_is_reconciled_and_settled_exactly_once() {
 
 /// An HTTP server on 127.0.0.1 that answers 500 to its first `failures`
 /// posts, then 200, and keeps every body it accepted.
-fn flaky_hub(failures: usize) -> (String, Arc<Mutex<Vec<String>>>) {
+pub fn flaky_hub(failures: usize) -> (String, Arc<Mutex<Vec<String>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/events", listener.local_addr().unwrap());
     let accepted = Arc::new(Mutex::new(Vec::new()));

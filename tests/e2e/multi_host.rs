@@ -774,3 +774,94 @@ fn a_host_that_lost_a_sandbox_can_neither_write_its_record_nor_settle_it() {
         assert_eq!(ledger.summary("acme").await.unwrap().balance, 800_000);
     });
 }
+
+/// Hosts sharing a store share the webhook: one host at a time delivers
+/// it, from one cursor, so every event reaches the hub once, whichever host
+/// wrote it; each home's own file still gets every event.
+#[test]
+fn hosts_sharing_a_store_deliver_each_event_to_the_hub_once() {
+    let _cluster = pg::shared();
+    let store = pg::fresh_database("shared_hub");
+    let (hub, accepted) = crate::lifecycle::flaky_hub(0);
+    let env = [
+        ("SANDBOXER_STORE", store.as_str()),
+        ("SANDBOXER_HUB_URL", hub.as_str()),
+    ];
+    let home = || TestHome::new().with_saas_stub().with_shipped_profiles();
+    let a = Server::start_with_env(home(), &env);
+    let b = Server::start_with_env(home(), &env);
+    a.home
+        .run(&["credits", "add", "5", "--tenant", "acme"])
+        .ok();
+    for host in [&a, &b, &a, &b] {
+        let created = host
+            .home
+            .run(&[
+                "sandbox",
+                "create",
+                "--profile",
+                "saas-stub",
+                "--tenant",
+                "acme",
+                "--json",
+            ])
+            .ok()
+            .json();
+        let id = created["id"].as_str().unwrap();
+        host.home.run(&["sandbox", "destroy", id]).ok();
+    }
+    let ids_in = |lines: &[String]| -> Vec<String> {
+        lines
+            .iter()
+            .map(|line| {
+                serde_json::from_str::<Value>(line).unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    };
+    let file_ids = |server: &Server| -> Vec<String> {
+        let text =
+            std::fs::read_to_string(server.home.path().join("events.jsonl")).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        let mut ids = ids_in(&lines);
+        ids.sort();
+        ids
+    };
+    let hub_ids = || -> Vec<String> {
+        let mut ids = Vec::new();
+        for body in accepted.lock().unwrap().iter() {
+            let batch: Vec<Value> = serde_json::from_str(body).unwrap();
+            ids.extend(
+                batch
+                    .iter()
+                    .map(|event| event["id"].as_str().unwrap().to_string()),
+            );
+        }
+        ids
+    };
+    // A grant, then per sandbox a hold, a charge, a release and five
+    // lifecycle events (requested to destroyed): 33.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (on_a, on_b) = (file_ids(&a), file_ids(&b));
+        let mut at_hub = hub_ids();
+        at_hub.sort();
+        let mut unique = at_hub.clone();
+        unique.dedup();
+        assert_eq!(unique, at_hub, "an event reached the hub twice");
+        // Then every file and the hub have the same events.
+        if on_a.len() >= 33 && on_a == on_b && at_hub == on_a {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a: {} events, b: {} events, hub: {}",
+            on_a.len(),
+            on_b.len(),
+            at_hub.len()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}

@@ -78,3 +78,16 @@ CREATE TABLE operator_keys (
     key_sha256 text PRIMARY KEY,
     created_at_ms bigint NOT NULL
 );
+
+-- Where delivery to a shared sink (the webhook) stands, per sink and outbox,
+-- and which host delivers it: one host at a time, under a lease it renews
+-- each time it delivers, so every event reaches the hub once (again only
+-- after a crash), not once per host.
+CREATE TABLE delivery_cursors (
+    sink text NOT NULL,
+    source text NOT NULL,
+    seq bigint NOT NULL CHECK (seq >= 0),
+    holder text NOT NULL,
+    until_ms bigint NOT NULL,
+    PRIMARY KEY (sink, source)
+);
