@@ -182,13 +182,13 @@ fn cli(binary: &Path, server: &ServerProcess, root: &Path, args: &[&str]) -> Res
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// Servers that share a ledger, with the tenant `bench` on each, and what
-/// their rounds measured.
+/// Servers that share a store, with the tenant `bench`, and what their
+/// rounds measured.
 struct Deployment {
     /// For messages: "redb, 1 host", "postgres, 3 hosts".
     name: String,
     servers: Vec<ServerProcess>,
-    /// `bench`'s key on each server, in the same order.
+    /// `bench`'s key for each server, in the same order (one key).
     keys: Vec<String>,
     seconds: f64,
     creates: Mutex<Vec<f64>>,
@@ -200,16 +200,16 @@ impl Deployment {
         let servers = (0..hosts)
             .map(|_| start(binary, root, store))
             .collect::<Result<Vec<_>>>()?;
-        let mut keys = Vec::new();
-        for server in &servers {
-            let created: serde_json::Value = serde_json::from_str(&cli(
-                binary,
-                server,
-                root,
-                &["tenant", "create", "bench", "--json"],
-            )?)?;
-            keys.push(created["api_key"].as_str().context("a key")?.to_string());
-        }
+        // Once: tenants and keys are shared by servers on one store (one key
+        // works at each), and each home's own on redb (one server).
+        let created: serde_json::Value = serde_json::from_str(&cli(
+            binary,
+            &servers[0],
+            root,
+            &["tenant", "create", "bench", "--json"],
+        )?)?;
+        let key = created["api_key"].as_str().context("a key")?.to_string();
+        let keys = vec![key; servers.len()];
         // Once: the servers share the ledger.
         cli(
             binary,
