@@ -16,8 +16,8 @@
 //! asked to destroy or extend another host's ready sandbox claims it the
 //! same way.
 //!
-//! Connections. Reads run on a thread of their own with its own connection
-//! and runtime, so callers may be synchronous (an extension's key-value
+//! Connections. Reads run on reader threads (four), each with its own
+//! connection and runtime, so callers may be synchronous (an extension's key-value
 //! call) or on any runtime; writes run on a second such thread, which
 //! groups concurrent writers into one transaction. That transaction first
 //! locks the one `state_meta` row, so lifecycle events get gap-free
@@ -40,6 +40,9 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 pub const MIN_LEASE: Duration = Duration::from_secs(3);
 /// Most writes committed in one transaction.
 const MAX_GROUP: usize = 256;
+/// Reader threads, each with its own connection: reads of concurrent
+/// requests (key checks, records, an extension's kv) run side by side.
+const READERS: usize = 4;
 
 /// Milliseconds since the epoch on the database's clock: leases are
 /// compared on one clock, whatever the hosts' clocks say.
@@ -160,38 +163,41 @@ impl PgState {
     /// Starts the reader and writer threads for `url` (whose schema the
     /// ledger's connect has migrated), serving as `host_id`.
     pub fn start(url: &str, host_id: String, lease: Duration) -> Result<Self, String> {
-        let (reads, mut read_jobs) = mpsc::unbounded_channel::<ReadJob>();
-        let reader_url = url.to_string();
-        let renewer = Owner {
-            host_id: host_id.clone(),
-            lease_ms: lease.as_millis() as i64,
-        };
-        spawn_thread("state-pg-reader", move || async move {
-            let mut slot = None;
-            // Leases are renewed here, on their own timer, so that nothing
-            // the host is busy with (a long reconcile pass, slow backends)
-            // delays them.
-            let mut renewal = tokio::time::interval(lease / 3);
-            renewal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    job = read_jobs.recv() => {
-                        let Some(job) = job else { break };
-                        let client = connection(&mut slot, &reader_url).await;
-                        job(client).await;
-                    }
-                    _ = renewal.tick() => {
-                        let renewed = match connection(&mut slot, &reader_url).await {
-                            Ok(client) => renew_leases(&client, &renewer).await,
-                            Err(error) => Err(error),
-                        };
-                        if let Err(error) = renewed {
-                            tracing::warn!("leases could not be renewed: {error}");
+        let (reads, read_jobs) = mpsc::unbounded_channel::<ReadJob>();
+        let read_jobs = Arc::new(tokio::sync::Mutex::new(read_jobs));
+        for index in 0..READERS {
+            let (read_jobs, reader_url) = (read_jobs.clone(), url.to_string());
+            let renewer = Owner {
+                host_id: host_id.clone(),
+                lease_ms: lease.as_millis() as i64,
+            };
+            spawn_thread(&format!("state-pg-reader-{index}"), move || async move {
+                let mut slot = None;
+                // The first reader renews the leases, on a timer of its
+                // own, so that nothing the host is busy with (a long
+                // reconcile pass, slow backends) delays them.
+                let mut renewal = tokio::time::interval(lease / 3);
+                renewal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        job = async { read_jobs.lock().await.recv().await } => {
+                            let Some(job) = job else { break };
+                            let client = connection(&mut slot, &reader_url).await;
+                            job(client).await;
+                        }
+                        _ = renewal.tick(), if index == 0 => {
+                            let renewed = match connection(&mut slot, &reader_url).await {
+                                Ok(client) => renew_leases(&client, &renewer).await,
+                                Err(error) => Err(error),
+                            };
+                            if let Err(error) = renewed {
+                                tracing::warn!("leases could not be renewed: {error}");
+                            }
                         }
                     }
                 }
-            }
-        })?;
+            })?;
+        }
         let (writes, write_jobs) = mpsc::unbounded_channel::<WriteJob>();
         let owner = Owner {
             host_id: host_id.clone(),
@@ -259,9 +265,17 @@ impl PgState {
         self.reads
             .send(Self::read_job(f, Reply::Sync(sender)))
             .map_err(|_| "the shared state store's reader has stopped".to_string())?;
-        receiver
-            .recv()
-            .map_err(|_| "the shared state store's reader has stopped".to_string())?
+        // A server's worker thread hands its other tasks to another worker
+        // while it waits (the CLI's current-thread runtime cannot, and just
+        // waits).
+        let wait = || receiver.recv();
+        let answer = match tokio::runtime::Handle::try_current() {
+            Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            _ => wait(),
+        };
+        answer.map_err(|_| "the shared state store's reader has stopped".to_string())?
     }
 
     /// [`PgState::read`], awaited.
