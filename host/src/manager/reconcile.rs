@@ -230,12 +230,16 @@ impl SandboxManager {
     async fn void_orphan_holds(&self) -> Result<Vec<String>, ManagerError> {
         let mut actions = Vec::new();
         let shared = self.ledger.shared();
-        let owned: std::collections::HashSet<String> = self
-            .records
-            .owned_live()?
-            .into_iter()
-            .map(|record| record.id)
-            .collect();
+        // Only a shared store needs them (redb's records are all this host's).
+        let owned: std::collections::HashSet<String> = if shared {
+            self.records
+                .owned_live()?
+                .into_iter()
+                .map(|record| record.id)
+                .collect()
+        } else {
+            std::collections::HashSet::new()
+        };
         for hold in self.ledger.open_holds().await? {
             let sandbox_id = hold
                 .sandbox_id
