@@ -187,3 +187,103 @@ fn sigkill_at_random_points_loses_no_acknowledged_operation() {
         acknowledged.len()
     );
 }
+
+const REPLAY_LEDGER: &str = "SANDBOXER_REPLAY_LEDGER";
+
+/// Not a test of its own: the child that
+/// `acknowledged_operations_of_a_killed_process_are_replayed_from_the_redo_log`
+/// kills once it has said `done`.
+#[test]
+fn replay_child() {
+    let Ok(path) = std::env::var(REPLAY_LEDGER) else {
+        return;
+    };
+    let ledger = Ledger::open(std::path::Path::new(&path), options()).unwrap();
+    for index in 0..20 {
+        ledger
+            .grant("replayed", 1_000 + index, Some(&format!("g{index}")))
+            .unwrap();
+    }
+    println!("done");
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(Duration::from_secs(120));
+}
+
+#[test]
+fn acknowledged_operations_of_a_killed_process_are_replayed_from_the_redo_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.redb");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "ledger_crash::replay_child", "--nocapture"])
+        .env(REPLAY_LEDGER, &path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(
+        lines.any(|line| line.unwrap() == "done"),
+        "the child granted"
+    );
+    child.kill().unwrap(); // SIGKILL: no closing commit
+    child.wait().unwrap();
+    let expected: i128 = (0..20).map(|index| 1_000 + index).sum();
+    let balance = |ledger: &Ledger| ledger.summary("replayed").unwrap().balance;
+
+    // The 20 grants were acknowledged through the redo log: the ledger file
+    // alone (copied without its log) does not have them yet...
+    let alone = tempfile::tempdir().unwrap();
+    std::fs::copy(&path, alone.path().join("ledger.redb")).unwrap();
+    let without_log = Ledger::open(&alone.path().join("ledger.redb"), options()).unwrap();
+    assert_eq!(
+        balance(&without_log),
+        0,
+        "redb alone lacks the logged grants"
+    );
+    drop(without_log);
+
+    // ...and opening it beside its log replays every one, once.
+    assert!(dir.path().join("ledger.wal").exists());
+    let ledger = Ledger::open(&path, options()).unwrap();
+    assert_eq!(balance(&ledger), expected);
+    assert_eq!(ledger.journal_entries(0, usize::MAX).unwrap().len(), 20);
+    assert!(ledger.verify().unwrap().ok);
+    // A retried grant gets its first answer, not a second credit.
+    let again = ledger.grant("replayed", 1_000, Some("g0")).unwrap();
+    assert!(again.replayed, "{again:?}");
+    drop(ledger);
+    // Closed cleanly, then opened: nothing replayed twice.
+    let ledger = Ledger::open(&path, options()).unwrap();
+    assert_eq!(balance(&ledger), expected);
+    drop(ledger);
+
+    // The copy made before the replay holds no batch; the log now starts
+    // after the 20 replayed ones: it is refused rather than half applied.
+    std::fs::copy(
+        dir.path().join("ledger.wal"),
+        alone.path().join("ledger.wal"),
+    )
+    .unwrap();
+    let gap = Ledger::open(&alone.path().join("ledger.redb"), options())
+        .err()
+        .expect("a log with a gap is refused")
+        .to_string();
+    assert!(gap.contains("batches in between are missing"), "{gap}");
+
+    // A log beside another ledger is refused, naming both.
+    let other = tempfile::tempdir().unwrap();
+    drop(Ledger::open(&other.path().join("ledger.redb"), options()).unwrap());
+    std::fs::copy(
+        dir.path().join("ledger.wal"),
+        other.path().join("ledger.wal"),
+    )
+    .unwrap();
+    let foreign = Ledger::open(&other.path().join("ledger.redb"), options())
+        .err()
+        .expect("another ledger's log is refused")
+        .to_string();
+    assert!(
+        foreign.contains("belongs to ledger") && foreign.contains("move it away"),
+        "{foreign}"
+    );
+}

@@ -10,6 +10,7 @@ mod backend;
 mod error;
 mod events;
 mod postgres;
+mod redo_log;
 mod store;
 mod types;
 mod verify;
@@ -64,6 +65,38 @@ pub struct Ledger {
     stats: Arc<WriterStats>,
 }
 
+/// Applies, in `write`, the redo log's batches that redb does not hold
+/// yet (those of a process that stopped before its closing commit), in
+/// order and with the clock each ran with. Returns the newest lsn.
+fn replay(
+    write: &redb::WriteTransaction,
+    log_path: &Path,
+    ledger_id: &str,
+    applied: u64,
+    fresh: bool,
+) -> Result<u64, LedgerError> {
+    let unreadable = |error: &dyn std::fmt::Display| {
+        LedgerError::Storage(format!("the ledger's redo log cannot be replayed: {error}"))
+    };
+    let pending = redo_log::read_pending(log_path, ledger_id, applied, fresh)
+        .map_err(|error| unreadable(&error))?;
+    let Some(last) = pending.last().map(|record| record.lsn) else {
+        return Ok(applied);
+    };
+    for record in &pending {
+        let batch: writer::ReplayedBatch =
+            serde_json::from_slice(&record.payload).map_err(|error| unreadable(&error))?;
+        writer::apply_batch(write, &batch.jobs, batch.now_ms, batch.default_credits)?;
+    }
+    writer::set_lsn(write, last)?;
+    tracing::info!(
+        "ledger: replayed {} batches from {}",
+        pending.len(),
+        log_path.display()
+    );
+    Ok(last)
+}
+
 impl Ledger {
     /// Opens (or creates) the ledger file and starts its writer.
     pub fn open(path: &Path, options: LedgerOptions) -> Result<Self, LedgerError> {
@@ -72,13 +105,25 @@ impl Ledger {
             other => LedgerError::Storage(other.to_string()),
         })?;
         let write = database.begin_write().map_err(storage)?;
-        store::initialize(&write)?;
+        let (ledger_id, fresh, applied) = store::initialize(&write)?;
+        let log_path = redo_log::path_for(path);
+        let last_lsn = replay(&write, &log_path, &ledger_id, applied, fresh)?;
         write.commit().map_err(storage)?;
 
         let database = Arc::new(database);
         let stats = Arc::new(WriterStats::default());
-        let writer = writer::start(database.clone(), options.default_credits, stats.clone())
-            .map_err(storage)?;
+        let place = writer::LogPlace {
+            path: log_path,
+            ledger_id,
+            last_lsn,
+        };
+        let writer = writer::start(
+            database.clone(),
+            place,
+            options.default_credits,
+            stats.clone(),
+        )
+        .map_err(storage)?;
         let ledger = Self {
             path: path.to_path_buf(),
             database,

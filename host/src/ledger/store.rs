@@ -36,6 +36,8 @@ pub(crate) const KEYS: TableDefinition<&str, &str> = TableDefinition::new("idemp
 
 pub(crate) const NEXT_SEQ: &str = "next_seq";
 pub(crate) const LEDGER_ID: &str = "ledger_id";
+/// The lsn of the newest batch of the redo log that redb holds.
+pub(crate) const WAL_LSN: &str = "wal_lsn";
 const DEFAULT_CREDITS_KEY: &str = "grant/default-credits";
 
 pub(crate) fn totals_from_row(row: (u64, u64, u64, u64, u64)) -> AccountTotals {
@@ -142,17 +144,31 @@ pub(crate) fn initial_ledger_id() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
-/// Creates the tables and the ledger's id on first open.
-pub(crate) fn initialize(write: &WriteTransaction) -> Result<(), LedgerError> {
+/// Creates the tables and the ledger's id on first open. Returns the id,
+/// whether it was created now, and the lsn of the newest redo-log batch the
+/// ledger holds.
+pub(crate) fn initialize(write: &WriteTransaction) -> Result<(String, bool, u64), LedgerError> {
     let mut meta = write.open_table(META).map_err(storage)?;
     if meta.get(NEXT_SEQ).map_err(storage)?.is_none() {
         meta.insert(NEXT_SEQ, 1).map_err(storage)?;
     }
+    let applied = meta
+        .get(WAL_LSN)
+        .map_err(storage)?
+        .map_or(0, |lsn| lsn.value());
     let mut meta_text = write.open_table(META_TEXT).map_err(storage)?;
-    if meta_text.get(LEDGER_ID).map_err(storage)?.is_none() {
-        let id = initial_ledger_id();
-        meta_text.insert(LEDGER_ID, id.as_str()).map_err(storage)?;
-    }
+    let existing = meta_text
+        .get(LEDGER_ID)
+        .map_err(storage)?
+        .map(|id| id.value().to_string());
+    let (ledger_id, fresh) = match existing {
+        Some(id) => (id, false),
+        None => {
+            let id = initial_ledger_id();
+            meta_text.insert(LEDGER_ID, id.as_str()).map_err(storage)?;
+            (id, true)
+        }
+    };
     write.open_table(HOLDS).map_err(storage)?;
     write.open_table(JOURNAL).map_err(storage)?;
     write.open_table(OUTBOX).map_err(storage)?;
@@ -160,7 +176,7 @@ pub(crate) fn initialize(write: &WriteTransaction) -> Result<(), LedgerError> {
     write.open_table(ACCOUNTS).map_err(storage)?;
     write.open_table(HOLD_EXPIRY).map_err(storage)?;
     write.open_table(TENANT_ENTRIES).map_err(storage)?;
-    Ok(())
+    Ok((ledger_id, fresh, applied))
 }
 
 /// One entry an operation means to write.

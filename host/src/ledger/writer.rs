@@ -4,12 +4,21 @@
 //! operation refused by its checks wrote nothing and does not fail its
 //! batch-mates; a storage failure abandons the whole transaction and every
 //! caller in it gets the error.
+//!
+//! A batch is made durable by its record in the redo log
+//! ([`super::redo_log`]), synced before the batch's redb commit (which is
+//! not durable by itself); when the log is full, and when the ledger
+//! closes, the batch commits to redb durably instead and the log starts
+//! again.
 
 use super::error::{LedgerError, storage};
-use super::store::{ApplyError, Batch, RedbTables};
+use super::redo_log::RedoLog;
+use super::store::{ApplyError, Batch, META, RedbTables, WAL_LSN};
 use super::types::{Operation, Receipt};
 use crate::group_commit::GroupWriter;
-use redb::Database;
+use redb::{Database, Durability};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -17,6 +26,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Most operations committed in one transaction.
 pub const MAX_BATCH: usize = 1024;
 
+#[derive(Serialize, Deserialize)]
 pub(crate) enum Job {
     Apply(Operation),
     /// Gives the default tenant its starting credits if it never had them.
@@ -28,6 +38,9 @@ pub(crate) enum Job {
 pub struct WriterStats {
     pub commits: AtomicU64,
     pub operations: AtomicU64,
+    /// Of the commits, those made durable by redb itself (the others by
+    /// their redo-log record).
+    pub durable_commits: AtomicU64,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -36,64 +49,245 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |elapsed| elapsed.as_millis() as u64)
 }
 
+/// What the redo log keeps of a batch: everything its operations read
+/// besides the ledger itself, so that replaying it gives the same result.
+#[derive(Serialize)]
+struct LoggedBatch<'a> {
+    now_ms: u64,
+    default_credits: u64,
+    jobs: &'a [Job],
+}
+
+/// A logged batch, read back.
+#[derive(Deserialize)]
+pub(crate) struct ReplayedBatch {
+    pub now_ms: u64,
+    pub default_credits: u64,
+    pub jobs: Vec<Job>,
+}
+
+/// Where the writer's redo log is, and where it stands.
+pub(crate) struct LogPlace {
+    pub path: PathBuf,
+    pub ledger_id: String,
+    /// The lsn of the newest batch redb holds (durably: the ledger was
+    /// just opened and replayed).
+    pub last_lsn: u64,
+}
+
+/// The writer thread's state.
+struct Writer {
+    database: Arc<Database>,
+    place: LogPlace,
+    /// Opened on the first write, so that reading a ledger creates no file.
+    log: Option<RedoLog>,
+    /// The log could not be created here: every batch commits durably.
+    no_log: bool,
+    /// Batches committed to redb without durability since its last durable commit.
+    undurable: u64,
+    /// Set when a batch's fate became unknown (its log record was written
+    /// but its redb commit failed, or the log could not be written): no
+    /// more writes until the ledger is opened again and replays its log.
+    broken: Option<String>,
+    default_credits: u64,
+    stats: Arc<WriterStats>,
+}
+
 /// Starts the ledger's group-commit writer.
 pub(crate) fn start(
     database: Arc<Database>,
+    place: LogPlace,
     default_credits: u64,
     stats: Arc<WriterStats>,
 ) -> std::io::Result<GroupWriter<Job, Result<Receipt, LedgerError>>> {
+    let mut writer = Writer {
+        database,
+        place,
+        log: None,
+        no_log: false,
+        undurable: 0,
+        broken: None,
+        default_credits,
+        stats,
+    };
     GroupWriter::start("ledger-writer", MAX_BATCH, move |jobs: Vec<Job>| {
-        let results = commit_batch(&database, &jobs, default_credits);
-        stats.commits.fetch_add(1, Ordering::Relaxed);
-        stats
+        let results = writer.commit_batch(&jobs);
+        writer.stats.commits.fetch_add(1, Ordering::Relaxed);
+        writer
+            .stats
             .operations
             .fetch_add(jobs.len() as u64, Ordering::Relaxed);
         results
     })
 }
 
-fn commit_batch(
-    database: &Database,
-    batch: &[Job],
+/// Runs `jobs` as one batch in `write` with the given clock; the results,
+/// or the storage failure that must abandon the transaction.
+pub(crate) fn apply_batch(
+    write: &redb::WriteTransaction,
+    jobs: &[Job],
+    now_ms: u64,
     default_credits: u64,
-) -> Vec<Result<Receipt, LedgerError>> {
-    let all_failed = |error: LedgerError| batch.iter().map(|_| Err(error.clone())).collect();
-    let write = match database.begin_write() {
-        Ok(write) => write,
-        Err(error) => return all_failed(storage(error)),
-    };
-    let mut results = Vec::with_capacity(batch.len());
-    {
-        let (tables, ledger_id, next_seq) = match RedbTables::open(&write) {
-            Ok(opened) => opened,
-            Err(error) => return all_failed(error),
+) -> Result<Vec<Result<Receipt, LedgerError>>, LedgerError> {
+    let (tables, ledger_id, next_seq) = RedbTables::open(write)?;
+    let mut tables = Batch::new(tables, ledger_id, next_seq, now_ms, default_credits);
+    let mut results = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        match run_job(&mut tables, job) {
+            Ok(receipt) => results.push(Ok(receipt)),
+            Err(ApplyError::Refused(error)) => results.push(Err(error)),
+            Err(ApplyError::Fatal(error)) => return Err(error),
+            Err(ApplyError::NotLoaded(row)) => {
+                return Err(storage(format!("redb has no row {row:?}")));
+            }
+        }
+    }
+    let (tables, next_seq) = tables.into_parts();
+    tables.finish(next_seq)?;
+    Ok(results)
+}
+
+impl Writer {
+    fn commit_batch(&mut self, batch: &[Job]) -> Vec<Result<Receipt, LedgerError>> {
+        let all_failed = |error: LedgerError| batch.iter().map(|_| Err(error.clone())).collect();
+        if let Some(broken) = &self.broken {
+            return all_failed(LedgerError::Storage(broken.clone()));
+        }
+        let mut write = match self.database.begin_write() {
+            Ok(write) => write,
+            Err(error) => return all_failed(storage(error)),
         };
-        let mut tables = Batch::new(tables, ledger_id, next_seq, now_ms(), default_credits);
-        for request in batch {
-            match run_job(&mut tables, request) {
-                Ok(receipt) => results.push(Ok(receipt)),
-                Err(ApplyError::Refused(error)) => results.push(Err(error)),
-                Err(ApplyError::Fatal(error)) => {
-                    drop(tables);
-                    let _ = write.abort();
-                    return all_failed(error);
-                }
-                Err(ApplyError::NotLoaded(row)) => {
-                    drop(tables);
-                    let _ = write.abort();
-                    return all_failed(storage(format!("redb has no row {row:?}")));
+        let now = now_ms();
+        let lsn = self.place.last_lsn + 1;
+        let results = match apply_batch(&write, batch, now, self.default_credits)
+            .and_then(|results| set_lsn(&write, lsn).map(|()| results))
+        {
+            Ok(results) => results,
+            Err(error) => {
+                let _ = write.abort();
+                return all_failed(error);
+            }
+        };
+        let logged = match self.log_batch(lsn, now, batch) {
+            Ok(logged) => logged,
+            Err(error) => {
+                let _ = write.abort();
+                let message = format!(
+                    "the ledger's redo log {} could not be written ({error}); \
+                     no more writes until the ledger is opened again",
+                    self.place.path.display()
+                );
+                tracing::error!("{message}");
+                self.broken = Some(message.clone());
+                return all_failed(LedgerError::Storage(message));
+            }
+        };
+        if logged && let Err(error) = write.set_durability(Durability::None) {
+            let _ = write.abort();
+            return self.fail_logged(batch, storage(error));
+        }
+        if let Err(error) = write.commit() {
+            if logged {
+                return self.fail_logged(batch, storage(error));
+            }
+            return all_failed(storage(error));
+        }
+        self.place.last_lsn = lsn;
+        if logged {
+            self.undurable += 1;
+        } else {
+            self.undurable = 0;
+            self.stats.durable_commits.fetch_add(1, Ordering::Relaxed);
+            if let Some(log) = &mut self.log {
+                log.rewind();
+            }
+        }
+        results
+    }
+
+    /// Appends the batch to the redo log; false when it goes to redb
+    /// durably instead (the log is full, or cannot be used here).
+    fn log_batch(&mut self, lsn: u64, now_ms: u64, jobs: &[Job]) -> std::io::Result<bool> {
+        let payload = serde_json::to_vec(&LoggedBatch {
+            now_ms,
+            default_credits: self.default_credits,
+            jobs,
+        })
+        .map_err(std::io::Error::other)?;
+        if self.no_log {
+            return Ok(false);
+        }
+        if self.log.is_none() {
+            match RedoLog::open(&self.place.path, &self.place.ledger_id) {
+                Ok(log) => self.log = Some(log),
+                Err(error) => {
+                    // Without a log every batch commits durably to redb:
+                    // slower, just as safe.
+                    tracing::warn!(
+                        "the ledger's redo log {} cannot be created ({error}); \
+                         every write commits to redb durably",
+                        self.place.path.display()
+                    );
+                    self.no_log = true;
+                    return Ok(false);
                 }
             }
         }
-        let (tables, next_seq) = tables.into_parts();
-        if let Err(error) = tables.finish(next_seq) {
-            return all_failed(error);
+        let Some(log) = self.log.as_mut().filter(|log| log.fits(payload.len())) else {
+            return Ok(false);
+        };
+        log.append(lsn, &payload)?;
+        Ok(true)
+    }
+
+    /// A logged batch whose redb commit failed: it will be replayed when
+    /// the ledger is opened again, so its outcome is unknown until then.
+    fn fail_logged(
+        &mut self,
+        batch: &[Job],
+        error: LedgerError,
+    ) -> Vec<Result<Receipt, LedgerError>> {
+        let message = format!(
+            "the ledger could not apply a logged batch ({error}); it is applied when the \
+             ledger is opened again, and no more writes are taken until then"
+        );
+        tracing::error!("{message}");
+        self.broken = Some(message.clone());
+        batch
+            .iter()
+            .map(|_| Err(LedgerError::Storage(message.clone())))
+            .collect()
+    }
+}
+
+impl Drop for Writer {
+    /// Closing: one durable redb commit holds every logged batch, so that
+    /// the next open has nothing to replay.
+    fn drop(&mut self) {
+        if self.undurable == 0 || self.broken.is_some() {
+            return;
+        }
+        let result = self
+            .database
+            .begin_write()
+            .map_err(storage)
+            .and_then(|write| write.commit().map_err(storage));
+        if let Err(error) = result {
+            tracing::warn!(
+                "the ledger's closing commit failed ({error}); its redo log is replayed on the next open"
+            );
         }
     }
-    match write.commit() {
-        Ok(()) => results,
-        Err(error) => all_failed(storage(error)),
-    }
+}
+
+/// Records in `write` that redb holds the batches up to `lsn`.
+pub(crate) fn set_lsn(write: &redb::WriteTransaction, lsn: u64) -> Result<(), LedgerError> {
+    write
+        .open_table(META)
+        .map_err(storage)?
+        .insert(WAL_LSN, lsn)
+        .map_err(storage)?;
+    Ok(())
 }
 
 /// Runs one job of a batch over its tables.
