@@ -20,6 +20,7 @@ pub mod manager;
 pub mod names;
 pub mod paths;
 pub mod profile;
+pub(crate) mod redo_log;
 pub mod router;
 pub mod runtime;
 pub mod sandbox_exec;

@@ -7,18 +7,36 @@
 //! exclusive lock on its file; a second process gets a plain error saying so.
 //!
 //! Writes go through one writer thread that groups concurrent writers into
-//! one durable transaction (one fsync for the group), as the ledger does:
-//! with many sandboxes in flight, per-write commits would serialize on the
-//! disk. Each write is a closure over the transaction; a failing closure
-//! abandons its group, and every writer in it gets the error.
+//! one transaction (one fsync for the group), as the ledger does: with many
+//! sandboxes in flight, per-write commits would serialize on the disk. A
+//! failing write abandons its group, and every writer in it gets the error.
+//!
+//! Two kinds of write:
+//! - a [`LoggedWrite`] (a record, its lifecycle events, an extension call's
+//!   key-value writes), kept as data: the group's logged writes are
+//!   appended to the state's redo log (`state.wal`, [`crate::redo_log`])
+//!   and synced when any of them must be durable, and the redb commit is
+//!   not durable by itself; opening the store replays what redb lacks;
+//! - a closure over the transaction (tenants, keys, cursors, routing
+//!   health): a group with a durable closure commits to redb durably (which
+//!   holds every earlier write, so the log starts again).
 
 use crate::group_commit::GroupWriter;
-use redb::{Database, DatabaseError, Durability, WriteTransaction};
+use crate::manager::lifecycle_events::{self, PendingEvent};
+use crate::redo_log::RedoLog;
+use redb::{
+    Database, DatabaseError, Durability, ReadableDatabase, TableDefinition, WriteTransaction,
+};
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// Most writes committed in one transaction.
 const MAX_GROUP: usize = 256;
+
+/// "lsn" -> the newest redo-log group redb holds.
+const LOG_META: TableDefinition<&str, u64> = TableDefinition::new("state_log");
+const LOG_LSN: &str = "lsn";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateDbError {
@@ -36,9 +54,41 @@ pub enum StateDbError {
 /// A write: runs inside the group's transaction.
 pub type StateWrite = Box<dyn FnOnce(&WriteTransaction) -> Result<(), String> + Send>;
 
-/// A write and whether the caller needs it on disk before it goes on. A
-/// group is durable when any of its writes is.
-type Job = (StateWrite, bool);
+/// A write the redo log keeps as data: a sandbox record (its id and JSON),
+/// the lifecycle events appended with it, and an extension call's
+/// key-value writes (a value, or none to remove the key). Applying it
+/// depends on nothing but the store (the host id is made durably before
+/// any write is logged), so a replay gives what the first run gave.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct LoggedWrite {
+    pub record: Option<(String, String)>,
+    pub events: Vec<PendingEvent>,
+    pub kv: Option<(String, Vec<crate::state_pg::KvWrite>)>,
+}
+
+impl LoggedWrite {
+    fn apply(&self, write: &WriteTransaction) -> Result<(), String> {
+        if let Some((id, json)) = &self.record {
+            crate::manager::record::put_json(write, id, json)?;
+        }
+        for event in &self.events {
+            lifecycle_events::append(write, event.clone()).map_err(|error| error.to_string())?;
+        }
+        if let Some((instance, writes)) = &self.kv {
+            crate::runtime::kv::apply_writes(write, instance, writes)?;
+        }
+        Ok(())
+    }
+}
+
+/// A job for the writer, and whether the caller needs it on disk before it
+/// goes on (a group is durable when any of its jobs is).
+enum Job {
+    Closure(StateWrite, bool),
+    /// A logged write, and a host-local write that goes with it in the same
+    /// transaction but not in the log (routing health: a crash may lose it).
+    Logged(LoggedWrite, Option<StateWrite>, bool),
+}
 
 /// The open file and its writer.
 struct Opened {
@@ -108,12 +158,25 @@ impl StateDb {
             return Ok(opened.clone());
         }
         let database = Arc::new(open_exclusive(&self.path)?);
-        let writer_database = database.clone();
+        let log_path = crate::redo_log::path_for(&self.path);
+        let (host_id, last_lsn) =
+            replay(&database, &log_path).map_err(|error| StateDbError::Open {
+                path: self.path.clone(),
+                source: error.into(),
+            })?;
+        let mut writer = Writer {
+            database: database.clone(),
+            log_path,
+            host_id,
+            last_lsn,
+            log: None,
+            no_log: false,
+            undurable: 0,
+            broken: None,
+        };
         let writer = GroupWriter::start("state-writer", MAX_GROUP, move |jobs: Vec<Job>| {
-            let durable = jobs.iter().any(|(_, durable)| *durable);
-            let writes = jobs.into_iter().map(|(write, _)| write).collect::<Vec<_>>();
-            let count = writes.len();
-            let outcome = commit_group(&writer_database, writes, durable);
+            let count = jobs.len();
+            let outcome = writer.commit_group(jobs);
             vec![outcome; count]
         })
         .map_err(|source| StateDbError::Open {
@@ -167,40 +230,292 @@ impl StateDb {
         self.submit_async(Box::new(write), false).await
     }
 
+    /// Commits a logged write (and `local`, a host-local write that goes
+    /// with it but may be lost in a crash) and returns once it is durable,
+    /// or at once when `durable` is false (a step whose loss in a crash
+    /// leaves nothing to reconcile).
+    pub fn write_logged(
+        &self,
+        write: LoggedWrite,
+        local: Option<StateWrite>,
+        durable: bool,
+    ) -> Result<(), StateDbError> {
+        self.submit_job(Job::Logged(write, local, durable))
+    }
+
+    /// [`StateDb::write_logged`], awaited.
+    pub async fn write_logged_async(
+        &self,
+        write: LoggedWrite,
+        local: Option<StateWrite>,
+        durable: bool,
+    ) -> Result<(), StateDbError> {
+        self.submit_job_async(Job::Logged(write, local, durable))
+            .await
+    }
+
     async fn submit_async(&self, write: StateWrite, durable: bool) -> Result<(), StateDbError> {
+        self.submit_job_async(Job::Closure(write, durable)).await
+    }
+
+    fn submit(&self, write: StateWrite, durable: bool) -> Result<(), StateDbError> {
+        self.submit_job(Job::Closure(write, durable))
+    }
+
+    async fn submit_job_async(&self, job: Job) -> Result<(), StateDbError> {
         let opened = self.opened()?;
         opened
             .writer
-            .submit_async((write, durable))
+            .submit_async(job)
             .await
             .ok_or_else(|| StateDbError::Write("the state store's writer has stopped".into()))?
             .map_err(StateDbError::Write)
     }
 
-    fn submit(&self, write: StateWrite, durable: bool) -> Result<(), StateDbError> {
+    fn submit_job(&self, job: Job) -> Result<(), StateDbError> {
         let opened = self.opened()?;
         opened
             .writer
-            .submit((write, durable))
+            .submit(job)
             .ok_or_else(|| StateDbError::Write("the state store's writer has stopped".into()))?
             .map_err(StateDbError::Write)
     }
 }
 
-fn commit_group(database: &Database, writes: Vec<StateWrite>, durable: bool) -> Result<(), String> {
-    let mut transaction = database.begin_write().map_err(|error| error.to_string())?;
-    if !durable {
-        transaction
-            .set_durability(Durability::None)
-            .map_err(|error| error.to_string())?;
+/// Makes sure the store has its host id (durably: the log's records
+/// depend on it), then applies, in one durable commit, the redo log's
+/// groups that redb lacks. Returns the host id and the newest lsn.
+fn replay(database: &Database, log_path: &Path) -> Result<(String, u64), String> {
+    let text = |error: &dyn std::fmt::Display| error.to_string();
+    let read = database.begin_read().map_err(|error| text(&error))?;
+    let stored = lifecycle_events::stored_host_id(&read).map_err(|error| text(&error))?;
+    let applied = match read.open_table(LOG_META) {
+        Ok(table) => table
+            .get(LOG_LSN)
+            .map_err(|error| text(&error))?
+            .map_or(0, |lsn| lsn.value()),
+        Err(redb::TableError::TableDoesNotExist(_)) => 0,
+        Err(error) => return Err(text(&error)),
+    };
+    drop(read);
+    let (host_id, fresh) = match stored {
+        Some(id) => (id, false),
+        None => {
+            let write = database.begin_write().map_err(|error| text(&error))?;
+            let made = lifecycle_events::ensure_host_id(&write).map_err(|error| text(&error))?;
+            write.commit().map_err(|error| text(&error))?;
+            made
+        }
+    };
+    let pending = crate::redo_log::read_pending(log_path, &host_id, applied, fresh)
+        .map_err(|error| format!("its redo log cannot be replayed: {error}"))?;
+    let Some(last) = pending.last().map(|record| record.lsn) else {
+        return Ok((host_id, applied));
+    };
+    let write = database.begin_write().map_err(|error| text(&error))?;
+    for record in &pending {
+        let group: Vec<LoggedWrite> = serde_json::from_slice(&record.payload)
+            .map_err(|error| format!("its redo log cannot be replayed: {error}"))?;
+        for logged in &group {
+            logged.apply(&write)?;
+        }
     }
-    for write in writes {
-        if let Err(error) = write(&transaction) {
+    set_lsn(&write, last)?;
+    write.commit().map_err(|error| text(&error))?;
+    tracing::info!(
+        "state: replayed {} groups from {}",
+        pending.len(),
+        log_path.display()
+    );
+    Ok((host_id, last))
+}
+
+fn set_lsn(write: &WriteTransaction, lsn: u64) -> Result<(), String> {
+    write
+        .open_table(LOG_META)
+        .map_err(|error| error.to_string())?
+        .insert(LOG_LSN, lsn)
+        .map_err(|error| error.to_string())?;
+    Ok(())
+}
+
+/// How a group reaches the disk.
+enum Commit {
+    /// A durable redb commit (it holds every earlier group: the log rewinds).
+    Durable,
+    /// Not durable by itself: its logged writes are in the log (synced when
+    /// one of them must be durable), or it has none.
+    Deferred,
+}
+
+/// The writer thread's state.
+struct Writer {
+    database: Arc<Database>,
+    log_path: PathBuf,
+    host_id: String,
+    last_lsn: u64,
+    /// Opened on the first logged write.
+    log: Option<RedoLog>,
+    /// The log could not be created here: durable writes commit durably.
+    no_log: bool,
+    /// Groups committed without durability since the last durable commit.
+    undurable: u64,
+    /// Set when a group's fate became unknown: no more writes until the
+    /// store is opened again and replays its log.
+    broken: Option<String>,
+}
+
+impl Writer {
+    fn commit_group(&mut self, jobs: Vec<Job>) -> Result<(), String> {
+        if let Some(broken) = &self.broken {
+            return Err(broken.clone());
+        }
+        let mut transaction = self
+            .database
+            .begin_write()
+            .map_err(|error| error.to_string())?;
+        let mut logged = Vec::new();
+        let (mut durable_closure, mut sync) = (false, false);
+        let applied = (|| {
+            for job in jobs {
+                match job {
+                    Job::Closure(write, durable) => {
+                        write(&transaction)?;
+                        durable_closure |= durable;
+                    }
+                    Job::Logged(write, local, durable) => {
+                        write.apply(&transaction)?;
+                        if let Some(local) = local {
+                            local(&transaction)?;
+                        }
+                        sync |= durable;
+                        logged.push(write);
+                    }
+                }
+            }
+            Ok::<(), String>(())
+        })();
+        let lsn = self.last_lsn + 1;
+        if let Err(error) = applied.and_then(|()| {
+            if logged.is_empty() {
+                Ok(())
+            } else {
+                set_lsn(&transaction, lsn)
+            }
+        }) {
             let _ = transaction.abort();
             return Err(error);
         }
+        let commit = if durable_closure {
+            Commit::Durable
+        } else if logged.is_empty() {
+            Commit::Deferred
+        } else {
+            match self.log_group(lsn, &logged, sync) {
+                Ok(Some(commit)) => commit,
+                Ok(None) if sync => Commit::Durable,
+                Ok(None) => Commit::Deferred,
+                Err(error) => {
+                    let _ = transaction.abort();
+                    let message = format!(
+                        "the state store's redo log {} could not be written ({error}); \
+                         no more writes until the store is opened again",
+                        self.log_path.display()
+                    );
+                    tracing::error!("{message}");
+                    self.broken = Some(message.clone());
+                    return Err(message);
+                }
+            }
+        };
+        if matches!(commit, Commit::Deferred)
+            && let Err(error) = transaction.set_durability(Durability::None)
+        {
+            let _ = transaction.abort();
+            return Err(error.to_string());
+        }
+        if let Err(error) = transaction.commit() {
+            if !logged.is_empty() && matches!(commit, Commit::Deferred) && !self.no_log {
+                let message = format!(
+                    "the state store could not apply a logged group ({error}); it is applied \
+                     when the store is opened again, and no more writes are taken until then"
+                );
+                tracing::error!("{message}");
+                self.broken = Some(message.clone());
+                return Err(message);
+            }
+            return Err(error.to_string());
+        }
+        if !logged.is_empty() {
+            self.last_lsn = lsn;
+        }
+        match commit {
+            Commit::Durable => {
+                self.undurable = 0;
+                if let Some(log) = &mut self.log {
+                    log.rewind();
+                }
+            }
+            Commit::Deferred => self.undurable += 1,
+        }
+        Ok(())
     }
-    transaction.commit().map_err(|error| error.to_string())
+
+    /// Appends the group's logged writes to the redo log, synced when
+    /// `sync`. `Some(Deferred)`: logged. `None`: no room or no log (the
+    /// group must then commit durably if anything in it must be durable;
+    /// with a log, a group that does not fit always commits durably, so
+    /// that the log never skips a group).
+    fn log_group(
+        &mut self,
+        lsn: u64,
+        logged: &[LoggedWrite],
+        sync: bool,
+    ) -> std::io::Result<Option<Commit>> {
+        if self.no_log {
+            return Ok(None);
+        }
+        if self.log.is_none() {
+            match RedoLog::open(&self.log_path, &self.host_id) {
+                Ok(log) => self.log = Some(log),
+                Err(error) => {
+                    tracing::warn!(
+                        "the state store's redo log {} cannot be created ({error}); \
+                         durable writes commit to redb durably",
+                        self.log_path.display()
+                    );
+                    self.no_log = true;
+                    return Ok(None);
+                }
+            }
+        }
+        let payload = serde_json::to_vec(logged).map_err(std::io::Error::other)?;
+        let Some(log) = self.log.as_mut().filter(|log| log.fits(payload.len())) else {
+            return Ok(Some(Commit::Durable));
+        };
+        log.append(lsn, &payload, sync)?;
+        Ok(Some(Commit::Deferred))
+    }
+}
+
+impl Drop for Writer {
+    /// Closing: one durable commit holds every group, so the next open has
+    /// nothing to replay.
+    fn drop(&mut self) {
+        if self.undurable == 0 || self.broken.is_some() {
+            return;
+        }
+        let result = self
+            .database
+            .begin_write()
+            .map_err(|error| error.to_string())
+            .and_then(|write| write.commit().map_err(|error| error.to_string()));
+        if let Err(error) = result {
+            tracing::warn!(
+                "the state store's closing commit failed ({error}); its redo log is replayed on the next open"
+            );
+        }
+    }
 }
 
 /// Opens or creates a redb file, turning "another process has it" into a

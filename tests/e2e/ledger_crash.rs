@@ -7,6 +7,11 @@
 //!
 //! The child is this same test binary, re-run on `crash_workload_child`
 //! with the ledger path in SANDBOXER_CRASH_LEDGER.
+//!
+//! The redo logs (`ledger.wal`, `state.wal`): a child killed after its
+//! writes were acknowledged left them only in the log (the redb file copied
+//! alone lacks them), and opening the file beside its log replays each
+//! once; a log with a gap, or another database's, is refused.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -14,6 +19,7 @@ use sandboxer_host::ledger::*;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 const KILLS: usize = 50;
@@ -283,7 +289,98 @@ fn acknowledged_operations_of_a_killed_process_are_replayed_from_the_redo_log() 
         .expect("another ledger's log is refused")
         .to_string();
     assert!(
-        foreign.contains("belongs to ledger") && foreign.contains("move it away"),
+        foreign.contains("this redo log belongs to") && foreign.contains("move it away"),
         "{foreign}"
     );
+}
+
+const STATE_REPLAY: &str = "SANDBOXER_STATE_REPLAY";
+
+/// Not a test of its own: the child that
+/// `acknowledged_state_writes_of_a_killed_process_are_replayed_from_the_redo_log`
+/// kills once it has said `done`.
+#[test]
+fn state_replay_child() {
+    use sandboxer_host::manager::lifecycle_events::PendingEvent;
+    use sandboxer_host::state_db::{LoggedWrite, StateDb};
+    let Ok(path) = std::env::var(STATE_REPLAY) else {
+        return;
+    };
+    let state = StateDb::new(path.into());
+    for index in 0..12u64 {
+        let logged = LoggedWrite {
+            record: None,
+            events: vec![PendingEvent {
+                sandbox_id: format!("sbx-{index}"),
+                event_type: "sandboxer.sandbox.ready".into(),
+                data: serde_json::json!({ "index": index }),
+                time_ms: 1_700_000_000_000 + index,
+            }],
+            kv: Some((
+                "stub".into(),
+                vec![(format!("key-{index}"), Some(vec![index as u8; 3]))],
+            )),
+        };
+        state.write_logged(logged, None, true).unwrap();
+    }
+    println!("done");
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(Duration::from_secs(120));
+}
+
+/// The state store's half of the redo log: records, events and key-value
+/// writes acknowledged as durable live in `state.wal` until redb's next
+/// durable commit, and opening the store replays them with the ids they
+/// first had.
+#[test]
+fn acknowledged_state_writes_of_a_killed_process_are_replayed_from_the_redo_log() {
+    use sandboxer_host::manager::lifecycle_events;
+    use sandboxer_host::runtime::kv::{DEFAULT_QUOTA_BYTES, KvSession};
+    use sandboxer_host::state_db::StateDb;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.redb");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "ledger_crash::state_replay_child", "--nocapture"])
+        .env(STATE_REPLAY, &path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.any(|line| line.unwrap() == "done"), "the child wrote");
+    child.kill().unwrap(); // SIGKILL: no closing commit
+    child.wait().unwrap();
+
+    let alone = tempfile::tempdir().unwrap();
+    std::fs::copy(&path, alone.path().join("state.redb")).unwrap();
+    let without_log = StateDb::new(alone.path().join("state.redb"));
+    assert_eq!(
+        lifecycle_events::last_seq(&without_log).unwrap(),
+        0,
+        "redb alone lacks the logged events"
+    );
+    drop(without_log);
+
+    let state = Arc::new(StateDb::new(path.clone()));
+    let host = lifecycle_events::host_id(&state).unwrap();
+    let events = lifecycle_events::after(&state, 0, 100).unwrap();
+    assert_eq!(events.len(), 12, "every acknowledged event, once");
+    for (index, (seq, json)) in events.iter().enumerate() {
+        assert_eq!(*seq, index as u64 + 1);
+        let event: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!(event["id"], format!("{host}-L{seq}"), "the id it first had");
+        assert_eq!(event["data"]["index"], index);
+    }
+    let kv = KvSession::new(state.clone(), "stub".into(), DEFAULT_QUOTA_BYTES);
+    for index in 0..12u8 {
+        assert_eq!(
+            kv.get(&format!("key-{index}")).unwrap(),
+            Some(vec![index; 3])
+        );
+    }
+    drop(kv);
+    drop(state);
+    // Closed cleanly, then opened: nothing is applied twice.
+    let state = StateDb::new(path);
+    assert_eq!(lifecycle_events::last_seq(&state).unwrap(), 12);
 }

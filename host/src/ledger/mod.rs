@@ -10,7 +10,6 @@ mod backend;
 mod error;
 mod events;
 mod postgres;
-mod redo_log;
 mod store;
 mod types;
 mod verify;
@@ -78,7 +77,7 @@ fn replay(
     let unreadable = |error: &dyn std::fmt::Display| {
         LedgerError::Storage(format!("the ledger's redo log cannot be replayed: {error}"))
     };
-    let pending = redo_log::read_pending(log_path, ledger_id, applied, fresh)
+    let pending = crate::redo_log::read_pending(log_path, ledger_id, applied, fresh)
         .map_err(|error| unreadable(&error))?;
     let Some(last) = pending.last().map(|record| record.lsn) else {
         return Ok(applied);
@@ -106,7 +105,7 @@ impl Ledger {
         })?;
         let write = database.begin_write().map_err(storage)?;
         let (ledger_id, fresh, applied) = store::initialize(&write)?;
-        let log_path = redo_log::path_for(path);
+        let log_path = crate::redo_log::path_for(path);
         let last_lsn = replay(&write, &log_path, &ledger_id, applied, fresh)?;
         write.commit().map_err(storage)?;
 

@@ -6,16 +6,16 @@
 //! caller in it gets the error.
 //!
 //! A batch is made durable by its record in the redo log
-//! ([`super::redo_log`]), synced before the batch's redb commit (which is
+//! ([`crate::redo_log`]), synced before the batch's redb commit (which is
 //! not durable by itself); when the log is full, and when the ledger
 //! closes, the batch commits to redb durably instead and the log starts
 //! again.
 
 use super::error::{LedgerError, storage};
-use super::redo_log::RedoLog;
 use super::store::{ApplyError, Batch, META, RedbTables, WAL_LSN};
 use super::types::{Operation, Receipt};
 use crate::group_commit::GroupWriter;
+use crate::redo_log::RedoLog;
 use redb::{Database, Durability};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -236,7 +236,7 @@ impl Writer {
         let Some(log) = self.log.as_mut().filter(|log| log.fits(payload.len())) else {
             return Ok(false);
         };
-        log.append(lsn, &payload)?;
+        log.append(lsn, &payload, true)?;
         Ok(true)
     }
 

@@ -29,7 +29,7 @@ pub const CHARGE_DISPUTED: &str = "sandboxer.sandbox.charge_disputed";
 
 /// An event not yet given its sequence number: what a record write
 /// appends to the outbox.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PendingEvent {
     pub sandbox_id: String,
     pub event_type: String,
@@ -124,6 +124,34 @@ pub fn append(write: &WriteTransaction, event: PendingEvent) -> Result<u64, Reco
         .insert(seq, json.as_str())
         .map_err(storage)?;
     Ok(seq)
+}
+
+/// This home's host id, and whether it was made just now (random: the state
+/// store makes it durably before logging any write, so that a replayed
+/// event gets the id it first had).
+pub(crate) fn ensure_host_id(write: &WriteTransaction) -> Result<(String, bool), RecordError> {
+    let existing = write
+        .open_table(META_TEXT)
+        .map_err(storage)?
+        .get(HOST_ID)
+        .map_err(storage)?
+        .map(|id| id.value().to_string());
+    match existing {
+        Some(id) => Ok((id, false)),
+        None => host_id_in(write).map(|id| (id, true)),
+    }
+}
+
+/// This home's host id, when it has one (a read).
+pub(crate) fn stored_host_id(read: &redb::ReadTransaction) -> Result<Option<String>, RecordError> {
+    match read.open_table(META_TEXT) {
+        Ok(table) => Ok(table
+            .get(HOST_ID)
+            .map_err(storage)?
+            .map(|id| id.value().to_string())),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(error) => Err(storage(error)),
+    }
 }
 
 /// This home's host id, made (random) on first need.

@@ -1,9 +1,9 @@
 //! A sandbox's record (`SandboxStatus`) and where it is kept: the host's
 //! state store, written before every step of the lifecycle is acted on.
 
-use super::lifecycle_events::{self, PendingEvent};
+use super::lifecycle_events::PendingEvent;
 use crate::runtime::{PendingKv, SandboxHandle, SandboxSpec, Usage};
-use crate::state_db::StateDb;
+use crate::state_db::{LoggedWrite, StateDb};
 use crate::state_pg::{SharedWriteError, StateWrite};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
@@ -172,6 +172,17 @@ pub struct RecordExtras {
     pub local: Option<LocalWrite>,
 }
 
+/// Writes a record's JSON into a transaction (the state store applies its
+/// logged writes with it).
+pub(crate) fn put_json(write: &WriteTransaction, id: &str, json: &str) -> Result<(), String> {
+    write
+        .open_table(SANDBOXES)
+        .map_err(|error| error.to_string())?
+        .insert(id, json)
+        .map_err(|error| error.to_string())?;
+    Ok(())
+}
+
 /// Reads and writes sandbox records.
 #[derive(Debug, Clone)]
 pub struct RecordStore {
@@ -209,29 +220,17 @@ impl RecordStore {
             }
             return Ok(());
         }
-        let json = serde_json::to_string(record).map_err(storage)?;
-        let id = record.id.clone();
-        let write = move |write: &WriteTransaction| {
-            let mut table = write
-                .open_table(SANDBOXES)
-                .map_err(|error| error.to_string())?;
-            table
-                .insert(id.as_str(), json.as_str())
-                .map_err(|error| error.to_string())?;
-            drop(table);
-            for event in events {
-                lifecycle_events::append(write, event).map_err(|error| error.to_string())?;
-            }
-            if let Some(kv) = kv {
-                kv.apply(write)?;
-            }
-            local.map_or(Ok(()), |local| local(write))
+        let logged = LoggedWrite {
+            record: Some((
+                record.id.clone(),
+                serde_json::to_string(record).map_err(storage)?,
+            )),
+            events,
+            kv: kv.and_then(PendingKv::into_writes),
         };
-        if durable {
-            self.state.write_async(write).await?;
-        } else {
-            self.state.write_eventually_async(write).await?;
-        }
+        self.state
+            .write_logged_async(logged, local, durable)
+            .await?;
         Ok(())
     }
 

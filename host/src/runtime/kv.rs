@@ -423,7 +423,11 @@ impl KvSession {
                 })
                 .map_err(|error| KvError::Storage(error.to_string()));
         }
-        state.write(move |write| self.apply(write))?;
+        let logged = crate::state_db::LoggedWrite {
+            kv: self.into_writes(),
+            ..Default::default()
+        };
+        state.write_logged(logged, None, true)?;
         Ok(())
     }
 
@@ -442,44 +446,60 @@ impl KvSession {
                 .await
                 .map_err(|error| KvError::Storage(error.to_string()));
         }
-        state.write_async(move |write| self.apply(write)).await?;
+        let logged = crate::state_db::LoggedWrite {
+            kv: self.into_writes(),
+            ..Default::default()
+        };
+        state.write_logged_async(logged, None, true).await?;
         Ok(())
     }
 
     /// Writes the call's writes into a caller's transaction, so they become
-    /// durable together with what the caller records there. The usage rows
-    /// are updated from the values each write replaces there, so they stay
-    /// exact whatever other calls committed meanwhile.
+    /// durable together with what the caller records there.
     pub fn apply(self, write: &WriteTransaction) -> Result<(), String> {
-        let Self {
-            instance, pending, ..
-        } = self;
-        if pending.is_empty() {
-            return Ok(());
+        match self.into_writes() {
+            Some((instance, writes)) => apply_writes(write, &instance, &writes),
+            None => Ok(()),
         }
-        let text = |error: redb::StorageError| error.to_string();
-        let mut values = write
-            .open_table(VALUES)
-            .map_err(|error| error.to_string())?;
-        let mut usage = kv_usage::usage_in(write, &values, &instance)?;
-        for (key, Pending { value, .. }) in &pending {
-            let previous = match value {
-                Some(value) => values.insert((instance.as_str(), key.as_str()), value.as_slice()),
-                None => values.remove((instance.as_str(), key.as_str())),
-            }
-            .map_err(text)?
-            .map(|previous| entry_bytes(key, previous.value().len()));
-            if let Some(previous) = previous {
-                usage.keys = usage.keys.saturating_sub(1);
-                usage.bytes = usage.bytes.saturating_sub(previous);
-            }
-            if let Some(value) = value {
-                usage.keys = usage.keys.saturating_add(1);
-                usage.bytes = usage.bytes.saturating_add(entry_bytes(key, value.len()));
-            }
-        }
-        kv_usage::record(write, &instance, usage)
     }
+}
+
+/// Writes `instance`'s key-value writes (a value, or none to remove the
+/// key) into a transaction. The usage rows are updated from the values each
+/// write replaces there, so they stay exact whatever other calls committed
+/// meanwhile; the result depends only on the store and the writes (the
+/// state store's redo log replays it).
+pub(crate) fn apply_writes(
+    write: &WriteTransaction,
+    instance: &str,
+    writes: &[(String, Option<Vec<u8>>)],
+) -> Result<(), String> {
+    if writes.is_empty() {
+        return Ok(());
+    }
+    let text = |error: redb::StorageError| error.to_string();
+    let mut values = write
+        .open_table(VALUES)
+        .map_err(|error| error.to_string())?;
+    let mut usage = kv_usage::usage_in(write, &values, instance)?;
+    for (key, value) in writes {
+        let previous = match value {
+            Some(value) => values.insert((instance, key.as_str()), value.as_slice()),
+            None => values.remove((instance, key.as_str())),
+        }
+        .map_err(text)?
+        .map(|previous| entry_bytes(key, previous.value().len()));
+        if let Some(previous) = previous {
+            usage.keys = usage.keys.saturating_sub(1);
+            usage.bytes = usage.bytes.saturating_sub(previous);
+        }
+        if let Some(value) = value {
+            usage.keys = usage.keys.saturating_add(1);
+            usage.bytes = usage.bytes.saturating_add(entry_bytes(key, value.len()));
+        }
+    }
+    drop(values);
+    kv_usage::record(write, instance, usage)
 }
 
 #[cfg(test)]

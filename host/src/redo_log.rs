@@ -1,24 +1,27 @@
-//! The ledger's redo log (`ledger.wal` beside `ledger.redb`): what makes a
-//! batch of operations durable between redb's own durable commits.
+//! A redo log in front of a redb file: what makes a batch of writes
+//! durable between redb's own durable commits. The ledger keeps one
+//! (`ledger.wal`, of operation batches) and so does the state store
+//! (`state.wal`, of record, event and key-value writes).
 //!
-//! A durable redb commit rewrites the copy-on-write path of every table an
-//! operation touches (about 23 scattered pages for a hold or a settle) and
-//! syncs them. Instead, the writer appends the batch's inputs (its jobs, the
-//! clock it ran with, the default tenant's starting credits) to this log,
+//! A durable redb commit rewrites the copy-on-write path of every table a
+//! write touches (about 23 scattered pages for a ledger hold or settle) and
+//! syncs them. Instead, the writer appends the batch's inputs to this log,
 //! syncs that one small write (`fdatasync` of a region already written, so
 //! no file metadata changes), and commits the batch to redb without
-//! durability. Every so often (when the log is full, and when the ledger
-//! closes) a batch commits to redb durably and the log starts again from its
-//! beginning. Opening the ledger replays, in one durable commit, every
-//! logged batch newer than the last one redb has durably: the operations
-//! are deterministic given the ledger they run on and those inputs, so the
-//! replay rebuilds exactly the state the callers were told about.
+//! durability. Every so often (when the log is full, when a write needs a
+//! durable redb commit anyway, and on close) redb commits durably and the
+//! log starts again from its beginning. Opening the database replays, in
+//! one durable commit, every logged batch newer than the last one redb
+//! holds durably: what is logged is everything a batch's writes depend on
+//! besides the database itself, so the replay rebuilds exactly the state
+//! the callers were told about.
 //!
-//! Layout: a 4 KiB header (magic, the ledger's id), then records, each
+//! Layout: a 4 KiB header (magic, version, the id of the database it
+//! belongs to), then records, each
 //! `magic u32 | payload length u32 | lsn u64 | crc32 u32 | payload`, little
 //! endian, the crc over the lsn and the payload. Each batch has the next log
 //! sequence number (lsn); redb keeps the lsn of the newest batch it holds
-//! (`meta.wal_lsn`) in the same commit as the batch.
+//! in the same commit as the batch.
 //!
 //! Why the beginning of the file is enough to read: records after a
 //! rewind are always written from the first record's place on, and a rewind
@@ -35,16 +38,16 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 const HEADER_LEN: u64 = 4096;
-const HEADER_MAGIC: &[u8; 16] = b"sandboxer-ledger";
+const HEADER_MAGIC: &[u8; 16] = b"sandboxer-redo-1";
 const HEADER_VERSION: u32 = 1;
 const RECORD_MAGIC: u32 = 0x4c42_5853; // "SXBL"
 const RECORD_HEADER_LEN: usize = 4 + 4 + 8 + 4;
 /// The log's size: records from the header to here, then a durable redb
-/// commit and a rewind. 2 MiB holds thousands of single operations and
-/// dozens of full 64-caller batches.
+/// commit and a rewind. 2 MiB holds thousands of single writes and dozens
+/// of full 64-caller batches.
 pub(crate) const CAPACITY: u64 = 2 << 20;
 
-/// The redo log file, open for appending records.
+/// A redo log file, open for appending records.
 pub(crate) struct RedoLog {
     file: File,
     path: PathBuf,
@@ -58,9 +61,9 @@ pub(crate) struct LoggedRecord {
     pub payload: Vec<u8>,
 }
 
-/// Where a ledger's redo log is kept.
-pub(crate) fn path_for(ledger: &Path) -> PathBuf {
-    ledger.with_extension("wal")
+/// Where the redo log of the redb file `database` is kept.
+pub(crate) fn path_for(database: &Path) -> PathBuf {
+    database.with_extension("wal")
 }
 
 fn invalid(path: &Path, why: impl std::fmt::Display) -> std::io::Error {
@@ -70,18 +73,18 @@ fn invalid(path: &Path, why: impl std::fmt::Display) -> std::io::Error {
     )
 }
 
-fn header(ledger_id: &str) -> Vec<u8> {
+fn header(owner_id: &str) -> Vec<u8> {
     let mut header = Vec::with_capacity(HEADER_LEN as usize);
     header.extend_from_slice(HEADER_MAGIC);
     header.extend_from_slice(&HEADER_VERSION.to_le_bytes());
-    header.extend_from_slice(&(ledger_id.len() as u32).to_le_bytes());
-    header.extend_from_slice(ledger_id.as_bytes());
+    header.extend_from_slice(&(owner_id.len() as u32).to_le_bytes());
+    header.extend_from_slice(owner_id.as_bytes());
     header.resize(HEADER_LEN as usize, 0);
     header
 }
 
-/// The ledger id a header names, if it is a redo log's header at all.
-fn header_ledger_id(bytes: &[u8]) -> Option<String> {
+/// The database id a header names, if it is a redo log's header at all.
+fn header_owner_id(bytes: &[u8]) -> Option<String> {
     if bytes.len() < 24 || &bytes[..16] != HEADER_MAGIC {
         return None;
     }
@@ -102,14 +105,15 @@ fn checksum(lsn: u64, payload: &[u8]) -> u32 {
 
 /// Reads the records to replay from an existing log: those after
 /// `applied` (the newest lsn redb holds durably), oldest first. No file:
-/// nothing to replay.
+/// nothing to replay. `owner_id` is the database's own id (the ledger's
+/// id, the host id).
 ///
-/// A log of another ledger is refused while it may hold batches this
-/// ledger lacks; it is ignored (and replaced on the first write) when the
-/// ledger was created just now (`fresh`): its ledger file was deleted.
+/// A log of another database is refused while it may hold batches this
+/// one lacks; it is ignored (and replaced on the first write) when the
+/// database's id was made just now (`fresh`): its old file was deleted.
 pub(crate) fn read_pending(
     path: &Path,
-    ledger_id: &str,
+    owner_id: &str,
     applied: u64,
     fresh: bool,
 ) -> std::io::Result<Vec<LoggedRecord>> {
@@ -128,27 +132,27 @@ pub(crate) fn read_pending(
         .get(HEADER_LEN as usize..)
         .filter(|head| head.len() == RECORD_HEADER_LEN)
         .map(|head| u64::from_le_bytes(head[8..16].try_into().expect("8 bytes")));
-    if first_lsn.is_none_or(|lsn| lsn <= applied) && header_ledger_id(&bytes).is_some() {
+    if first_lsn.is_none_or(|lsn| lsn <= applied) && header_owner_id(&bytes).is_some() {
         // Either no record, or the first is already in redb. (Another
-        // ledger's log is still told apart below.)
-        if header_ledger_id(&bytes).as_deref() == Some(ledger_id) || fresh {
+        // database's log is still told apart below.)
+        if header_owner_id(&bytes).as_deref() == Some(owner_id) || fresh {
             return Ok(Vec::new());
         }
     }
     file.read_to_end(&mut bytes)?;
-    match header_ledger_id(&bytes) {
-        Some(id) if id == ledger_id => {}
+    match header_owner_id(&bytes) {
+        Some(id) if id == owner_id => {}
         _ if fresh => return Ok(Vec::new()),
         Some(id) => {
             return Err(invalid(
                 path,
                 format!(
-                    "this redo log belongs to ledger {id}, not to {ledger_id} beside it; \
-                     move it away if that ledger is gone"
+                    "this redo log belongs to {id}, not to {owner_id} (the database beside \
+                     it); move it away if {id} is gone"
                 ),
             ));
         }
-        None => return Err(invalid(path, "not a sandboxer ledger redo log")),
+        None => return Err(invalid(path, "not a sandboxer redo log")),
     }
     let mut records = Vec::new();
     let mut offset = HEADER_LEN as usize;
@@ -164,7 +168,7 @@ pub(crate) fn read_pending(
                 return Err(invalid(
                     path,
                     format!(
-                        "the log starts at batch {} but the ledger holds batches up to {applied}: \
+                        "the log starts at batch {} but the database holds batches up to {applied}: \
                          batches in between are missing",
                         record.lsn
                     ),
@@ -201,9 +205,9 @@ fn record_at(bytes: &[u8], offset: usize) -> Option<LoggedRecord> {
 impl RedoLog {
     /// Opens the log for writing from its first record's place, creating
     /// it (filled with zeros, synced, then renamed into place) when it is
-    /// missing, of another ledger, or not the expected size. Call only once
+    /// missing, of another database, or not the expected size. Call only once
     /// nothing in it remains to be replayed.
-    pub fn open(path: &Path, ledger_id: &str) -> std::io::Result<Self> {
+    pub fn open(path: &Path, owner_id: &str) -> std::io::Result<Self> {
         let reusable = (|| -> std::io::Result<Option<File>> {
             let file = match OpenOptions::new().read(true).write(true).open(path) {
                 Ok(file) => file,
@@ -215,11 +219,11 @@ impl RedoLog {
             }
             let mut head = vec![0; HEADER_LEN as usize];
             file.read_exact_at(&mut head, 0)?;
-            Ok((header_ledger_id(&head).as_deref() == Some(ledger_id)).then_some(file))
+            Ok((header_owner_id(&head).as_deref() == Some(owner_id)).then_some(file))
         })()?;
         let file = match reusable {
             Some(file) => file,
-            None => Self::create(path, ledger_id)?,
+            None => Self::create(path, owner_id)?,
         };
         Ok(Self {
             file,
@@ -228,7 +232,7 @@ impl RedoLog {
         })
     }
 
-    fn create(path: &Path, ledger_id: &str) -> std::io::Result<File> {
+    fn create(path: &Path, owner_id: &str) -> std::io::Result<File> {
         let temporary = path.with_extension("wal.new");
         {
             let mut file = OpenOptions::new()
@@ -236,7 +240,7 @@ impl RedoLog {
                 .create(true)
                 .truncate(true)
                 .open(&temporary)?;
-            file.write_all(&header(ledger_id))?;
+            file.write_all(&header(owner_id))?;
             let zeros = vec![0u8; 64 << 10];
             let mut written = HEADER_LEN;
             while written < CAPACITY {
@@ -263,9 +267,11 @@ impl RedoLog {
         self.offset + (RECORD_HEADER_LEN + payload_len) as u64 <= CAPACITY
     }
 
-    /// Appends one record and syncs it: when this returns, the batch is
-    /// durable. Call only when [`RedoLog::fits`].
-    pub fn append(&mut self, lsn: u64, payload: &[u8]) -> std::io::Result<()> {
+    /// Appends one record, and syncs it when `sync`: then, when this
+    /// returns, the batch (and every record before it) is durable. An
+    /// unsynced record becomes durable with the next synced one. Call only
+    /// when [`RedoLog::fits`].
+    pub fn append(&mut self, lsn: u64, payload: &[u8], sync: bool) -> std::io::Result<()> {
         let length = u32::try_from(payload.len())
             .map_err(|_| invalid(&self.path, "a batch too large to log"))?;
         let mut record = Vec::with_capacity(RECORD_HEADER_LEN + payload.len());
@@ -275,7 +281,9 @@ impl RedoLog {
         record.extend_from_slice(&checksum(lsn, payload).to_le_bytes());
         record.extend_from_slice(payload);
         self.file.write_all_at(&record, self.offset)?;
-        self.file.sync_data()?;
+        if sync {
+            self.file.sync_data()?;
+        }
         self.offset += record.len() as u64;
         Ok(())
     }
@@ -298,7 +306,8 @@ mod tests {
         let mut log = RedoLog::open(&path, "abc").unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), CAPACITY);
         for lsn in 1..=5u64 {
-            log.append(lsn, format!("batch {lsn}").as_bytes()).unwrap();
+            log.append(lsn, format!("batch {lsn}").as_bytes(), true)
+                .unwrap();
         }
         // redb holds none of them durably.
         let pending = read_pending(&path, "abc", 0, false).unwrap();
@@ -311,8 +320,8 @@ mod tests {
         // Rewound after a durable commit of 1..=5: two new batches overwrite
         // the start, and the older records after them are not replayed.
         log.rewind();
-        log.append(6, b"six").unwrap();
-        log.append(7, b"seven").unwrap();
+        log.append(6, b"six", true).unwrap();
+        log.append(7, b"seven", true).unwrap();
         let lsns: Vec<u64> = read_pending(&path, "abc", 5, false)
             .unwrap()
             .iter()
@@ -331,11 +340,11 @@ mod tests {
     }
 
     #[test]
-    fn a_gap_and_another_ledgers_log_are_refused() {
+    fn a_gap_and_another_databases_log_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.wal");
         let mut log = RedoLog::open(&path, "abc").unwrap();
-        log.append(9, b"nine").unwrap();
+        log.append(9, b"nine", true).unwrap();
         let gap = read_pending(&path, "abc", 3, false).err().unwrap();
         assert!(
             gap.to_string().contains("batches in between are missing"),
@@ -343,10 +352,10 @@ mod tests {
         );
         let other = read_pending(&path, "xyz", 0, false).err().unwrap();
         assert!(
-            other.to_string().contains("belongs to ledger abc"),
+            other.to_string().contains("belongs to abc, not to xyz"),
             "{other}"
         );
-        // A ledger created just now ignores a log left by a deleted one.
+        // A database made just now ignores a log left by a deleted one.
         assert!(read_pending(&path, "xyz", 0, true).unwrap().is_empty());
         // Opening it for writing replaces it with this ledger's.
         RedoLog::open(&path, "xyz").unwrap();
