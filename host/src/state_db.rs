@@ -418,8 +418,9 @@ impl Writer {
                 Err(error) => {
                     let _ = transaction.abort();
                     let message = format!(
-                        "the state store's redo log {} could not be written ({error}); \
-                         no more writes until the store is opened again",
+                        "the state store's redo log {} could not be written ({error}); the \
+                         write may still be applied when the store is opened again, and no \
+                         more writes are taken until then",
                         self.log_path.display()
                     );
                     tracing::error!("{message}");

@@ -173,8 +173,9 @@ impl Writer {
             Err(error) => {
                 let _ = write.abort();
                 let message = format!(
-                    "the ledger's redo log {} could not be written ({error}); \
-                     no more writes until the ledger is opened again",
+                    "the ledger's redo log {} could not be written ({error}); the batch \
+                     may still be applied when the ledger is opened again (retry with the \
+                     same key to learn its answer), and no more writes are taken until then",
                     self.place.path.display()
                 );
                 tracing::error!("{message}");
