@@ -18,8 +18,12 @@
 //!
 //! Layout: a 4 KiB header (magic, version, the id of the database it
 //! belongs to), then records, each
-//! `magic u32 | payload length u32 | lsn u64 | crc32 u32 | payload`, little
-//! endian, the crc over the lsn and the payload. Each batch has the next log
+//! `magic u32 | payload length u32 | lsn u64 | epoch u64 | crc32 u32 | payload`,
+//! little endian, the crc over the lsn, the epoch and the payload. The
+//! epoch is random for each opening of the log: a record a crashed run left
+//! past the replayed ones (an unsynced write the disk kept while losing the
+//! one before it) never continues a later run's chain, even when its lsn
+//! happens to follow. Each batch has the next log
 //! sequence number (lsn); redb keeps the lsn of the newest batch it holds
 //! in the same commit as the batch.
 //!
@@ -41,7 +45,7 @@ const HEADER_LEN: u64 = 4096;
 const HEADER_MAGIC: &[u8; 16] = b"sandboxer-redo-1";
 const HEADER_VERSION: u32 = 1;
 const RECORD_MAGIC: u32 = 0x4c42_5853; // "SXBL"
-const RECORD_HEADER_LEN: usize = 4 + 4 + 8 + 4;
+const RECORD_HEADER_LEN: usize = 4 + 4 + 8 + 8 + 4;
 /// The log's size: records from the header to here, then a durable redb
 /// commit and a rewind. 2 MiB holds thousands of single writes and dozens
 /// of full 64-caller batches.
@@ -53,11 +57,14 @@ pub(crate) struct RedoLog {
     path: PathBuf,
     /// Where the next record goes.
     offset: u64,
+    /// This opening's epoch, in every record it writes.
+    epoch: u64,
 }
 
 /// A logged batch, read back to be replayed.
 pub(crate) struct LoggedRecord {
     pub lsn: u64,
+    epoch: u64,
     pub payload: Vec<u8>,
 }
 
@@ -96,9 +103,10 @@ fn header_owner_id(bytes: &[u8]) -> Option<String> {
     String::from_utf8(bytes[24..24 + length].to_vec()).ok()
 }
 
-fn checksum(lsn: u64, payload: &[u8]) -> u32 {
+fn checksum(lsn: u64, epoch: u64, payload: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&lsn.to_le_bytes());
+    hasher.update(&epoch.to_le_bytes());
     hasher.update(payload);
     hasher.finalize()
 }
@@ -109,8 +117,9 @@ fn checksum(lsn: u64, payload: &[u8]) -> u32 {
 /// id, the host id).
 ///
 /// A log of another database is refused while it may hold batches this
-/// one lacks; it is ignored (and replaced on the first write) when the
-/// database's id was made just now (`fresh`): its old file was deleted.
+/// one lacks; it is removed when the database's id is being made now
+/// (`fresh`: its old file was deleted), before that id is committed, so
+/// that a later open does not find it.
 pub(crate) fn read_pending(
     path: &Path,
     owner_id: &str,
@@ -132,17 +141,24 @@ pub(crate) fn read_pending(
         .get(HEADER_LEN as usize..)
         .filter(|head| head.len() == RECORD_HEADER_LEN)
         .map(|head| u64::from_le_bytes(head[8..16].try_into().expect("8 bytes")));
-    if first_lsn.is_none_or(|lsn| lsn <= applied) && header_owner_id(&bytes).is_some() {
-        // Either no record, or the first is already in redb. (Another
-        // database's log is still told apart below.)
-        if header_owner_id(&bytes).as_deref() == Some(owner_id) || fresh {
-            return Ok(Vec::new());
-        }
+    if fresh && header_owner_id(&bytes).as_deref() != Some(owner_id) {
+        drop(file);
+        tracing::warn!(
+            "removing {}: the database it belonged to is gone",
+            path.display()
+        );
+        std::fs::remove_file(path)?;
+        return Ok(Vec::new());
+    }
+    if first_lsn.is_none_or(|lsn| lsn <= applied)
+        && header_owner_id(&bytes).as_deref() == Some(owner_id)
+    {
+        // Either no record, or the first is already in redb.
+        return Ok(Vec::new());
     }
     file.read_to_end(&mut bytes)?;
     match header_owner_id(&bytes) {
         Some(id) if id == owner_id => {}
-        _ if fresh => return Ok(Vec::new()),
         Some(id) => {
             return Err(invalid(
                 path,
@@ -163,7 +179,11 @@ pub(crate) fn read_pending(
             // it and nothing newer was written.
             break;
         }
-        if record.lsn != expected {
+        if record.lsn != expected
+            || records
+                .first()
+                .is_some_and(|first: &LoggedRecord| first.epoch != record.epoch)
+        {
             if records.is_empty() {
                 return Err(invalid(
                     path,
@@ -174,7 +194,8 @@ pub(crate) fn read_pending(
                     ),
                 ));
             }
-            // Older records the new ones did not overwrite.
+            // Older records the new ones did not overwrite (an older
+            // lsn, or a record of an earlier opening).
             break;
         }
         offset += RECORD_HEADER_LEN + record.payload.len();
@@ -190,14 +211,16 @@ fn record_at(bytes: &[u8], offset: usize) -> Option<LoggedRecord> {
     let magic = u32::from_le_bytes(head[0..4].try_into().ok()?);
     let length = u32::from_le_bytes(head[4..8].try_into().ok()?) as usize;
     let lsn = u64::from_le_bytes(head[8..16].try_into().ok()?);
-    let crc = u32::from_le_bytes(head[16..20].try_into().ok()?);
+    let epoch = u64::from_le_bytes(head[16..24].try_into().ok()?);
+    let crc = u32::from_le_bytes(head[24..28].try_into().ok()?);
     if magic != RECORD_MAGIC {
         return None;
     }
     let start = offset + RECORD_HEADER_LEN;
     let payload = bytes.get(start..start.checked_add(length)?)?;
-    (checksum(lsn, payload) == crc).then(|| LoggedRecord {
+    (checksum(lsn, epoch, payload) == crc).then(|| LoggedRecord {
         lsn,
+        epoch,
         payload: payload.to_vec(),
     })
 }
@@ -229,6 +252,7 @@ impl RedoLog {
             file,
             path: path.to_path_buf(),
             offset: HEADER_LEN,
+            epoch: rand::random(),
         })
     }
 
@@ -278,7 +302,8 @@ impl RedoLog {
         record.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
         record.extend_from_slice(&length.to_le_bytes());
         record.extend_from_slice(&lsn.to_le_bytes());
-        record.extend_from_slice(&checksum(lsn, payload).to_le_bytes());
+        record.extend_from_slice(&self.epoch.to_le_bytes());
+        record.extend_from_slice(&checksum(lsn, self.epoch, payload).to_le_bytes());
         record.extend_from_slice(payload);
         self.file.write_all_at(&record, self.offset)?;
         if sync {
@@ -340,6 +365,37 @@ mod tests {
     }
 
     #[test]
+    fn a_record_left_by_an_earlier_opening_never_continues_a_later_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.wal");
+        // A crashed run appended 21, 22 and 23 unsynced; the disk kept 21
+        // and 23 but not 22.
+        let mut crashed = RedoLog::open(&path, "abc").unwrap();
+        crashed.append(21, b"twenty-one", false).unwrap();
+        let twenty_two_at = crashed.offset;
+        crashed.append(22, b"twenty-two", false).unwrap();
+        let twenty_three_at = crashed.offset;
+        crashed.append(23, b"twenty-three", true).unwrap();
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&[0; 8], twenty_two_at).unwrap();
+        let replayed = read_pending(&path, "abc", 20, false).unwrap();
+        assert_eq!(replayed.len(), 1, "only 21 before the hole");
+
+        // The next run (21 applied) writes its 22 so that it ends exactly
+        // where the old 23 starts: the old 23 is not taken as its successor.
+        let mut next = RedoLog::open(&path, "abc").unwrap();
+        let filler = twenty_three_at - HEADER_LEN - RECORD_HEADER_LEN as u64;
+        next.append(22, &vec![b'x'; filler as usize], true).unwrap();
+        assert_eq!(next.offset, twenty_three_at);
+        let lsns: Vec<u64> = read_pending(&path, "abc", 21, false)
+            .unwrap()
+            .iter()
+            .map(|record| record.lsn)
+            .collect();
+        assert_eq!(lsns, [22]);
+    }
+
+    #[test]
     fn a_gap_and_another_databases_log_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.wal");
@@ -355,8 +411,10 @@ mod tests {
             other.to_string().contains("belongs to abc, not to xyz"),
             "{other}"
         );
-        // A database made just now ignores a log left by a deleted one.
+        // A database made just now removes a log left by a deleted one,
+        // before its own id is committed: no later open finds it.
         assert!(read_pending(&path, "xyz", 0, true).unwrap().is_empty());
+        assert!(!path.exists());
         // Opening it for writing replaces it with this ledger's.
         RedoLog::open(&path, "xyz").unwrap();
         assert!(read_pending(&path, "xyz", 0, false).unwrap().is_empty());

@@ -298,17 +298,20 @@ fn replay(database: &Database, log_path: &Path) -> Result<(String, u64), String>
         Err(error) => return Err(text(&error)),
     };
     drop(read);
-    let (host_id, fresh) = match stored {
-        Some(id) => (id, false),
-        None => {
-            let write = database.begin_write().map_err(|error| text(&error))?;
-            let made = lifecycle_events::ensure_host_id(&write).map_err(|error| text(&error))?;
-            write.commit().map_err(|error| text(&error))?;
-            made
-        }
+    let unreadable = |error: std::io::Error| format!("its redo log cannot be replayed: {error}");
+    let Some(host_id) = stored else {
+        // A new host id: a log beside it is another store's (this file was
+        // deleted and made again), removed before the id is committed so
+        // that no later open finds it.
+        let write = database.begin_write().map_err(|error| text(&error))?;
+        let (host_id, _) =
+            lifecycle_events::ensure_host_id(&write).map_err(|error| text(&error))?;
+        crate::redo_log::read_pending(log_path, &host_id, applied, true).map_err(unreadable)?;
+        write.commit().map_err(|error| text(&error))?;
+        return Ok((host_id, applied));
     };
-    let pending = crate::redo_log::read_pending(log_path, &host_id, applied, fresh)
-        .map_err(|error| format!("its redo log cannot be replayed: {error}"))?;
+    let pending =
+        crate::redo_log::read_pending(log_path, &host_id, applied, false).map_err(unreadable)?;
     let Some(last) = pending.last().map(|record| record.lsn) else {
         return Ok((host_id, applied));
     };
@@ -433,17 +436,15 @@ impl Writer {
             && let Err(error) = transaction.set_durability(Durability::None)
         {
             let _ = transaction.abort();
+            if !logged.is_empty() && !self.no_log {
+                // Its record may be in the log already: the lsn is spent.
+                return Err(self.break_after_logging(&error.to_string()));
+            }
             return Err(error.to_string());
         }
         if let Err(error) = transaction.commit() {
             if !logged.is_empty() && matches!(commit, Commit::Deferred) && !self.no_log {
-                let message = format!(
-                    "the state store could not apply a logged group ({error}); it is applied \
-                     when the store is opened again, and no more writes are taken until then"
-                );
-                tracing::error!("{message}");
-                self.broken = Some(message.clone());
-                return Err(message);
+                return Err(self.break_after_logging(&error.to_string()));
             }
             return Err(error.to_string());
         }
@@ -460,6 +461,20 @@ impl Writer {
             Commit::Deferred => self.undurable += 1,
         }
         Ok(())
+    }
+
+    /// A group whose writes were logged could not be committed: the logged
+    /// ones are applied when the store is opened again (the others in the
+    /// group are lost), and no more writes are taken until then.
+    fn break_after_logging(&mut self, error: &str) -> String {
+        let message = format!(
+            "the state store could not commit a group whose records were logged ({error}); \
+             the logged writes are applied when the store is opened again, and no more \
+             writes are taken until then"
+        );
+        tracing::error!("{message}");
+        self.broken = Some(message.clone());
+        message
     }
 
     /// Appends the group's logged writes to the redo log, synced when

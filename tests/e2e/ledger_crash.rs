@@ -292,6 +292,14 @@ fn acknowledged_operations_of_a_killed_process_are_replayed_from_the_redo_log() 
         foreign.contains("this redo log belongs to") && foreign.contains("move it away"),
         "{foreign}"
     );
+
+    // A ledger file deleted while its log stays: the new ledger removes the
+    // old log when it is made, so opening it again (still without a write)
+    // works too.
+    std::fs::remove_file(other.path().join("ledger.redb")).unwrap();
+    drop(Ledger::open(&other.path().join("ledger.redb"), options()).unwrap());
+    assert!(!other.path().join("ledger.wal").exists());
+    drop(Ledger::open(&other.path().join("ledger.redb"), options()).expect("opens again"));
 }
 
 const STATE_REPLAY: &str = "SANDBOXER_STATE_REPLAY";

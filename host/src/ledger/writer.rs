@@ -172,15 +172,15 @@ impl Writer {
             Ok(logged) => logged,
             Err(error) => {
                 let _ = write.abort();
-                let message = format!(
-                    "the ledger's redo log {} could not be written ({error}); the batch \
-                     may still be applied when the ledger is opened again (retry with the \
-                     same key to learn its answer), and no more writes are taken until then",
-                    self.place.path.display()
+                // The record may have reached the file (a failed sync says
+                // nothing of what was written): the batch may be replayed.
+                return self.fail_logged(
+                    batch,
+                    LedgerError::Storage(format!(
+                        "the redo log {} could not be written: {error}",
+                        self.place.path.display()
+                    )),
                 );
-                tracing::error!("{message}");
-                self.broken = Some(message.clone());
-                return all_failed(LedgerError::Storage(message));
             }
         };
         if logged && let Err(error) = write.set_durability(Durability::None) {
@@ -249,8 +249,9 @@ impl Writer {
         error: LedgerError,
     ) -> Vec<Result<Receipt, LedgerError>> {
         let message = format!(
-            "the ledger could not apply a logged batch ({error}); it is applied when the \
-             ledger is opened again, and no more writes are taken until then"
+            "the ledger could not finish a batch it may have logged ({error}); its outcome \
+             is known when the ledger is opened again (retry with the same key to learn its \
+             answer), and no more writes are taken until then"
         );
         tracing::error!("{message}");
         self.broken = Some(message.clone());
