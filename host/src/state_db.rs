@@ -55,8 +55,8 @@ pub enum StateDbError {
 pub type StateWrite = Box<dyn FnOnce(&WriteTransaction) -> Result<(), String> + Send>;
 
 /// A write the redo log keeps as data: a sandbox record (its id and JSON),
-/// the lifecycle events appended with it, and an extension call's
-/// key-value writes (a value, or none to remove the key). Applying it
+/// the lifecycle events appended with it, an extension call's key-value
+/// writes (a value, or none to remove the key), and a dispute's tally. Applying it
 /// depends on nothing but the store (the host id is made durably before
 /// any write is logged), so a replay gives what the first run gave.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -64,6 +64,9 @@ pub struct LoggedWrite {
     pub record: Option<(String, String)>,
     pub events: Vec<PendingEvent>,
     pub kv: Option<(String, Vec<crate::state_pg::KvWrite>)>,
+    /// A charge policy's cut, added to its instance's dispute tally.
+    #[serde(default)]
+    pub disputed: Option<(String, u64)>,
 }
 
 impl LoggedWrite {
@@ -76,6 +79,10 @@ impl LoggedWrite {
         }
         if let Some((instance, writes)) = &self.kv {
             crate::runtime::kv::apply_writes(write, instance, writes)?;
+        }
+        if let Some((instance, amount)) = &self.disputed {
+            crate::manager::disputes::add(write, instance, *amount)
+                .map_err(|error| error.to_string())?;
         }
         Ok(())
     }

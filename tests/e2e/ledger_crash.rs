@@ -328,6 +328,7 @@ fn state_replay_child() {
                 "stub".into(),
                 vec![(format!("key-{index}"), Some(vec![index as u8; 3]))],
             )),
+            disputed: None,
         };
         state.write_logged(logged, None, true).unwrap();
     }

@@ -206,15 +206,18 @@ impl SandboxManager {
             None => None,
         };
         let finished = finish_destroyed(record, decision, settled, now)?;
-        let local = finished.dispute_tally();
-        let Finished { record, events, .. } = finished;
+        let Finished {
+            record,
+            events,
+            disputed,
+        } = finished;
         self.records
             .put_async(
                 &record,
                 RecordExtras {
                     events,
-                    kv: None,
-                    local,
+                    disputed,
+                    ..RecordExtras::default()
                 },
                 true,
             )

@@ -161,15 +161,20 @@ impl From<SharedWriteError> for RecordError {
 pub type LocalWrite = Box<dyn FnOnce(&WriteTransaction) -> Result<(), String> + Send>;
 
 /// What a record write carries besides the record. On redb all of it
-/// commits in one transaction. On a shared store the record, its events and
-/// the key-value writes commit in one transaction there, and the host-local
-/// part after it, in `state.redb` (it is only what routing learns and
-/// tallies, which a crash may lose).
+/// commits in one transaction, and all but `local` (what routing learns,
+/// which a crash may lose) is in the state's redo log with the record. On a
+/// shared store the record, its events and the key-value writes commit in
+/// one transaction there, and the host-local part after it, in
+/// `state.redb` (what routing learns and the dispute tally, which a crash
+/// may lose).
 #[derive(Default)]
 pub struct RecordExtras {
     pub events: Vec<PendingEvent>,
     pub kv: Option<PendingKv>,
     pub local: Option<LocalWrite>,
+    /// The instance and micro-credits a charge policy cut, for its tally
+    /// (`ext info`).
+    pub disputed: Option<(String, u64)>,
 }
 
 /// Writes a record's JSON into a transaction (the state store applies its
@@ -206,8 +211,23 @@ impl RecordStore {
         extras: RecordExtras,
         durable: bool,
     ) -> Result<(), RecordError> {
-        let RecordExtras { events, kv, local } = extras;
+        let RecordExtras {
+            events,
+            kv,
+            mut local,
+            disputed,
+        } = extras;
         if let Some(shared) = self.state.shared() {
+            if let Some((instance, amount)) = disputed {
+                let earlier = local.take();
+                local = Some(Box::new(move |write| {
+                    if let Some(earlier) = earlier {
+                        earlier(write)?;
+                    }
+                    super::disputes::add(write, &instance, amount)
+                        .map_err(|error| error.to_string())
+                }));
+            }
             shared
                 .write_async(StateWrite {
                     record: Some(record.clone()),
@@ -227,6 +247,7 @@ impl RecordStore {
             )),
             events,
             kv: kv.and_then(PendingKv::into_writes),
+            disputed,
         };
         self.state
             .write_logged_async(logged, local, durable)
