@@ -33,6 +33,17 @@ fn main() -> anyhow::Result<()> {
         "routing" => routing::run(),
         "lifecycle" => lifecycle::run(),
         "serve" => serve::run(),
+        // Not a suite: the process `runtime` starts to time cached loads.
+        "cached-loads" => {
+            let mut args = std::env::args().skip(2);
+            match (args.next(), args.next()) {
+                (Some(home), Some(file)) => runtime::cached_loads_child(
+                    std::path::Path::new(&home),
+                    std::path::Path::new(&file),
+                ),
+                _ => anyhow::bail!("usage: sandboxer-bench cached-loads HOME FILE"),
+            }
+        }
         "all" => {
             runtime::run()?;
             routing::run()?;
