@@ -320,6 +320,106 @@ impl RedoLog {
     }
 }
 
+/// What became of a record handed to [`WriterLog::append`].
+pub(crate) enum Appended {
+    /// In the log (synced if asked).
+    Logged,
+    /// Not written: the log is full, or cannot be created here. The batch
+    /// must go to redb some other way.
+    NotLogged,
+}
+
+/// A writer's redo log: opened on the first write (so that reading a
+/// database creates no file), and given up with a warning when it cannot
+/// be created (then every batch goes to redb durably: slower, as safe).
+pub(crate) struct WriterLog {
+    path: PathBuf,
+    owner_id: String,
+    /// The database's name in messages ("the ledger", "the state store").
+    what: &'static str,
+    log: Option<RedoLog>,
+    unavailable: bool,
+}
+
+impl WriterLog {
+    pub fn new(path: PathBuf, owner_id: String, what: &'static str) -> Self {
+        Self {
+            path,
+            owner_id,
+            what,
+            log: None,
+            unavailable: false,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the log could not be created here.
+    pub fn unavailable(&self) -> bool {
+        self.unavailable
+    }
+
+    /// Appends `payload()` as the record of `lsn` when there is a log and
+    /// room in it; the payload is made only then.
+    pub fn append(
+        &mut self,
+        lsn: u64,
+        payload: impl FnOnce() -> std::io::Result<Vec<u8>>,
+        sync: bool,
+    ) -> std::io::Result<Appended> {
+        if self.unavailable {
+            return Ok(Appended::NotLogged);
+        }
+        if self.log.is_none() {
+            match RedoLog::open(&self.path, &self.owner_id) {
+                Ok(log) => self.log = Some(log),
+                Err(error) => {
+                    tracing::warn!(
+                        "{}'s redo log {} cannot be created ({error}); every durable write \
+                         commits to redb durably",
+                        self.what,
+                        self.path.display()
+                    );
+                    self.unavailable = true;
+                    return Ok(Appended::NotLogged);
+                }
+            }
+        }
+        let payload = payload()?;
+        match self.log.as_mut().filter(|log| log.fits(payload.len())) {
+            Some(log) => {
+                log.append(lsn, &payload, sync)?;
+                Ok(Appended::Logged)
+            }
+            None => Ok(Appended::NotLogged),
+        }
+    }
+
+    /// After a durable redb commit holding every logged batch.
+    pub fn rewind(&mut self) {
+        if let Some(log) = &mut self.log {
+            log.rewind();
+        }
+    }
+}
+
+/// The closing commit of a writer with batches redb holds only in memory:
+/// one durable commit holds them all, so the next open has nothing to
+/// replay. A failure is only warned of: the log is replayed instead.
+pub(crate) fn closing_commit(database: &redb::Database, what: &str) {
+    let result = database
+        .begin_write()
+        .map_err(|error| error.to_string())
+        .and_then(|write| write.commit().map_err(|error| error.to_string()));
+    if let Err(error) = result {
+        tracing::warn!(
+            "{what}'s closing commit failed ({error}); its redo log is replayed on the next open"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,7 +23,7 @@
 
 use crate::group_commit::GroupWriter;
 use crate::manager::lifecycle_events::{self, PendingEvent};
-use crate::redo_log::RedoLog;
+use crate::redo_log::{Appended, WriterLog};
 use redb::{
     Database, DatabaseError, Durability, ReadableDatabase, TableDefinition, WriteTransaction,
 };
@@ -173,11 +173,8 @@ impl StateDb {
             })?;
         let mut writer = Writer {
             database: database.clone(),
-            log_path,
-            host_id,
+            log: WriterLog::new(log_path, host_id, "the state store"),
             last_lsn,
-            log: None,
-            no_log: false,
             undurable: 0,
             broken: None,
         };
@@ -361,13 +358,8 @@ enum Commit {
 /// The writer thread's state.
 struct Writer {
     database: Arc<Database>,
-    log_path: PathBuf,
-    host_id: String,
+    log: WriterLog,
     last_lsn: u64,
-    /// Opened on the first logged write.
-    log: Option<RedoLog>,
-    /// The log could not be created here: durable writes commit durably.
-    no_log: bool,
     /// Groups committed without durability since the last durable commit.
     undurable: u64,
     /// Set when a group's fate became unknown: no more writes until the
@@ -431,7 +423,7 @@ impl Writer {
                         "the state store's redo log {} could not be written ({error}); the \
                          write may still be applied when the store is opened again, and no \
                          more writes are taken until then",
-                        self.log_path.display()
+                        self.log.path().display()
                     );
                     tracing::error!("{message}");
                     self.broken = Some(message.clone());
@@ -443,14 +435,14 @@ impl Writer {
             && let Err(error) = transaction.set_durability(Durability::None)
         {
             let _ = transaction.abort();
-            if !logged.is_empty() && !self.no_log {
+            if !logged.is_empty() && !self.log.unavailable() {
                 // Its record may be in the log already: the lsn is spent.
                 return Err(self.break_after_logging(&error.to_string()));
             }
             return Err(error.to_string());
         }
         if let Err(error) = transaction.commit() {
-            if !logged.is_empty() && matches!(commit, Commit::Deferred) && !self.no_log {
+            if !logged.is_empty() && matches!(commit, Commit::Deferred) && !self.log.unavailable() {
                 return Err(self.break_after_logging(&error.to_string()));
             }
             return Err(error.to_string());
@@ -461,9 +453,7 @@ impl Writer {
         match commit {
             Commit::Durable => {
                 self.undurable = 0;
-                if let Some(log) = &mut self.log {
-                    log.rewind();
-                }
+                self.log.rewind();
             }
             Commit::Deferred => self.undurable += 1,
         }
@@ -485,58 +475,29 @@ impl Writer {
     }
 
     /// Appends the group's logged writes to the redo log, synced when
-    /// `sync`. `Some(Deferred)`: logged. `None`: no room or no log (the
-    /// group must then commit durably if anything in it must be durable;
-    /// with a log, a group that does not fit always commits durably, so
-    /// that the log never skips a group).
+    /// `sync`. `Some(Deferred)`: logged. `None`: no log here (the group
+    /// must then commit durably if anything in it must be durable). With a
+    /// log, a group that does not fit always commits durably, so that the
+    /// log never skips a group.
     fn log_group(
         &mut self,
         lsn: u64,
         logged: &[LoggedWrite],
         sync: bool,
     ) -> std::io::Result<Option<Commit>> {
-        if self.no_log {
-            return Ok(None);
-        }
-        if self.log.is_none() {
-            match RedoLog::open(&self.log_path, &self.host_id) {
-                Ok(log) => self.log = Some(log),
-                Err(error) => {
-                    tracing::warn!(
-                        "the state store's redo log {} cannot be created ({error}); \
-                         durable writes commit to redb durably",
-                        self.log_path.display()
-                    );
-                    self.no_log = true;
-                    return Ok(None);
-                }
-            }
-        }
-        let payload = serde_json::to_vec(logged).map_err(std::io::Error::other)?;
-        let Some(log) = self.log.as_mut().filter(|log| log.fits(payload.len())) else {
-            return Ok(Some(Commit::Durable));
-        };
-        log.append(lsn, &payload, sync)?;
-        Ok(Some(Commit::Deferred))
+        let payload = || serde_json::to_vec(logged).map_err(std::io::Error::other);
+        Ok(match self.log.append(lsn, payload, sync)? {
+            Appended::Logged => Some(Commit::Deferred),
+            Appended::NotLogged if self.log.unavailable() => None,
+            Appended::NotLogged => Some(Commit::Durable),
+        })
     }
 }
 
 impl Drop for Writer {
-    /// Closing: one durable commit holds every group, so the next open has
-    /// nothing to replay.
     fn drop(&mut self) {
-        if self.undurable == 0 || self.broken.is_some() {
-            return;
-        }
-        let result = self
-            .database
-            .begin_write()
-            .map_err(|error| error.to_string())
-            .and_then(|write| write.commit().map_err(|error| error.to_string()));
-        if let Err(error) = result {
-            tracing::warn!(
-                "the state store's closing commit failed ({error}); its redo log is replayed on the next open"
-            );
+        if self.undurable > 0 && self.broken.is_none() {
+            crate::redo_log::closing_commit(&self.database, "the state store");
         }
     }
 }

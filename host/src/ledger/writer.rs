@@ -15,7 +15,7 @@ use super::error::{LedgerError, storage};
 use super::store::{ApplyError, Batch, META, RedbTables, WAL_LSN};
 use super::types::{Operation, Receipt};
 use crate::group_commit::GroupWriter;
-use crate::redo_log::RedoLog;
+use crate::redo_log::{Appended, WriterLog};
 use redb::{Database, Durability};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -78,11 +78,9 @@ pub(crate) struct LogPlace {
 /// The writer thread's state.
 struct Writer {
     database: Arc<Database>,
-    place: LogPlace,
-    /// Opened on the first write, so that reading a ledger creates no file.
-    log: Option<RedoLog>,
-    /// The log could not be created here: every batch commits durably.
-    no_log: bool,
+    log: WriterLog,
+    /// The lsn of the newest batch redb holds.
+    last_lsn: u64,
     /// Batches committed to redb without durability since its last durable commit.
     undurable: u64,
     /// Set when a batch's fate became unknown (its log record was written
@@ -102,9 +100,8 @@ pub(crate) fn start(
 ) -> std::io::Result<GroupWriter<Job, Result<Receipt, LedgerError>>> {
     let mut writer = Writer {
         database,
-        place,
-        log: None,
-        no_log: false,
+        log: WriterLog::new(place.path, place.ledger_id, "the ledger"),
+        last_lsn: place.last_lsn,
         undurable: 0,
         broken: None,
         default_credits,
@@ -158,7 +155,7 @@ impl Writer {
             Err(error) => return all_failed(storage(error)),
         };
         let now = now_ms();
-        let lsn = self.place.last_lsn + 1;
+        let lsn = self.last_lsn + 1;
         let results = match apply_batch(&write, batch, now, self.default_credits)
             .and_then(|results| set_lsn(&write, lsn).map(|()| results))
         {
@@ -178,7 +175,7 @@ impl Writer {
                     batch,
                     LedgerError::Storage(format!(
                         "the redo log {} could not be written: {error}",
-                        self.place.path.display()
+                        self.log.path().display()
                     )),
                 );
             }
@@ -193,15 +190,13 @@ impl Writer {
             }
             return all_failed(storage(error));
         }
-        self.place.last_lsn = lsn;
+        self.last_lsn = lsn;
         if logged {
             self.undurable += 1;
         } else {
             self.undurable = 0;
             self.stats.durable_commits.fetch_add(1, Ordering::Relaxed);
-            if let Some(log) = &mut self.log {
-                log.rewind();
-            }
+            self.log.rewind();
         }
         results
     }
@@ -209,36 +204,19 @@ impl Writer {
     /// Appends the batch to the redo log; false when it goes to redb
     /// durably instead (the log is full, or cannot be used here).
     fn log_batch(&mut self, lsn: u64, now_ms: u64, jobs: &[Job]) -> std::io::Result<bool> {
-        let payload = serde_json::to_vec(&LoggedBatch {
-            now_ms,
-            default_credits: self.default_credits,
-            jobs,
-        })
-        .map_err(std::io::Error::other)?;
-        if self.no_log {
-            return Ok(false);
-        }
-        if self.log.is_none() {
-            match RedoLog::open(&self.place.path, &self.place.ledger_id) {
-                Ok(log) => self.log = Some(log),
-                Err(error) => {
-                    // Without a log every batch commits durably to redb:
-                    // slower, just as safe.
-                    tracing::warn!(
-                        "the ledger's redo log {} cannot be created ({error}); \
-                         every write commits to redb durably",
-                        self.place.path.display()
-                    );
-                    self.no_log = true;
-                    return Ok(false);
-                }
-            }
-        }
-        let Some(log) = self.log.as_mut().filter(|log| log.fits(payload.len())) else {
-            return Ok(false);
+        let default_credits = self.default_credits;
+        let payload = || {
+            serde_json::to_vec(&LoggedBatch {
+                now_ms,
+                default_credits,
+                jobs,
+            })
+            .map_err(std::io::Error::other)
         };
-        log.append(lsn, &payload, true)?;
-        Ok(true)
+        Ok(matches!(
+            self.log.append(lsn, payload, true)?,
+            Appended::Logged
+        ))
     }
 
     /// A logged batch whose redb commit failed: it will be replayed when
@@ -263,21 +241,9 @@ impl Writer {
 }
 
 impl Drop for Writer {
-    /// Closing: one durable redb commit holds every logged batch, so that
-    /// the next open has nothing to replay.
     fn drop(&mut self) {
-        if self.undurable == 0 || self.broken.is_some() {
-            return;
-        }
-        let result = self
-            .database
-            .begin_write()
-            .map_err(storage)
-            .and_then(|write| write.commit().map_err(storage));
-        if let Err(error) = result {
-            tracing::warn!(
-                "the ledger's closing commit failed ({error}); its redo log is replayed on the next open"
-            );
+        if self.undurable > 0 && self.broken.is_none() {
+            crate::redo_log::closing_commit(&self.database, "the ledger");
         }
     }
 }
