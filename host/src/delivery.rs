@@ -184,7 +184,10 @@ fn drain(
             Source::Ledger => tokio::runtime::Handle::current()
                 .block_on(ledger.outbox_after(cursor, BATCH))
                 .map_err(storage)?,
-            Source::Lifecycle => lifecycle_events::after(state, cursor, BATCH).map_err(storage)?,
+            Source::Lifecycle => {
+                let upto = state.durable_events().map_err(DeliveryError::from)?;
+                lifecycle_events::after(state, cursor, upto, BATCH).map_err(storage)?
+            }
         };
         let Some(&(last, _)) = events.last() else {
             return Ok(delivered);

@@ -20,6 +20,12 @@
 //! - a closure over the transaction (tenants, keys, cursors, routing
 //!   health): a group with a durable closure commits to redb durably (which
 //!   holds every earlier write, so the log starts again).
+//!
+//! Lifecycle events are read (delivered to sinks, streamed) only up to the
+//! newest one on the disk ([`StateDb::durable_events`]): an event of a write
+//! that was not synced (`requested`, `destroyed`) waits for the next sync,
+//! so no reader ever sees an event a crash could take back, and no
+//! delivered sequence number is reused after one.
 
 use crate::group_commit::GroupWriter;
 use crate::manager::lifecycle_events::{self, PendingEvent};
@@ -29,6 +35,7 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Most writes committed in one transaction.
@@ -70,12 +77,17 @@ pub struct LoggedWrite {
 }
 
 impl LoggedWrite {
-    fn apply(&self, write: &WriteTransaction) -> Result<(), String> {
+    /// Applies the write; returns the sequence number of its newest event.
+    fn apply(&self, write: &WriteTransaction) -> Result<Option<u64>, String> {
         if let Some((id, json)) = &self.record {
             crate::manager::record::put_json(write, id, json)?;
         }
+        let mut newest_event = None;
         for event in &self.events {
-            lifecycle_events::append(write, event.clone()).map_err(|error| error.to_string())?;
+            newest_event = Some(
+                lifecycle_events::append(write, event.clone())
+                    .map_err(|error| error.to_string())?,
+            );
         }
         if let Some((instance, writes)) = &self.kv {
             crate::runtime::kv::apply_writes(write, instance, writes)?;
@@ -84,8 +96,17 @@ impl LoggedWrite {
             crate::manager::disputes::add(write, instance, *amount)
                 .map_err(|error| error.to_string())?;
         }
-        Ok(())
+        Ok(newest_event)
     }
+}
+
+/// The newest lifecycle event redb holds, and the newest one on the disk
+/// (in a durable commit, or in a synced log record). The writer moves
+/// both; readers stop at `durable`.
+#[derive(Debug, Default)]
+struct EventMarks {
+    written: AtomicU64,
+    durable: AtomicU64,
 }
 
 /// A job for the writer, and whether the caller needs it on disk before it
@@ -101,6 +122,7 @@ enum Job {
 struct Opened {
     database: Arc<Database>,
     writer: GroupWriter<Job, Result<(), String>>,
+    events: Arc<EventMarks>,
 }
 
 /// A lazily opened, shared handle on `state.redb`, and, when the host
@@ -171,12 +193,23 @@ impl StateDb {
                 path: self.path.clone(),
                 source: error.into(),
             })?;
+        // Whatever an open finds is on the disk.
+        let newest =
+            lifecycle_events::last_seq_in(&database).map_err(|error| StateDbError::Open {
+                path: self.path.clone(),
+                source: error.to_string().into(),
+            })?;
+        let events = Arc::new(EventMarks {
+            written: AtomicU64::new(newest),
+            durable: AtomicU64::new(newest),
+        });
         let mut writer = Writer {
             database: database.clone(),
             log: WriterLog::new(log_path, host_id, "the state store"),
             last_lsn,
             undurable: 0,
             broken: None,
+            events: events.clone(),
         };
         let writer = GroupWriter::start("state-writer", MAX_GROUP, move |jobs: Vec<Job>| {
             let count = jobs.len();
@@ -187,7 +220,11 @@ impl StateDb {
             path: self.path.clone(),
             source: Box::new(source),
         })?;
-        let opened = Arc::new(Opened { database, writer });
+        let opened = Arc::new(Opened {
+            database,
+            writer,
+            events,
+        });
         *slot = Some(opened.clone());
         Ok(opened)
     }
@@ -256,6 +293,37 @@ impl StateDb {
     ) -> Result<(), StateDbError> {
         self.submit_job_async(Job::Logged(write, local, durable))
             .await
+    }
+
+    /// The newest lifecycle event on the disk, after making the ones written
+    /// since the last sync durable (one durable commit, only when there are
+    /// such): readers of the outbox stop there. On a shared store, where every
+    /// commit is durable, `u64::MAX`.
+    pub fn durable_events(&self) -> Result<u64, StateDbError> {
+        if self.shared().is_some() {
+            return Ok(u64::MAX);
+        }
+        let opened = self.opened()?;
+        if opened.events.written.load(Ordering::Acquire)
+            > opened.events.durable.load(Ordering::Acquire)
+        {
+            self.write(|_| Ok(()))?;
+        }
+        Ok(opened.events.durable.load(Ordering::Acquire))
+    }
+
+    /// [`StateDb::durable_events`] for async callers.
+    pub async fn durable_events_async(&self) -> Result<u64, StateDbError> {
+        if self.shared().is_some() {
+            return Ok(u64::MAX);
+        }
+        let opened = self.opened()?;
+        if opened.events.written.load(Ordering::Acquire)
+            > opened.events.durable.load(Ordering::Acquire)
+        {
+            self.write_async(|_| Ok(())).await?;
+        }
+        Ok(opened.events.durable.load(Ordering::Acquire))
     }
 
     async fn submit_async(&self, write: StateWrite, durable: bool) -> Result<(), StateDbError> {
@@ -365,6 +433,7 @@ struct Writer {
     /// Set when a group's fate became unknown: no more writes until the
     /// store is opened again and replays its log.
     broken: Option<String>,
+    events: Arc<EventMarks>,
 }
 
 impl Writer {
@@ -377,6 +446,7 @@ impl Writer {
             .begin_write()
             .map_err(|error| error.to_string())?;
         let mut logged = Vec::new();
+        let mut newest_event = None;
         let (mut durable_closure, mut sync) = (false, false);
         let applied = (|| {
             for job in jobs {
@@ -386,7 +456,7 @@ impl Writer {
                         durable_closure |= durable;
                     }
                     Job::Logged(write, local, durable) => {
-                        write.apply(&transaction)?;
+                        newest_event = write.apply(&transaction)?.or(newest_event);
                         if let Some(local) = local {
                             local(&transaction)?;
                         }
@@ -449,6 +519,16 @@ impl Writer {
         }
         if !logged.is_empty() {
             self.last_lsn = lsn;
+        }
+        if let Some(seq) = newest_event {
+            self.events.written.store(seq, Ordering::Release);
+        }
+        // A durable commit holds every group before it; so does a synced
+        // log record (every event is in a logged write, and a group the log
+        // could not take committed durably if it had to be on the disk).
+        if matches!(commit, Commit::Durable) || sync {
+            let written = self.events.written.load(Ordering::Acquire);
+            self.events.durable.store(written, Ordering::Release);
         }
         match commit {
             Commit::Durable => {
@@ -587,6 +667,57 @@ mod tests {
         let read = state.database().unwrap().begin_read().unwrap();
         let table = read.open_table(NUMBERS).unwrap();
         assert_eq!(redb::ReadableTableMetadata::len(&table).unwrap(), 200);
+    }
+
+    #[test]
+    fn lifecycle_events_are_read_only_once_they_are_on_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let state = StateDb::new(path.clone());
+        let logged = |n: u64| LoggedWrite {
+            events: vec![PendingEvent {
+                sandbox_id: format!("sbx-{n}"),
+                event_type: "sandboxer.sandbox.destroyed".into(),
+                data: serde_json::json!({ "n": n }),
+                time_ms: n,
+            }],
+            ..LoggedWrite::default()
+        };
+        let marks = || {
+            let opened = state.opened().unwrap();
+            (
+                opened.events.written.load(Ordering::Acquire),
+                opened.events.durable.load(Ordering::Acquire),
+            )
+        };
+        state.write_logged(logged(1), None, true).unwrap();
+        state.write_logged(logged(2), None, false).unwrap();
+        assert_eq!(marks(), (2, 1), "the unsynced event is not on the disk yet");
+        state.write_logged(logged(3), None, true).unwrap();
+        assert_eq!(
+            marks(),
+            (3, 3),
+            "a synced write takes the earlier one with it"
+        );
+        state.write_logged(logged(4), None, false).unwrap();
+        assert_eq!(marks(), (4, 3));
+
+        // A reader makes the newer ones durable before reading them: the
+        // database file alone (no redo log beside it) then holds all four.
+        assert_eq!(state.durable_events().unwrap(), 4);
+        assert_eq!(marks(), (4, 4));
+        let copy = dir.path().join("copy");
+        std::fs::create_dir(&copy).unwrap();
+        std::fs::copy(&path, copy.join("state.redb")).unwrap();
+        let alone = StateDb::new(copy.join("state.redb"));
+        let upto = alone.durable_events().unwrap();
+        let events = lifecycle_events::after(&alone, 0, upto, 10).unwrap();
+        let seqs: Vec<u64> = events.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(seqs, [1, 2, 3, 4]);
+        assert!(events[3].1.contains("sbx-4"), "{}", events[3].1);
+        // Reading stops at the mark it is given.
+        let first_two = lifecycle_events::after(&alone, 0, 2, 10).unwrap();
+        assert_eq!(first_two.len(), 2);
     }
 
     #[test]

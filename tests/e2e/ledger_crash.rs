@@ -372,7 +372,7 @@ fn acknowledged_state_writes_of_a_killed_process_are_replayed_from_the_redo_log(
 
     let state = Arc::new(StateDb::new(path.clone()));
     let host = lifecycle_events::host_id(&state).unwrap();
-    let events = lifecycle_events::after(&state, 0, 100).unwrap();
+    let events = lifecycle_events::after(&state, 0, state.durable_events().unwrap(), 100).unwrap();
     assert_eq!(events.len(), 12, "every acknowledged event, once");
     for (index, (seq, json)) in events.iter().enumerate() {
         assert_eq!(*seq, index as u64 + 1);

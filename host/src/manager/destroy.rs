@@ -211,6 +211,12 @@ impl SandboxManager {
             events,
             disputed,
         } = finished;
+        // Not synced: the usage and the settle are on the disk already. If
+        // a crash loses `destroyed`, the next start finds the record
+        // destroying with its usage, prices it again, and the ledger answers
+        // the settle with its first charge: the record ends as answered
+        // here. Its events reach readers once the next sync (or a reader's
+        // own) puts them on the disk.
         self.records
             .put_async(
                 &record,
@@ -219,7 +225,7 @@ impl SandboxManager {
                     disputed,
                     ..RecordExtras::default()
                 },
-                true,
+                false,
             )
             .await?;
         Ok(record)

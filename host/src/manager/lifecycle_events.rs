@@ -193,10 +193,13 @@ pub fn host_id(state: &crate::state_db::StateDb) -> Result<String, RecordError> 
         .map_err(|_| storage("the host id was not written"))
 }
 
-/// Events after `after_seq`, oldest first, as stored JSON.
+/// Events after `after_seq` up to `upto` (the newest on the disk:
+/// [`crate::state_db::StateDb::durable_events`]), oldest first, as stored
+/// JSON.
 pub fn after(
     state: &crate::state_db::StateDb,
     after_seq: u64,
+    upto: u64,
     limit: usize,
 ) -> Result<Vec<(u64, String)>, RecordError> {
     if let Some(shared) = state.shared() {
@@ -212,8 +215,11 @@ pub fn after(
         Err(error) => return Err(storage(error)),
     };
     let mut events = Vec::new();
+    if after_seq >= upto {
+        return Ok(events);
+    }
     for row in table
-        .range(after_seq.saturating_add(1)..)
+        .range(after_seq.saturating_add(1)..=upto)
         .map_err(storage)?
         .take(limit)
     {
@@ -223,12 +229,8 @@ pub fn after(
     Ok(events)
 }
 
-/// The newest lifecycle event's sequence number (0 when none).
-pub fn last_seq(state: &crate::state_db::StateDb) -> Result<u64, RecordError> {
-    if let Some(shared) = state.shared() {
-        return shared.last_event_seq().map_err(RecordError::Storage);
-    }
-    let database = state.database()?;
+/// The newest event in `database` (0 when none).
+pub(crate) fn last_seq_in(database: &redb::Database) -> Result<u64, RecordError> {
     let read = database.begin_read().map_err(storage)?;
     let table = match read.open_table(OUTBOX) {
         Ok(table) => table,
@@ -239,4 +241,12 @@ pub fn last_seq(state: &crate::state_db::StateDb) -> Result<u64, RecordError> {
         .last()
         .map_err(storage)?
         .map_or(0, |(seq, _)| seq.value()))
+}
+
+/// The newest lifecycle event's sequence number (0 when none).
+pub fn last_seq(state: &crate::state_db::StateDb) -> Result<u64, RecordError> {
+    if let Some(shared) = state.shared() {
+        return shared.last_event_seq().map_err(RecordError::Storage);
+    }
+    last_seq_in(&*state.database()?)
 }

@@ -249,17 +249,27 @@ impl SandboxManager {
     async fn save_with(
         &self,
         record: &mut SandboxStatus,
+        extras: RecordExtras,
+    ) -> Result<(), ManagerError> {
+        self.save_after(record, None, extras).await
+    }
+
+    /// Writes `record` with the event of an earlier state not written on
+    /// its own (`requested`), the event of its current state and `extras`,
+    /// in one transaction, durably.
+    async fn save_after(
+        &self,
+        record: &mut SandboxStatus,
+        earlier: Option<lifecycle_events::PendingEvent>,
         mut extras: RecordExtras,
     ) -> Result<(), ManagerError> {
         let now = now_ms();
         record.updated_at_ms = now;
+        let state_change = lifecycle_events::PendingEvent::state_change(record, now);
         extras
             .events
-            .insert(0, lifecycle_events::PendingEvent::state_change(record, now));
-        // `requested` has had nothing acted on yet: if a crash loses it,
-        // there is nothing to reconcile, so it need not wait for the disk.
-        let durable = record.state != SandboxState::Requested;
-        self.records.put_async(record, extras, durable).await?;
+            .splice(0..0, earlier.into_iter().chain([state_change]));
+        self.records.put_async(record, extras, true).await?;
         Ok(())
     }
 
@@ -308,15 +318,24 @@ impl SandboxManager {
             metadata: request.metadata.clone(),
         };
         crate::ledger::check_name("tenant", &request.tenant).map_err(ManagerError::Refused)?;
-        self.save(&mut record).await?;
+        // `requested` is written with the record's next step (routing's
+        // refusal, or `provisioning`), not on its own: nothing is acted on
+        // before that step, which is durable before its own action, so a
+        // crash in between loses nothing reconcile would need, and the
+        // sandbox costs one commit less.
+        let mut requested = Some(lifecycle_events::PendingEvent::state_change(&record, now));
 
         let decision = Router::new(&extensions, &self.health)
             .decide(&request.profile, &spec, now)
             .await?;
         if decision.chosen.is_none() {
             let reasons = decision.reasons();
-            self.fail(&mut record, format!("no eligible backend: {reasons}"))
-                .await?;
+            self.fail_after(
+                &mut record,
+                format!("no eligible backend: {reasons}"),
+                requested.take(),
+            )
+            .await?;
             return Err(ManagerError::NoEligibleBackend {
                 profile: decision.profile.clone(),
                 reasons,
@@ -361,14 +380,21 @@ impl SandboxManager {
                     record.updated_at_ms = now;
                     let mut provisioning = record.clone();
                     provisioning.meter.hold = Some(estimate);
-                    let event = lifecycle_events::PendingEvent::state_change(&provisioning, now);
+                    let events = requested
+                        .take()
+                        .into_iter()
+                        .chain([lifecycle_events::PendingEvent::state_change(
+                            &provisioning,
+                            now,
+                        )])
+                        .collect::<Vec<_>>();
                     let joint = crate::ledger::Joint {
                         record_id: id.clone(),
                         owner,
                         then: Box::new(move |result| {
-                            result.is_ok().then(|| crate::state_pg::StateWrite {
+                            result.is_ok().then_some(crate::state_pg::StateWrite {
                                 record: Some(provisioning),
-                                events: vec![event],
+                                events,
                                 kv: None,
                             })
                         }),
@@ -385,7 +411,8 @@ impl SandboxManager {
                         .await
                 }
                 None => {
-                    self.save(&mut record).await?;
+                    self.save_after(&mut record, requested.take(), RecordExtras::default())
+                        .await?;
                     self.ledger
                         .hold(&record.tenant, estimate, &hold_id, &candidate.name, expires)
                         .await
@@ -464,11 +491,23 @@ impl SandboxManager {
     }
 
     async fn fail(&self, record: &mut SandboxStatus, note: String) -> Result<(), ManagerError> {
+        self.fail_after(record, note, None).await
+    }
+
+    /// [`SandboxManager::fail`], with the event of an earlier state not
+    /// written on its own.
+    async fn fail_after(
+        &self,
+        record: &mut SandboxStatus,
+        note: String,
+        earlier: Option<lifecycle_events::PendingEvent>,
+    ) -> Result<(), ManagerError> {
         record.state = SandboxState::Failed;
         record.note = Some(note);
         record.finished_at_ms = Some(now_ms());
         record.retry_at_ms = None;
-        self.save(record).await
+        self.save_after(record, earlier, RecordExtras::default())
+            .await
     }
 
     /// Voids a hold, accepting that it may already be closed: a replay

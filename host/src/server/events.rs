@@ -73,8 +73,13 @@ impl Cursor {
                 self.push("ledger", seq, json);
             }
         }
-        if let Ok(events) = lifecycle_events::after(self.service.state(), self.lifecycle_seq, BATCH)
-        {
+        // Only events a crash cannot take back: those of a write not yet
+        // synced are made durable first.
+        let upto = self.service.state().durable_events_async().await;
+        if let Ok(events) = upto.map_err(|error| error.to_string()).and_then(|upto| {
+            lifecycle_events::after(self.service.state(), self.lifecycle_seq, upto, BATCH)
+                .map_err(|error| error.to_string())
+        }) {
             for (seq, json) in events {
                 self.lifecycle_seq = seq;
                 self.push("lifecycle", seq, json);
