@@ -23,9 +23,9 @@
 //!
 //! Lifecycle events are read (delivered to sinks, streamed) only up to the
 //! newest one on the disk ([`StateDb::durable_events`]): an event of a write
-//! that was not synced (`requested`, `destroyed`) waits for the next sync,
-//! so no reader ever sees an event a crash could take back, and no
-//! delivered sequence number is reused after one.
+//! that was not synced (`destroyed`) waits for the next sync, so no reader
+//! ever sees an event a crash could take back, and no delivered sequence
+//! number is reused after one.
 
 use crate::group_commit::GroupWriter;
 use crate::manager::lifecycle_events::{self, PendingEvent};
@@ -107,6 +107,21 @@ impl LoggedWrite {
 struct EventMarks {
     written: AtomicU64,
     durable: AtomicU64,
+}
+
+impl EventMarks {
+    /// Whether events wait for a sync.
+    fn behind(&self) -> bool {
+        self.written.load(Ordering::Acquire) > self.durable.load(Ordering::Acquire)
+    }
+}
+
+/// Readers still get the events already on the disk when the sync that
+/// would add the newer ones fails (the writer says why to its own callers).
+fn warn_unsynced(synced: Result<(), StateDbError>) {
+    if let Err(error) = synced {
+        tracing::warn!("lifecycle events wait for the disk: {error}");
+    }
 }
 
 /// A job for the writer, and whether the caller needs it on disk before it
@@ -296,18 +311,17 @@ impl StateDb {
     }
 
     /// The newest lifecycle event on the disk, after making the ones written
-    /// since the last sync durable (one durable commit, only when there are
-    /// such): readers of the outbox stop there. On a shared store, where every
-    /// commit is durable, `u64::MAX`.
+    /// since the last sync durable (an empty synced write: one sync of the
+    /// redo log, only when there are such): readers of the outbox stop
+    /// there. A failed sync leaves the mark where it was. On a shared store,
+    /// where every commit is durable, `u64::MAX`.
     pub fn durable_events(&self) -> Result<u64, StateDbError> {
         if self.shared().is_some() {
             return Ok(u64::MAX);
         }
         let opened = self.opened()?;
-        if opened.events.written.load(Ordering::Acquire)
-            > opened.events.durable.load(Ordering::Acquire)
-        {
-            self.write(|_| Ok(()))?;
+        if opened.events.behind() {
+            warn_unsynced(self.write_logged(LoggedWrite::default(), None, true));
         }
         Ok(opened.events.durable.load(Ordering::Acquire))
     }
@@ -318,10 +332,11 @@ impl StateDb {
             return Ok(u64::MAX);
         }
         let opened = self.opened()?;
-        if opened.events.written.load(Ordering::Acquire)
-            > opened.events.durable.load(Ordering::Acquire)
-        {
-            self.write_async(|_| Ok(())).await?;
+        if opened.events.behind() {
+            warn_unsynced(
+                self.write_logged_async(LoggedWrite::default(), None, true)
+                    .await,
+            );
         }
         Ok(opened.events.durable.load(Ordering::Acquire))
     }
@@ -703,12 +718,14 @@ mod tests {
         assert_eq!(marks(), (4, 3));
 
         // A reader makes the newer ones durable before reading them: the
-        // database file alone (no redo log beside it) then holds all four.
+        // files as they are now (what a crash would leave) hold all four.
         assert_eq!(state.durable_events().unwrap(), 4);
         assert_eq!(marks(), (4, 4));
         let copy = dir.path().join("copy");
         std::fs::create_dir(&copy).unwrap();
         std::fs::copy(&path, copy.join("state.redb")).unwrap();
+        let log = crate::redo_log::path_for(&path);
+        std::fs::copy(&log, crate::redo_log::path_for(&copy.join("state.redb"))).unwrap();
         let alone = StateDb::new(copy.join("state.redb"));
         let upto = alone.durable_events().unwrap();
         let events = lifecycle_events::after(&alone, 0, upto, 10).unwrap();

@@ -339,3 +339,85 @@ fn every_durable_write_of_the_lifecycle_is_a_safe_place_to_crash() {
     eprintln!("crash points checked: {points}");
     assert!(points >= 20, "only {points} crash points were reached");
 }
+
+/// A destroy killed after its settle reached the disk, before its
+/// `destroyed` record did (that write is not synced), on a home whose
+/// operator then removed the extension: the next start cannot ask the
+/// extension to price the usage again, and ends the record with the charge
+/// the ledger made instead of leaving it `destroying` with a settled hold.
+#[test]
+fn a_settled_destroy_whose_record_was_lost_ends_without_its_extension() {
+    let template = base_home();
+    let id = create(&template, "saas-stub", "300");
+    let args = strings(&["sandbox", "destroy", &id]);
+    let total = durable_writes(&template, &args);
+    let (mut settled_points, mut taken_from_the_ledger) = (0, 0);
+    for at in 1..=total {
+        let home = fresh_copy(&template);
+        if !run_crashing(&home, &args, at, "after") {
+            continue;
+        }
+        for entry in std::fs::read_dir(home.extensions()).unwrap() {
+            let path = entry.unwrap().path();
+            if path
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("saas-stub.")
+            {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+        let records = home.run(&["sandbox", "list", "--all", "--json"]);
+        assert_eq!(records.code, 0, "crash at {at}: {}", records.stderr);
+        let records = records.json();
+        let record = records
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|record| record["id"] == id.as_str())
+            .unwrap_or_else(|| panic!("crash at {at}: {id} is listed: {records}"))
+            .clone();
+        let history = home
+            .run(&[
+                "credits", "history", "--tenant", "t1", "--limit", "1000", "--json",
+            ])
+            .ok()
+            .json();
+        let charge = history.as_array().unwrap().iter().find(|entry| {
+            entry["kind"] == "charge"
+                && entry["sandbox_id"]
+                    .as_str()
+                    .is_some_and(|hold| hold.starts_with(&format!("{id}.")))
+        });
+        let Some(charge) = charge else {
+            // Not settled yet: destroying it needs the extension.
+            assert_ne!(record["state"], "destroyed", "crash at {at}: {record}");
+            continue;
+        };
+        settled_points += 1;
+        assert_eq!(record["state"], "destroyed", "crash at {at}: {record}");
+        if record["note"]
+            .as_str()
+            .is_some_and(|note| note.contains("the ledger had settled it"))
+        {
+            taken_from_the_ledger += 1;
+        }
+        assert_eq!(
+            micros(&record["meter"]["actual"]),
+            micros(&charge["amount"]),
+            "crash at {at}: the record's actual is the ledger's charge: {record}"
+        );
+        let shown = home
+            .run(&["credits", "show", "--tenant", "t1", "--json"])
+            .ok()
+            .json();
+        assert_eq!(micros(&shown["held"]), 0, "crash at {at}: nothing held");
+        assert_eq!(home.run(&["ledger", "verify"]).code, 0, "crash at {at}");
+    }
+    assert!(
+        settled_points >= 1 && taken_from_the_ledger >= 1,
+        "no crash point of `sandbox destroy` fell between its settle and its record \
+         ({total} durable writes, {settled_points} after the settle)"
+    );
+}

@@ -58,8 +58,20 @@ impl SandboxManager {
         }
         let extension = match self.loaded_extension(&record) {
             Ok(extension) => extension,
-            Err(why) => return self.cannot_destroy(record, force, why).await,
+            Err(why) => {
+                // Settled already (a crash lost only the `destroyed` record
+                // written after the settle, which is not synced): the
+                // ledger's charge ends it without the extension.
+                if let Some(finished) = self.finish_settled(&record).await? {
+                    return Ok(finished);
+                }
+                return self.cannot_destroy(record, force, why).await;
+            }
         };
+        // Only a destroy that ran its whole way here, first time, writes
+        // `destroyed` without a sync: its usage is durable, and recovery
+        // prices it the same way again. A forced or retried one is synced.
+        let first_try = record.destroy_failures == 0;
 
         if record.meter.reported_usage.is_none() {
             if record.state != SandboxState::Destroying {
@@ -126,7 +138,40 @@ impl SandboxManager {
             host_wall_ms,
             extension.billing.charge_tolerance_ppm,
         );
-        self.settle_and_finish(record, decision).await
+        let durable = !first_try;
+        self.settle_and_finish(record, decision, durable).await
+    }
+
+    /// A destroying record whose usage is recorded and whose hold the
+    /// ledger has settled: finished with the ledger's charge.
+    async fn finish_settled(
+        &self,
+        record: &SandboxStatus,
+    ) -> Result<Option<SandboxStatus>, ManagerError> {
+        let (Some(hold_id), Some(_usage)) = (&record.meter.hold_id, &record.meter.reported_usage)
+        else {
+            return Ok(None);
+        };
+        if record.state != SandboxState::Destroying {
+            return Ok(None);
+        }
+        let Some(receipt) = self.ledger.settle_receipt(hold_id).await? else {
+            return Ok(None);
+        };
+        let decision = ChargeDecision {
+            asked: receipt.charged,
+            ceiling: receipt.charged,
+            charged: receipt.charged,
+            disputed: 0,
+        };
+        let mut record = record.clone();
+        record.note = Some(format!(
+            "the ledger had settled it ({}) before its record said so; finished without its \
+             extension `{}`, which is not loaded",
+            sandboxer_credits::format_credits(receipt.charged),
+            record.extension.as_deref().unwrap_or_default()
+        ));
+        Ok(Some(self.settle_and_finish(record, decision, true).await?))
     }
 
     /// The extension a record runs on (the one loaded now, or a retired
@@ -145,6 +190,7 @@ impl SandboxManager {
         &self,
         record: SandboxStatus,
         decision: ChargeDecision,
+        durable: bool,
     ) -> Result<SandboxStatus, ManagerError> {
         let now = now_ms();
         let hold_id = record.meter.hold_id.clone();
@@ -211,12 +257,13 @@ impl SandboxManager {
             events,
             disputed,
         } = finished;
-        // Not synced: the usage and the settle are on the disk already. If
-        // a crash loses `destroyed`, the next start finds the record
-        // destroying with its usage, prices it again, and the ledger answers
-        // the settle with its first charge: the record ends as answered
-        // here. Its events reach readers once the next sync (or a reader's
-        // own) puts them on the disk.
+        // Unless `durable`, not synced: the usage and the settle are on the
+        // disk already. If a crash loses `destroyed`, the next start finds
+        // the record destroying with its usage, prices it again (or, with
+        // the extension gone, takes the ledger's charge), and the ledger
+        // answers the settle with its first charge: the record ends as
+        // answered here. Its events reach readers once the next sync (or a
+        // reader's own) puts them on the disk.
         self.records
             .put_async(
                 &record,
@@ -225,7 +272,7 @@ impl SandboxManager {
                     disputed,
                     ..RecordExtras::default()
                 },
-                false,
+                durable,
             )
             .await?;
         Ok(record)
@@ -310,7 +357,7 @@ impl SandboxManager {
             wall_ms,
             UNIT_TOLERANCE_PPM,
         );
-        self.settle_and_finish(record, decision).await
+        self.settle_and_finish(record, decision, true).await
     }
 
     /// A record left in `provisioning`: the create may or may not have
@@ -362,7 +409,7 @@ impl SandboxManager {
                     charged,
                     disputed: 0,
                 };
-                let record = self.settle_and_finish(record, decision).await?;
+                let record = self.settle_and_finish(record, decision, true).await?;
                 Ok(Recovery::Finished(Box::new(record)))
             }
             Some(HoldState::Open | HoldState::Expired) => {

@@ -380,8 +380,10 @@ impl SandboxManager {
                     record.updated_at_ms = now;
                     let mut provisioning = record.clone();
                     provisioning.meter.hold = Some(estimate);
+                    // A refused hold writes nothing here: `requested` then
+                    // goes with the `failed` record below.
                     let events = requested
-                        .take()
+                        .clone()
                         .into_iter()
                         .chain([lifecycle_events::PendingEvent::state_change(
                             &provisioning,
@@ -418,10 +420,14 @@ impl SandboxManager {
                         .await
                 }
             };
+            if held.is_ok() {
+                requested = None;
+            }
             if let Err(error) = held {
                 let message = error.to_string();
                 set_outcome(&mut record, message.clone());
-                self.fail(&mut record, message).await?;
+                self.fail_after(&mut record, message, requested.take())
+                    .await?;
                 return Err(match error {
                     LedgerError::InsufficientCredits { .. } => {
                         ManagerError::InsufficientCredits(error.to_string())

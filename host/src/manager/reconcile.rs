@@ -225,8 +225,7 @@ impl SandboxManager {
     ///
     /// On a ledger other hosts share, a hold with no record here may be
     /// another host's live sandbox's: only holds of this host's own records
-    /// are voided, and the rest (a crash before a `requested` record reached
-    /// the disk) are released by their expiry.
+    /// are voided, and the rest are released by their expiry.
     async fn void_orphan_holds(&self) -> Result<Vec<String>, ManagerError> {
         let mut actions = Vec::new();
         let shared = self.ledger.shared();
