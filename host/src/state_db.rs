@@ -316,29 +316,35 @@ impl StateDb {
     /// there. A failed sync leaves the mark where it was. On a shared store,
     /// where every commit is durable, `u64::MAX`.
     pub fn durable_events(&self) -> Result<u64, StateDbError> {
-        if self.shared().is_some() {
+        let Some(marks) = self.event_marks()? else {
             return Ok(u64::MAX);
-        }
-        let opened = self.opened()?;
-        if opened.events.behind() {
+        };
+        if marks.behind() {
             warn_unsynced(self.write_logged(LoggedWrite::default(), None, true));
         }
-        Ok(opened.events.durable.load(Ordering::Acquire))
+        Ok(marks.durable.load(Ordering::Acquire))
     }
 
     /// [`StateDb::durable_events`] for async callers.
     pub async fn durable_events_async(&self) -> Result<u64, StateDbError> {
-        if self.shared().is_some() {
+        let Some(marks) = self.event_marks()? else {
             return Ok(u64::MAX);
-        }
-        let opened = self.opened()?;
-        if opened.events.behind() {
+        };
+        if marks.behind() {
             warn_unsynced(
                 self.write_logged_async(LoggedWrite::default(), None, true)
                     .await,
             );
         }
-        Ok(opened.events.durable.load(Ordering::Acquire))
+        Ok(marks.durable.load(Ordering::Acquire))
+    }
+
+    /// The marks of events kept in `state.redb`; none on a shared store.
+    fn event_marks(&self) -> Result<Option<Arc<EventMarks>>, StateDbError> {
+        if self.shared().is_some() {
+            return Ok(None);
+        }
+        Ok(Some(self.opened()?.events.clone()))
     }
 
     async fn submit_async(&self, write: StateWrite, durable: bool) -> Result<(), StateDbError> {

@@ -148,11 +148,10 @@ impl SandboxManager {
         &self,
         record: &SandboxStatus,
     ) -> Result<Option<SandboxStatus>, ManagerError> {
-        let (Some(hold_id), Some(_usage)) = (&record.meter.hold_id, &record.meter.reported_usage)
-        else {
+        let Some(hold_id) = &record.meter.hold_id else {
             return Ok(None);
         };
-        if record.state != SandboxState::Destroying {
+        if record.state != SandboxState::Destroying || record.meter.reported_usage.is_none() {
             return Ok(None);
         }
         let Some(receipt) = self.ledger.settle_receipt(hold_id).await? else {

@@ -420,9 +420,6 @@ impl SandboxManager {
                         .await
                 }
             };
-            if held.is_ok() {
-                requested = None;
-            }
             if let Err(error) = held {
                 let message = error.to_string();
                 set_outcome(&mut record, message.clone());
@@ -436,6 +433,7 @@ impl SandboxManager {
                     other => ManagerError::Ledger(other),
                 });
             }
+            requested = None;
             record.meter.hold = Some(estimate);
 
             let started = Instant::now();
