@@ -342,11 +342,18 @@ fn every_durable_write_of_the_lifecycle_is_a_safe_place_to_crash() {
 
 /// A destroy killed after its settle reached the disk, before its
 /// `destroyed` record did (that write is not synced), on a home whose
-/// operator then removed the extension: the next start cannot ask the
-/// extension to price the usage again, and ends the record with the charge
-/// the ledger made instead of leaving it `destroying` with a settled hold.
+/// operator then removed the extension, or replaced it with one whose
+/// destroy traps: the next start cannot destroy and price it again, and
+/// ends the record with the charge the ledger made instead of leaving it
+/// `destroying` with a settled hold.
 #[test]
 fn a_settled_destroy_whose_record_was_lost_ends_without_its_extension() {
+    for replacement in [None, Some("trap-in-destroy")] {
+        settled_destroy_ends_with_the_ledgers_charge(replacement);
+    }
+}
+
+fn settled_destroy_ends_with_the_ledgers_charge(replacement: Option<&str>) {
     let template = base_home();
     let id = create(&template, "saas-stub", "300");
     let args = strings(&["sandbox", "destroy", &id]);
@@ -367,6 +374,14 @@ fn a_settled_destroy_whose_record_was_lost_ends_without_its_extension() {
             {
                 std::fs::remove_file(path).unwrap();
             }
+        }
+        if let Some(replacement) = replacement {
+            install(
+                &built_fixtures(),
+                replacement,
+                &home.extensions(),
+                "saas-stub",
+            );
         }
         let records = home.run(&["sandbox", "list", "--all", "--json"]);
         assert_eq!(records.code, 0, "crash at {at}: {}", records.stderr);
@@ -417,7 +432,7 @@ fn a_settled_destroy_whose_record_was_lost_ends_without_its_extension() {
     }
     assert!(
         settled_points >= 1 && taken_from_the_ledger >= 1,
-        "no crash point of `sandbox destroy` fell between its settle and its record \
-         ({total} durable writes, {settled_points} after the settle)"
+        "{replacement:?}: no crash point of `sandbox destroy` fell between its settle and \
+         its record ({total} durable writes, {settled_points} after the settle)"
     );
 }

@@ -277,6 +277,71 @@ fn a_trap_during_destroy_keeps_the_hold_until_retried_or_forced() {
     home.run(&["ledger", "verify"]).ok();
 }
 
+/// meter-actual reads what destroy wrote to the key-value store, though
+/// the host commits both calls' writes only with the record that ends the
+/// sandbox; and when meter-actual fails, the usage and destroy's writes are
+/// kept, so the retry prices them without destroying again.
+#[test]
+fn meter_actual_reads_what_destroy_wrote_and_a_failed_one_keeps_it() {
+    let home = TestHome::new();
+    home.run(&["credits", "add", "10"]).ok();
+    install(
+        &built_fixtures(),
+        "note-in-kv",
+        &home.extensions(),
+        "note-in-kv",
+    );
+    std::fs::write(
+        home.profiles().join("noted.toml"),
+        "description = \"x\"\n[route]\nstrategy = \"explicit\"\nextension = \"note-in-kv\"\n",
+    )
+    .unwrap();
+    let create = || {
+        let record = home
+            .run(&["sandbox", "create", "--profile", "noted", "--json"])
+            .ok()
+            .json();
+        record["id"].as_str().unwrap().to_string()
+    };
+
+    // One destroy, priced from its own note: 500 micro-credits.
+    let id = create();
+    let destroyed = home.run(&["sandbox", "destroy", &id, "--json"]).ok().json();
+    assert_eq!(destroyed["state"], "destroyed", "{destroyed}");
+    assert_eq!(destroyed["meter"]["actual"], "0.000500", "{destroyed}");
+
+    // Pricing down: the destroy happened, meter-actual failed.
+    let sidecar = home.extensions().join("note-in-kv.toml");
+    let working = std::fs::read_to_string(&sidecar).unwrap();
+    std::fs::write(&sidecar, format!("{working}meter = \"unavailable\"\n")).unwrap();
+    let id = create();
+    let failed = home.run(&["sandbox", "destroy", &id]).fails(1);
+    assert!(
+        failed.stderr.contains("pricing is down")
+            && failed
+                .stderr
+                .contains("stays destroying with its hold open"),
+        "{}",
+        failed.stderr
+    );
+    let record = home.run(&["sandbox", "show", &id, "--json"]).ok().json();
+    assert_eq!(record["state"], "destroying");
+    assert_eq!(
+        record["meter"]["reported_usage"]["wall_ms"], 1000,
+        "the usage destroy reported is kept: {record}"
+    );
+
+    // Pricing back: the retry prices the kept usage from the kept note.
+    // Had the note been lost, meter-actual would fail; had destroy run
+    // again, it would count two destroys and ask 0.001000.
+    std::fs::write(&sidecar, &working).unwrap();
+    let retried = home.run(&["sandbox", "destroy", &id, "--json"]).ok().json();
+    assert_eq!(retried["state"], "destroyed", "{retried}");
+    assert_eq!(retried["meter"]["actual"], "0.000500", "{retried}");
+    assert_eq!(retried["meter"]["basis"], "metered");
+    home.run(&["ledger", "verify"]).ok();
+}
+
 #[test]
 fn a_missing_extension_keeps_the_sandbox_until_forced() {
     let home = lifecycle_home();

@@ -2,12 +2,17 @@
 //! the charge policy, settled; and recovery of a create a crash cut short.
 //!
 //! Order matters for crashes (each step is persisted before the next acts):
-//! `destroying` → destroy call → usage (with the extension's key-value
-//! writes) durable → meter-actual → charge policy → settle → `destroyed`.
-//! A crash before the usage is durable destroys again (an idempotent destroy
-//! reports the same); after it, the same usage is priced again, and the
-//! ledger answers a repeated settle of the hold with its first result,
-//! whatever amount the repeat carries.
+//! `destroying` durable → destroy call → meter-actual (in the destroy's
+//! key-value session) → charge policy → settle durable → `destroyed`, with
+//! the usage and the extension's key-value writes of both calls, in one
+//! write. A crash before that write is durable finds the record
+//! `destroying` and destroys again (an idempotent destroy reports the same,
+//! or that the sandbox is gone); the ledger answers a repeated settle of the
+//! hold with its first result, whatever amount the repeat carries, and when
+//! destroying again fails (or the extension is gone) a settled hold's charge
+//! ends the record. A meter-actual that fails records the usage (and the
+//! destroy's writes) before the retry, which prices it without destroying
+//! again.
 
 use super::charge::{self, ChargeDecision, UNIT_TOLERANCE_PPM};
 use super::{
@@ -15,7 +20,7 @@ use super::{
     destroy_retry_delay_ms, disputes, lifecycle_events, now_ms,
 };
 use crate::ledger::{HoldState, Joint, LedgerError};
-use crate::runtime::{CallError, ExtError, Extension, Usage};
+use crate::runtime::{CallError, ExtError, Extension, PendingKv, Usage};
 use crate::state_pg::StateWrite;
 use std::sync::Arc;
 
@@ -62,17 +67,26 @@ impl SandboxManager {
                 // Settled already (a crash lost only the `destroyed` record
                 // written after the settle, which is not synced): the
                 // ledger's charge ends it without the extension.
-                if let Some(finished) = self.finish_settled(&record).await? {
+                let reason = format!(
+                    "its extension `{}` is not loaded",
+                    record.extension.as_deref().unwrap_or_default()
+                );
+                if let Some(finished) = self.finish_settled(&record, &reason).await? {
                     return Ok(finished);
                 }
                 return self.cannot_destroy(record, force, why).await;
             }
         };
         // Only a destroy that ran its whole way here, first time, writes
-        // `destroyed` without a sync: its usage is durable, and recovery
-        // prices it the same way again. A forced or retried one is synced.
+        // `destroyed` without a sync: `destroying` and the settle are
+        // durable, and recovery destroys and prices it again (the ledger
+        // answering with its first charge). A forced or retried one is
+        // synced.
         let first_try = record.destroy_failures == 0;
 
+        // What the extension wrote while destroying (and metering), to be
+        // committed with the record that ends the sandbox.
+        let mut destroyed_kv = None;
         if record.meter.reported_usage.is_none() {
             if record.state != SandboxState::Destroying {
                 record.state = SandboxState::Destroying;
@@ -92,16 +106,7 @@ impl SandboxManager {
                     record.meter.host_wall_ms = Some(host_wall_ms);
                     record.meter.reported_usage = Some(usage);
                     record.meter.basis = Some(METERED.into());
-                    // The usage is durable before it is billed, together
-                    // with what the extension wrote while destroying.
-                    self.save_quietly_with(
-                        &mut record,
-                        RecordExtras {
-                            kv: Some(pending_kv),
-                            ..RecordExtras::default()
-                        },
-                    )
-                    .await?;
+                    destroyed_kv = Some(pending_kv);
                 }
                 Err(CallError::Backend {
                     error: ExtError::NotFound(message),
@@ -114,10 +119,17 @@ impl SandboxManager {
                     record.note = Some(format!(
                         "the backend no longer knew it ({message}); billed the host-measured wall time"
                     ));
-                    self.save_quietly_with(&mut record, RecordExtras::default())
-                        .await?;
                 }
-                Err(error) => return self.destroy_failed(record, force, error).await,
+                Err(error) => {
+                    // Destroyed and settled before a crash lost the record
+                    // of it, and the destroy run again failed: the ledger's
+                    // charge ends it.
+                    let why = format!("destroying it again failed ({error})");
+                    if let Some(finished) = self.finish_settled(&record, &why).await? {
+                        return Ok(finished);
+                    }
+                    return self.destroy_failed(record, force, error).await;
+                }
             }
         }
 
@@ -126,9 +138,40 @@ impl SandboxManager {
         let asked = if record.meter.basis.as_deref() == Some(HOST_MEASURED) {
             charge::prorated(rate_per_hour(&record), host_wall_ms)
         } else {
-            match extension.meter_actual(&record.spec, usage).await {
+            let metered = match destroyed_kv.take() {
+                // Metered in the destroy's key-value session: it reads what
+                // the destroy wrote, and both commit with the end.
+                Some(destroy_kv) => extension
+                    .meter_actual_keeping_kv(&record.spec, usage, destroy_kv.clone())
+                    .await
+                    .map(|(asked, both_kv)| {
+                        destroyed_kv = Some(both_kv);
+                        asked
+                    })
+                    .map_err(|error| (error, Some(destroy_kv))),
+                // The usage was recorded by an earlier try.
+                None => extension
+                    .meter_actual(&record.spec, usage)
+                    .await
+                    .map_err(|error| (error, None)),
+            };
+            match metered {
                 Ok(asked) => asked,
-                Err(error) => return self.destroy_failed(record, force, error).await,
+                Err((error, destroy_kv)) => {
+                    // The usage is kept for the retry, which prices it
+                    // without destroying again.
+                    if let Some(destroy_kv) = destroy_kv {
+                        self.save_quietly_with(
+                            &mut record,
+                            RecordExtras {
+                                kv: Some(destroy_kv),
+                                ..RecordExtras::default()
+                            },
+                        )
+                        .await?;
+                    }
+                    return self.destroy_failed(record, force, error).await;
+                }
             }
         };
         let decision = charge::decide(
@@ -139,19 +182,22 @@ impl SandboxManager {
             extension.billing.charge_tolerance_ppm,
         );
         let durable = !first_try;
-        self.settle_and_finish(record, decision, durable).await
+        self.settle_and_finish(record, decision, durable, destroyed_kv)
+            .await
     }
 
-    /// A destroying record whose usage is recorded and whose hold the
-    /// ledger has settled: finished with the ledger's charge.
+    /// A destroying record whose hold the ledger has settled (the destroy
+    /// had succeeded: only a destroyed or force-billed sandbox is settled):
+    /// finished with the ledger's charge.
     async fn finish_settled(
         &self,
         record: &SandboxStatus,
+        why: &str,
     ) -> Result<Option<SandboxStatus>, ManagerError> {
         let Some(hold_id) = &record.meter.hold_id else {
             return Ok(None);
         };
-        if record.state != SandboxState::Destroying || record.meter.reported_usage.is_none() {
+        if record.state != SandboxState::Destroying {
             return Ok(None);
         }
         let Some(receipt) = self.ledger.settle_receipt(hold_id).await? else {
@@ -165,12 +211,13 @@ impl SandboxManager {
         };
         let mut record = record.clone();
         record.note = Some(format!(
-            "the ledger had settled it ({}) before its record said so; finished without its \
-             extension `{}`, which is not loaded",
+            "the ledger had settled it ({}) before its record said so; finished with that \
+             charge, as {why}",
             sandboxer_credits::format_credits(receipt.charged),
-            record.extension.as_deref().unwrap_or_default()
         ));
-        Ok(Some(self.settle_and_finish(record, decision, true).await?))
+        Ok(Some(
+            self.settle_and_finish(record, decision, true, None).await?,
+        ))
     }
 
     /// The extension a record runs on (the one loaded now, or a retired
@@ -190,19 +237,21 @@ impl SandboxManager {
         record: SandboxStatus,
         decision: ChargeDecision,
         durable: bool,
+        kv: Option<PendingKv>,
     ) -> Result<SandboxStatus, ManagerError> {
         let now = now_ms();
         let hold_id = record.meter.hold_id.clone();
         if let (Some(hold_id), Some(owner)) = (&hold_id, self.joint_owner()) {
             let slot: Arc<std::sync::Mutex<Option<Finished>>> = Arc::default();
             let (unfinished, written) = (record.clone(), slot.clone());
+            let kv = kv.and_then(PendingKv::into_writes);
             let then: crate::ledger::JointWrite = Box::new(move |result| {
                 let settled = result.clone().and_then(crate::ledger::into_settle);
                 let finished = finish_destroyed(unfinished, decision, Some(settled), now).ok()?;
                 let write = StateWrite {
                     record: Some(finished.record.clone()),
                     events: finished.events.clone(),
-                    kv: None,
+                    kv,
                 };
                 *written
                     .lock()
@@ -256,19 +305,21 @@ impl SandboxManager {
             events,
             disputed,
         } = finished;
-        // Unless `durable`, not synced: the usage and the settle are on the
-        // disk already. If a crash loses `destroyed`, the next start finds
-        // the record destroying with its usage, prices it again (or, with
-        // the extension gone, takes the ledger's charge), and the ledger
-        // answers the settle with its first charge: the record ends as
-        // answered here. Its events reach readers once the next sync (or a
-        // reader's own) puts them on the disk.
+        // Unless `durable`, not synced: `destroying` and the settle are on
+        // the disk already. If a crash loses this write (the usage, the
+        // extension's key-value writes and `destroyed`), the next start
+        // finds the record destroying, destroys again (idempotent) and
+        // prices it again, or with the extension gone takes the ledger's
+        // charge; the ledger answers the settle with its first charge: the
+        // record ends as answered here. Its events reach readers once the
+        // next sync (or a reader's own) puts them on the disk.
         self.records
             .put_async(
                 &record,
                 RecordExtras {
                     events,
                     disputed,
+                    kv,
                     ..RecordExtras::default()
                 },
                 durable,
@@ -356,7 +407,7 @@ impl SandboxManager {
             wall_ms,
             UNIT_TOLERANCE_PPM,
         );
-        self.settle_and_finish(record, decision, true).await
+        self.settle_and_finish(record, decision, true, None).await
     }
 
     /// A record left in `provisioning`: the create may or may not have
@@ -408,7 +459,7 @@ impl SandboxManager {
                     charged,
                     disputed: 0,
                 };
-                let record = self.settle_and_finish(record, decision, true).await?;
+                let record = self.settle_and_finish(record, decision, true, None).await?;
                 Ok(Recovery::Finished(Box::new(record)))
             }
             Some(HoldState::Open | HoldState::Expired) => {

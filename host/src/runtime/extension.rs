@@ -135,8 +135,24 @@ impl Invoker {
         call: Call<'_>,
         timeout: Duration,
     ) -> Result<(Answer, KvSession), CallError> {
+        let kv = KvSession::new(
+            self.state.clone(),
+            self.name.to_string(),
+            self.limits.kv_quota_bytes(),
+        );
+        self.call_in_session(call, timeout, kv).await
+    }
+
+    /// [`Invoker::call_keeping_kv`] in an earlier call's key-value session:
+    /// the call reads that call's uncommitted writes, and its own join them.
+    pub async fn call_in_session(
+        &self,
+        call: Call<'_>,
+        timeout: Duration,
+        kv: KvSession,
+    ) -> Result<(Answer, KvSession), CallError> {
         let function = call.function();
-        let outcome = self.call_counted(call, timeout).await;
+        let outcome = self.call_counted(call, timeout, kv).await;
         let counted = match &outcome {
             Ok((answer, _)) if answer.is_backend_error() => "backend-error",
             Ok(_) => "ok",
@@ -150,13 +166,9 @@ impl Invoker {
         &self,
         call: Call<'_>,
         timeout: Duration,
+        kv: KvSession,
     ) -> Result<(Answer, KvSession), CallError> {
         let function = call.function();
-        let kv = KvSession::new(
-            self.state.clone(),
-            self.name.to_string(),
-            self.limits.kv_quota_bytes(),
-        );
         // A reused instance keeps its memory between calls (the extension
         // asked for it); everything else about the call starts afresh.
         let reused = self.idle.as_ref().and_then(|idle| {
@@ -344,6 +356,7 @@ fn is_transfer_limit(error: &wasmtime::Error) -> bool {
 }
 
 /// Key-value writes of a call, not yet committed.
+#[derive(Clone)]
 pub struct PendingKv(KvSession);
 
 impl PendingKv {
@@ -512,14 +525,35 @@ impl Extension {
         spec: &SandboxSpec,
         usage: Usage,
     ) -> Result<MicroCredits, CallError> {
-        const FUNCTION: &str = "meter-actual";
-        match self
+        let answer = self
             .invoker
             .call(Call::MeterActual(spec, usage), self.timeout())
-            .await?
-        {
+            .await?;
+        self.metered(answer)
+    }
+
+    /// [`Extension::meter_actual`] after [`Extension::destroy_keeping_kv`],
+    /// in the destroy's key-value session: it reads what the destroy wrote,
+    /// and the writes of both come back to be committed together (with the
+    /// record that ends the sandbox). A failed call hands nothing back: the
+    /// caller keeps a copy of the destroy's writes.
+    pub async fn meter_actual_keeping_kv(
+        &self,
+        spec: &SandboxSpec,
+        usage: Usage,
+        destroyed: PendingKv,
+    ) -> Result<(MicroCredits, PendingKv), CallError> {
+        let (answer, kv) = self
+            .invoker
+            .call_in_session(Call::MeterActual(spec, usage), self.timeout(), destroyed.0)
+            .await?;
+        Ok((self.metered(answer)?, PendingKv(kv)))
+    }
+
+    fn metered(&self, answer: Answer) -> Result<MicroCredits, CallError> {
+        match answer {
             Answer::MeterActual(answer) => {
-                answer.map_err(|error| self.invoker.backend_error(FUNCTION, error))
+                answer.map_err(|error| self.invoker.backend_error("meter-actual", error))
             }
             _ => unreachable!("meter-actual answers an amount"),
         }

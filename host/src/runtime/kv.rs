@@ -84,7 +84,9 @@ impl MemoryRoom {
     }
 }
 
-/// The writes and reads of one call of one instance.
+/// The writes and reads of one call of one instance (or of calls that
+/// commit together: a destroy and the meter-actual that prices it).
+#[derive(Clone)]
 pub struct KvSession {
     state: Arc<StateDb>,
     instance: String,
@@ -101,6 +103,7 @@ pub struct KvSession {
     byte_change: i64,
 }
 
+#[derive(Clone)]
 struct Pending {
     value: Option<Vec<u8>>,
     /// What the key counted against the quota in the database when the call
