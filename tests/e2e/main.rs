@@ -20,6 +20,7 @@ mod ledger_postgres;
 mod lifecycle;
 mod lifecycle_hostile;
 mod local_backend;
+mod manager_faults;
 mod multi_host;
 mod pg;
 mod profiles;

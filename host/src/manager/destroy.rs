@@ -6,20 +6,21 @@
 //! key-value session) → charge policy → settle durable → `destroyed`, with
 //! the usage and the extension's key-value writes of both calls, in one
 //! write. A crash before that write is durable finds the record
-//! `destroying` and destroys again (an idempotent destroy reports the same,
-//! or that the sandbox is gone); the ledger answers a repeated settle of the
-//! hold with its first result, whatever amount the repeat carries, and when
-//! destroying again fails (or the extension is gone) a settled hold's charge
-//! ends the record. A meter-actual that fails records the usage (and the
-//! destroy's writes) before the retry, which prices it without destroying
-//! again.
+//! `destroying`: if the ledger had settled its hold, that charge ends it
+//! (destroy is called again only for the extension's own writes, lost with
+//! the record, whatever it answers); if not, it is destroyed again (an
+//! idempotent destroy reports the same, or that the sandbox is gone). A
+//! meter-actual or a settle that fails records the usage (and the
+//! extension's writes) before the retry, which prices it without destroying
+//! again. The ledger answers a repeated settle with its first result,
+//! whatever amount the repeat carries.
 
 use super::charge::{self, ChargeDecision, UNIT_TOLERANCE_PPM};
 use super::{
     ManagerError, RecordExtras, SandboxManager, SandboxState, SandboxStatus,
     destroy_retry_delay_ms, disputes, lifecycle_events, now_ms,
 };
-use crate::ledger::{HoldState, Joint, LedgerError};
+use crate::ledger::{HoldState, Joint, LedgerError, SettleReceipt};
 use crate::runtime::{CallError, ExtError, Extension, PendingKv, Usage};
 use crate::state_pg::StateWrite;
 use std::sync::Arc;
@@ -61,32 +62,48 @@ impl SandboxManager {
             },
             SandboxState::Ready | SandboxState::Expired | SandboxState::Destroying => {}
         }
+        // Settled already: a crash lost the record written after the
+        // settle (not synced on a destroy's first try). The ledger's charge
+        // ends it, not a second measurement.
+        let settled = self.settled_before(&record).await;
         let extension = match self.loaded_extension(&record) {
             Ok(extension) => extension,
             Err(why) => {
-                // Settled already (a crash lost only the `destroyed` record
-                // written after the settle, which is not synced): the
-                // ledger's charge ends it without the extension.
-                let reason = format!(
-                    "its extension `{}` is not loaded",
-                    record.extension.as_deref().unwrap_or_default()
-                );
-                if let Some(finished) = self.finish_settled(&record, &reason).await? {
-                    return Ok(finished);
+                if let Some(receipt) = settled {
+                    let reason = format!(
+                        "its extension `{}` is not loaded",
+                        record.extension.as_deref().unwrap_or_default()
+                    );
+                    return self.finish_settled(record, receipt, &reason, None).await;
                 }
                 return self.cannot_destroy(record, force, why).await;
             }
         };
+        if let Some(receipt) = settled {
+            // The extension's own writes of that destroy were lost with the
+            // record: it destroys again for them (answering the same, or
+            // that the sandbox is gone), whatever it answers.
+            let kv = match (&record.handle, record.meter.reported_usage) {
+                (Some(handle), None) => extension
+                    .destroy_keeping_kv(&record.spec, handle)
+                    .await
+                    .ok()
+                    .map(|(_, kv)| kv),
+                _ => None,
+            };
+            let reason = "a crash cut its destroy short";
+            return self.finish_settled(record, receipt, reason, kv).await;
+        }
         // Only a destroy that ran its whole way here, first time, writes
         // `destroyed` without a sync: `destroying` and the settle are
-        // durable, and recovery destroys and prices it again (the ledger
-        // answering with its first charge). A forced or retried one is
-        // synced.
+        // durable, and recovery ends it with the settle's charge (above). A
+        // retried one is synced, and so is a forced one
+        // (`bill_host_measured`).
         let first_try = record.destroy_failures == 0;
 
-        // What the extension wrote while destroying (and metering), to be
-        // committed with the record that ends the sandbox.
-        let mut destroyed_kv = None;
+        // The usage measured here (and what the extension wrote while
+        // destroying and metering): no record holds it until the end.
+        let mut unrecorded = None;
         if record.meter.reported_usage.is_none() {
             if record.state != SandboxState::Destroying {
                 record.state = SandboxState::Destroying;
@@ -106,7 +123,9 @@ impl SandboxManager {
                     record.meter.host_wall_ms = Some(host_wall_ms);
                     record.meter.reported_usage = Some(usage);
                     record.meter.basis = Some(METERED.into());
-                    destroyed_kv = Some(pending_kv);
+                    unrecorded = Some(Unrecorded {
+                        kv: Some(pending_kv),
+                    });
                 }
                 Err(CallError::Backend {
                     error: ExtError::NotFound(message),
@@ -119,17 +138,9 @@ impl SandboxManager {
                     record.note = Some(format!(
                         "the backend no longer knew it ({message}); billed the host-measured wall time"
                     ));
+                    unrecorded = Some(Unrecorded { kv: None });
                 }
-                Err(error) => {
-                    // Destroyed and settled before a crash lost the record
-                    // of it, and the destroy run again failed: the ledger's
-                    // charge ends it.
-                    let why = format!("destroying it again failed ({error})");
-                    if let Some(finished) = self.finish_settled(&record, &why).await? {
-                        return Ok(finished);
-                    }
-                    return self.destroy_failed(record, force, error).await;
-                }
+                Err(error) => return self.destroy_failed(record, force, error).await,
             }
         }
 
@@ -138,14 +149,17 @@ impl SandboxManager {
         let asked = if record.meter.basis.as_deref() == Some(HOST_MEASURED) {
             charge::prorated(rate_per_hour(&record), host_wall_ms)
         } else {
-            let metered = match destroyed_kv.take() {
+            let destroy_kv = unrecorded
+                .as_mut()
+                .and_then(|unrecorded| unrecorded.kv.take());
+            let metered = match destroy_kv {
                 // Metered in the destroy's key-value session: it reads what
                 // the destroy wrote, and both commit with the end.
                 Some(destroy_kv) => extension
                     .meter_actual_keeping_kv(&record.spec, usage, destroy_kv.clone())
                     .await
                     .map(|(asked, both_kv)| {
-                        destroyed_kv = Some(both_kv);
+                        unrecorded = Some(Unrecorded { kv: Some(both_kv) });
                         asked
                     })
                     .map_err(|error| (error, Some(destroy_kv))),
@@ -182,42 +196,55 @@ impl SandboxManager {
             extension.billing.charge_tolerance_ppm,
         );
         let durable = !first_try;
-        self.settle_and_finish(record, decision, durable, destroyed_kv)
+        self.settle_and_finish(record, decision, durable, unrecorded)
             .await
     }
 
-    /// A destroying record whose hold the ledger has settled (the destroy
-    /// had succeeded: only a destroyed or force-billed sandbox is settled):
-    /// finished with the ledger's charge.
+    /// The ledger's receipt for a `destroying` record whose hold it has
+    /// settled (only a destroyed or force-billed sandbox is settled); none
+    /// for any other record, or when the ledger cannot say (the destroy
+    /// then goes its usual way, and its settle gets the ledger's answer).
+    async fn settled_before(&self, record: &SandboxStatus) -> Option<SettleReceipt> {
+        let hold_id = record.meter.hold_id.as_ref()?;
+        if record.state != SandboxState::Destroying {
+            return None;
+        }
+        match self.ledger.settle_receipt(hold_id).await {
+            Ok(receipt) => receipt,
+            Err(error) => {
+                tracing::warn!(
+                    "sandbox {}: could not ask the ledger whether its hold was settled: {error}",
+                    record.id
+                );
+                None
+            }
+        }
+    }
+
+    /// Finishes a record with the charge the ledger made, `why` it is not
+    /// measured and priced again; `kv` is the extension's writes of the
+    /// destroy run again.
     async fn finish_settled(
         &self,
-        record: &SandboxStatus,
+        mut record: SandboxStatus,
+        receipt: SettleReceipt,
         why: &str,
-    ) -> Result<Option<SandboxStatus>, ManagerError> {
-        let Some(hold_id) = &record.meter.hold_id else {
-            return Ok(None);
-        };
-        if record.state != SandboxState::Destroying {
-            return Ok(None);
-        }
-        let Some(receipt) = self.ledger.settle_receipt(hold_id).await? else {
-            return Ok(None);
-        };
+        kv: Option<PendingKv>,
+    ) -> Result<SandboxStatus, ManagerError> {
         let decision = ChargeDecision {
             asked: receipt.charged,
             ceiling: receipt.charged,
             charged: receipt.charged,
             disputed: 0,
         };
-        let mut record = record.clone();
         record.note = Some(format!(
             "the ledger had settled it ({}) before its record said so; finished with that \
              charge, as {why}",
             sandboxer_credits::format_credits(receipt.charged),
         ));
-        Ok(Some(
-            self.settle_and_finish(record, decision, true, None).await?,
-        ))
+        let unrecorded = kv.map(|kv| Unrecorded { kv: Some(kv) });
+        self.settle_and_finish(record, decision, true, unrecorded)
+            .await
     }
 
     /// The extension a record runs on (the one loaded now, or a retired
@@ -227,24 +254,28 @@ impl SandboxManager {
         self.extensions.for_existing(&name)
     }
 
-    /// Settles the hold at the decided charge and records the end. A hold
-    /// already settled answers with its first charge (adopted here); a hold
-    /// already voided (an operator, or reconcile) charges nothing. On a
-    /// shared store the settle and the `destroyed` record commit in one
-    /// transaction.
+    /// Settles the hold at the decided charge and records the end, with
+    /// what this destroy measured (`unrecorded`). A hold already settled
+    /// answers with its first charge (adopted here); a hold already voided
+    /// (an operator, or reconcile) charges nothing. On a shared store the
+    /// settle and the `destroyed` record commit in one transaction. When the
+    /// settle fails, the measured usage is recorded for the retry.
     async fn settle_and_finish(
         &self,
         record: SandboxStatus,
         decision: ChargeDecision,
         durable: bool,
-        kv: Option<PendingKv>,
+        unrecorded: Option<Unrecorded>,
     ) -> Result<SandboxStatus, ManagerError> {
         let now = now_ms();
         let hold_id = record.meter.hold_id.clone();
         if let (Some(hold_id), Some(owner)) = (&hold_id, self.joint_owner()) {
             let slot: Arc<std::sync::Mutex<Option<Finished>>> = Arc::default();
             let (unfinished, written) = (record.clone(), slot.clone());
-            let kv = kv.and_then(PendingKv::into_writes);
+            let kv = unrecorded
+                .as_ref()
+                .and_then(|unrecorded| unrecorded.kv.clone())
+                .and_then(PendingKv::into_writes);
             let then: crate::ledger::JointWrite = Box::new(move |result| {
                 let settled = result.clone().and_then(crate::ledger::into_settle);
                 let finished = finish_destroyed(unfinished, decision, Some(settled), now).ok()?;
@@ -289,16 +320,29 @@ impl SandboxManager {
                     }
                     Ok(finished.record)
                 }
-                _ => Err(outcome.err().map_or_else(
-                    || ManagerError::Refused("the settle wrote no record".into()),
-                    ManagerError::Ledger,
-                )),
+                _ => {
+                    self.keep_unrecorded(record, unrecorded).await;
+                    Err(outcome.err().map_or_else(
+                        || ManagerError::Refused("the settle wrote no record".into()),
+                        ManagerError::Ledger,
+                    ))
+                }
             };
         }
         let settled = match &hold_id {
             Some(hold_id) => Some(self.ledger.settle(hold_id, decision.charged).await),
             None => None,
         };
+        if let Some(Err(error)) = &settled
+            && !matches!(
+                error,
+                LedgerError::HoldClosed { .. } | LedgerError::NoHold { .. }
+            )
+        {
+            let error = error.clone();
+            self.keep_unrecorded(record, unrecorded).await;
+            return Err(ManagerError::Ledger(error));
+        }
         let finished = finish_destroyed(record, decision, settled, now)?;
         let Finished {
             record,
@@ -308,24 +352,45 @@ impl SandboxManager {
         // Unless `durable`, not synced: `destroying` and the settle are on
         // the disk already. If a crash loses this write (the usage, the
         // extension's key-value writes and `destroyed`), the next start
-        // finds the record destroying, destroys again (idempotent) and
-        // prices it again, or with the extension gone takes the ledger's
-        // charge; the ledger answers the settle with its first charge: the
-        // record ends as answered here. Its events reach readers once the
-        // next sync (or a reader's own) puts them on the disk.
+        // finds the record destroying and its hold settled, and ends it
+        // with the ledger's charge (see `settled_before`). A dispute is
+        // synced: recovery could not tell what was cut. Its events reach
+        // readers once the next sync (or a reader's own) puts them on the
+        // disk.
+        let durable = durable || disputed.is_some();
         self.records
             .put_async(
                 &record,
                 RecordExtras {
                     events,
                     disputed,
-                    kv,
+                    kv: unrecorded.and_then(|unrecorded| unrecorded.kv),
                     ..RecordExtras::default()
                 },
                 durable,
             )
             .await?;
         Ok(record)
+    }
+
+    /// The settle failed after this destroy measured the usage: the usage
+    /// (and the extension's key-value writes) are recorded, so that the
+    /// retry prices them instead of destroying again and measuring longer.
+    async fn keep_unrecorded(&self, mut record: SandboxStatus, unrecorded: Option<Unrecorded>) {
+        let Some(Unrecorded { kv }) = unrecorded else {
+            return;
+        };
+        let extras = RecordExtras {
+            kv,
+            ..RecordExtras::default()
+        };
+        if let Err(error) = self.save_quietly_with(&mut record, extras).await {
+            tracing::warn!(
+                "sandbox {}: its settle failed, and its usage could not be recorded for the \
+                 retry either: {error}",
+                record.id
+            );
+        }
     }
 
     /// A destroy (or meter-actual) call failed: try again later, or with
@@ -603,6 +668,13 @@ impl Finished {
     }
 }
 
+/// What a destroy measured that no record holds yet: its usage is in the
+/// record being finished, and `kv` holds the extension's key-value writes
+/// of destroy (and meter-actual), when it made them.
+struct Unrecorded {
+    kv: Option<PendingKv>,
+}
+
 /// `record` destroyed and billed as `settled` answered (none: it had no
 /// hold), at `now`. An error other than the hold's own answer is returned:
 /// the sandbox stays as it was, to be settled again.
@@ -614,6 +686,23 @@ fn finish_destroyed(
 ) -> Result<Finished, LedgerError> {
     match settled {
         None => {}
+        Some(Ok(receipt)) if receipt.replayed && receipt.charged != decision.charged => {
+            // Settled before at another amount (a crash lost the record of
+            // it): that charge stands, and nothing of it is disputed.
+            add_note(
+                &mut record,
+                format!(
+                    "the ledger had settled it at {} before; that charge stands",
+                    sandboxer_credits::format_credits(receipt.charged)
+                ),
+            );
+            decision = ChargeDecision {
+                asked: receipt.charged,
+                ceiling: receipt.charged,
+                charged: receipt.charged,
+                disputed: 0,
+            };
+        }
         Some(Ok(receipt)) => decision.charged = receipt.charged,
         Some(Err(LedgerError::HoldClosed { state, .. })) => {
             decision.charged = 0;
@@ -666,4 +755,106 @@ fn finish_destroyed(
         events,
         disputed,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn destroying(id: &str) -> SandboxStatus {
+        let profile = crate::profile::Profile::parse(
+            "[route]\nstrategy = \"explicit\"\nextension = \"stub\"\n",
+            std::path::Path::new("test.toml"),
+        )
+        .unwrap();
+        SandboxStatus {
+            id: id.into(),
+            tenant: "t1".into(),
+            profile: "test".into(),
+            state: SandboxState::Destroying,
+            extension: Some("stub".into()),
+            kind: None,
+            handle: None,
+            spec: profile.spec(id, Some(60)),
+            created_at_ms: 0,
+            ready_at_ms: Some(0),
+            expires_at_ms: Some(60_000),
+            finished_at_ms: None,
+            updated_at_ms: 0,
+            attempts: Vec::new(),
+            meter: super::super::record::Meter {
+                estimate: Some(1_000),
+                hold: Some(1_000),
+                ..Default::default()
+            },
+            note: None,
+            destroy_failures: 0,
+            retry_at_ms: None,
+            metadata: Default::default(),
+        }
+    }
+
+    fn receipt(charged: u64, replayed: bool) -> crate::ledger::SettleReceipt {
+        crate::ledger::SettleReceipt {
+            sandbox_id: "sbx-1".into(),
+            tenant: "t1".into(),
+            extension: "stub".into(),
+            held: 1_000,
+            charged,
+            released: 1_000 - charged,
+            overrun: 0,
+            charge_seq: 7,
+            replayed,
+        }
+    }
+
+    /// A settle the ledger had answered before (a crash lost the record of
+    /// it) at another amount than the one priced again: that charge stands,
+    /// and the difference is not a dispute (nothing was cut).
+    #[test]
+    fn a_replayed_settle_at_another_amount_stands_undisputed() {
+        let priced_again = ChargeDecision {
+            asked: 900,
+            ceiling: 1_000,
+            charged: 900,
+            disputed: 0,
+        };
+        let finished = finish_destroyed(
+            destroying("sbx-1"),
+            priced_again,
+            Some(Ok(receipt(500, true))),
+            9,
+        )
+        .unwrap();
+        let record = &finished.record;
+        assert_eq!(record.state, SandboxState::Destroyed);
+        assert_eq!(record.meter.actual, Some(500));
+        let decision = record.meter.charge.unwrap();
+        assert_eq!(
+            (decision.asked, decision.charged, decision.disputed),
+            (500, 500, 0)
+        );
+        assert!(
+            record.note.as_deref().is_some_and(
+                |note| note.contains("settled it at 0.000500 before; that charge stands")
+            ),
+            "{:?}",
+            record.note
+        );
+        assert!(finished.disputed.is_none(), "no dispute is tallied");
+        assert_eq!(finished.events.len(), 1, "only the state change is evented");
+
+        // The same amount answered again, or a first answer: as priced.
+        let first = finish_destroyed(
+            destroying("sbx-2"),
+            priced_again,
+            Some(Ok(receipt(900, true))),
+            9,
+        )
+        .unwrap();
+        assert_eq!(
+            (first.record.meter.actual, first.record.note),
+            (Some(900), None)
+        );
+    }
 }
