@@ -77,15 +77,16 @@ pub struct LoggedWrite {
 }
 
 impl LoggedWrite {
-    /// Applies the write; returns the sequence number of its newest event.
-    fn apply(&self, write: &WriteTransaction) -> Result<Option<u64>, String> {
+    /// Applies the write (its events get ids made of `host_id`); returns
+    /// the sequence number of its newest event.
+    fn apply(&self, write: &WriteTransaction, host_id: &str) -> Result<Option<u64>, String> {
         if let Some((id, json)) = &self.record {
             crate::manager::record::put_json(write, id, json)?;
         }
         let mut newest_event = None;
         for event in &self.events {
             newest_event = Some(
-                lifecycle_events::append(write, event.clone())
+                lifecycle_events::append(write, event, host_id)
                     .map_err(|error| error.to_string())?,
             );
         }
@@ -220,7 +221,8 @@ impl StateDb {
         });
         let mut writer = Writer {
             database: database.clone(),
-            log: WriterLog::new(log_path, host_id, "the state store"),
+            log: WriterLog::new(log_path, host_id.clone(), "the state store"),
+            host_id,
             last_lsn,
             undurable: 0,
             broken: None,
@@ -413,7 +415,7 @@ fn replay(database: &Database, log_path: &Path) -> Result<(String, u64), String>
         let group: Vec<LoggedWrite> = serde_json::from_slice(&record.payload)
             .map_err(|error| format!("its redo log cannot be replayed: {error}"))?;
         for logged in &group {
-            logged.apply(&write)?;
+            logged.apply(&write, &host_id)?;
         }
     }
     set_lsn(&write, last)?;
@@ -447,6 +449,8 @@ enum Commit {
 /// The writer thread's state.
 struct Writer {
     database: Arc<Database>,
+    /// This home's host id, in its events' ids (made before any write).
+    host_id: String,
     log: WriterLog,
     last_lsn: u64,
     /// Groups committed without durability since the last durable commit.
@@ -477,7 +481,7 @@ impl Writer {
                         durable_closure |= durable;
                     }
                     Job::Logged(write, local, durable) => {
-                        newest_event = write.apply(&transaction)?.or(newest_event);
+                        newest_event = write.apply(&transaction, &self.host_id)?.or(newest_event);
                         if let Some(local) = local {
                             local(&transaction)?;
                         }

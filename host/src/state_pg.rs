@@ -860,7 +860,7 @@ pub(crate) async fn apply_write(
     }
     for event in write.events {
         let json = event
-            .into_json(&outbox.state_id, outbox.next_seq as u64)
+            .to_json(&outbox.state_id, outbox.next_seq as u64)
             .map_err(|error| error.to_string())?;
         client
             .execute(

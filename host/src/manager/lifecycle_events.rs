@@ -6,7 +6,7 @@
 //! database's (`<store id>-L<seq>`), one for every host.
 
 use super::record::{RecordError, SandboxState, SandboxStatus, storage};
-use crate::ledger::{MeterEvent, rfc3339_millis};
+use crate::ledger::rfc3339_millis;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use sandboxer_credits::format_credits;
 
@@ -92,23 +92,44 @@ impl PendingEvent {
 
     /// The CloudEvent, as the outbox keeps it (JSON), once it has its
     /// sequence number in the outbox of `store_id`.
-    pub fn into_json(self, store_id: &str, seq: u64) -> Result<String, RecordError> {
-        let event = MeterEvent {
-            specversion: "1.0".into(),
-            id: format!("{store_id}-L{seq}"),
-            source: LIFECYCLE_SOURCE.into(),
-            event_type: self.event_type,
-            time: rfc3339_millis(self.time_ms),
-            subject: format!("sandbox/{}", self.sandbox_id),
-            datacontenttype: "application/json".into(),
-            data: self.data,
+    pub fn to_json(&self, store_id: &str, seq: u64) -> Result<String, RecordError> {
+        let event = MeterEventFields {
+            specversion: "1.0",
+            id: &format!("{store_id}-L{seq}"),
+            source: LIFECYCLE_SOURCE,
+            event_type: &self.event_type,
+            time: &rfc3339_millis(self.time_ms),
+            subject: &format!("sandbox/{}", self.sandbox_id),
+            datacontenttype: "application/json",
+            data: &self.data,
         };
         serde_json::to_string(&event).map_err(storage)
     }
 }
 
-/// Appends `event` to the outbox in `write`.
-pub fn append(write: &WriteTransaction, event: PendingEvent) -> Result<u64, RecordError> {
+/// A [`MeterEvent`](crate::ledger::MeterEvent) made of borrowed fields: the same JSON, without copying
+/// the event's data to make it.
+#[derive(serde::Serialize)]
+struct MeterEventFields<'a> {
+    specversion: &'a str,
+    id: &'a str,
+    source: &'a str,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    time: &'a str,
+    subject: &'a str,
+    datacontenttype: &'a str,
+    data: &'a serde_json::Value,
+}
+
+/// Appends `event` to the outbox in `write`, with an id made of this
+/// home's `host_id` (the state store's writer keeps it; see
+/// [`ensure_host_id`]).
+pub fn append(
+    write: &WriteTransaction,
+    event: &PendingEvent,
+    host_id: &str,
+) -> Result<u64, RecordError> {
     let mut meta = write.open_table(META).map_err(storage)?;
     let seq = meta
         .get(NEXT_SEQ)
@@ -116,8 +137,7 @@ pub fn append(write: &WriteTransaction, event: PendingEvent) -> Result<u64, Reco
         .map_or(1, |seq| seq.value());
     meta.insert(NEXT_SEQ, seq + 1).map_err(storage)?;
     drop(meta);
-    let host_id = host_id_in(write)?;
-    let json = event.into_json(&host_id, seq)?;
+    let json = event.to_json(host_id, seq)?;
     write
         .open_table(OUTBOX)
         .map_err(storage)?
