@@ -436,3 +436,88 @@ fn settled_destroy_ends_with_the_ledgers_charge(replacement: Option<&str>) {
          its record ({total} durable writes, {settled_points} after the settle)"
     );
 }
+
+/// `sandbox destroy --force` on a sandbox whose extension is gone bills the
+/// host-measured time; killed after each of its syncs, the next start never
+/// finds it live with its hold settled: it is `destroyed` with the ledger's
+/// charge, or still waits (ready or destroying) with its hold open.
+#[test]
+fn a_forced_destroy_without_its_extension_is_a_safe_place_to_crash() {
+    let template = base_home();
+    let id = create(&template, "saas-stub", "300");
+    for entry in std::fs::read_dir(template.extensions()).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("saas-stub.")
+        {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    let args = strings(&["sandbox", "destroy", &id, "--force"]);
+    let total = durable_writes(&template, &args);
+    let mut charged_points = 0;
+    for at in 1..=total {
+        let home = fresh_copy(&template);
+        if !run_crashing(&home, &args, at, "after") {
+            continue;
+        }
+        let records = home.run(&["sandbox", "list", "--all", "--json"]);
+        assert_eq!(records.code, 0, "crash at {at}: {}", records.stderr);
+        let records = records.json();
+        let record = records
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|record| record["id"] == id.as_str())
+            .unwrap_or_else(|| panic!("crash at {at}: {id} is listed: {records}"))
+            .clone();
+        let history = home
+            .run(&[
+                "credits", "history", "--tenant", "t1", "--limit", "1000", "--json",
+            ])
+            .ok()
+            .json();
+        let charge = history.as_array().unwrap().iter().find(|entry| {
+            entry["kind"] == "charge"
+                && entry["sandbox_id"]
+                    .as_str()
+                    .is_some_and(|hold| hold.starts_with(&format!("{id}.")))
+        });
+        let shown = home
+            .run(&["credits", "show", "--tenant", "t1", "--json"])
+            .ok()
+            .json();
+        match charge {
+            Some(charge) => {
+                charged_points += 1;
+                assert_eq!(record["state"], "destroyed", "crash at {at}: {record}");
+                assert_eq!(
+                    micros(&record["meter"]["actual"]),
+                    micros(&charge["amount"]),
+                    "crash at {at}: {record}"
+                );
+                assert_eq!(micros(&shown["held"]), 0, "crash at {at}: nothing held");
+            }
+            None => {
+                let state = record["state"].as_str().unwrap();
+                assert!(
+                    state == "ready" || state == "destroying",
+                    "crash at {at}: not charged, yet {state}: {record}"
+                );
+                assert_eq!(
+                    micros(&shown["held"]),
+                    micros(&record["meter"]["hold"]),
+                    "crash at {at}: its hold stays open"
+                );
+            }
+        }
+        assert_eq!(home.run(&["ledger", "verify"]).code, 0, "crash at {at}");
+    }
+    assert!(
+        charged_points >= 1,
+        "no crash point of the forced destroy came after its settle ({total} durable writes)"
+    );
+}

@@ -457,6 +457,13 @@ impl SandboxManager {
         mut record: SandboxStatus,
         note: String,
     ) -> Result<SandboxStatus, ManagerError> {
+        // Durable before the settle, as for any destroy: a crash between
+        // the two then finds it `destroying` with its hold settled, and ends
+        // it with that charge, instead of live with nothing held.
+        if record.state != SandboxState::Destroying {
+            record.state = SandboxState::Destroying;
+            self.save(&mut record).await?;
+        }
         let wall_ms = record
             .meter
             .host_wall_ms

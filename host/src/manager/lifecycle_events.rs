@@ -107,8 +107,8 @@ impl PendingEvent {
     }
 }
 
-/// A [`MeterEvent`](crate::ledger::MeterEvent) made of borrowed fields: the same JSON, without copying
-/// the event's data to make it.
+/// A [`MeterEvent`](crate::ledger::MeterEvent) made of borrowed fields:
+/// the same JSON, without copying the event's data to make it.
 #[derive(serde::Serialize)]
 struct MeterEventFields<'a> {
     specversion: &'a str,

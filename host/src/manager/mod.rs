@@ -69,7 +69,7 @@ pub enum ManagerError {
     #[error("no sandbox `{0}`")]
     NotFound(String),
     #[error(
-        "sandbox {id} runs on extension `{extension}`, which is not loaded ({why}); it stays {state} with its hold open until the extension is back, or `sandbox destroy {id} --force` voids it"
+        "sandbox {id} runs on extension `{extension}`, which is not loaded ({why}); it stays {state} with its hold open until the extension is back, or `sandbox destroy {id} --force` closes it and bills the host-measured time"
     )]
     ExtensionNotLoaded {
         id: String,
