@@ -521,3 +521,56 @@ fn a_forced_destroy_without_its_extension_is_a_safe_place_to_crash() {
         "no crash point of the forced destroy came after its settle ({total} durable writes)"
     );
 }
+
+/// A destroy whose charge the policy cut (`overcharge` asks u64::MAX and is
+/// charged its hold), killed after each of its syncs: at every point where
+/// the ledger charged it, the next start ends it `destroyed` with that
+/// charge and the dispute recorded (the usage is on the disk before such a
+/// settle, so recovery prices it again and finds the same cut).
+#[test]
+fn a_cut_charge_keeps_its_dispute_through_a_crash() {
+    let template = base_home();
+    install(
+        &built_fixtures(),
+        "overcharge",
+        &template.extensions(),
+        "overcharge",
+    );
+    std::fs::write(
+        template.profiles().join("overcharge.toml"),
+        "description = \"x\"\n[route]\nstrategy = \"explicit\"\nextension = \"overcharge\"\n",
+    )
+    .unwrap();
+    let id = create(&template, "overcharge", "300");
+    let args = strings(&["sandbox", "destroy", &id]);
+    let total = durable_writes(&template, &args);
+    let mut charged_points = 0;
+    for at in 1..=total {
+        let home = fresh_copy(&template);
+        if !run_crashing(&home, &args, at, "after") {
+            continue;
+        }
+        check_invariants(
+            &home,
+            &format!("overcharge crashed after durable write {at}"),
+        );
+        let record = home.run(&["sandbox", "show", &id, "--json"]).ok().json();
+        if record["state"] != "destroyed" {
+            continue;
+        }
+        charged_points += 1;
+        assert_eq!(
+            record["meter"]["actual"], "0.001000",
+            "crash at {at}: {record}"
+        );
+        let disputed = &record["meter"]["charge"]["disputed"];
+        assert!(
+            disputed.as_str().is_some_and(|amount| amount != "0.000000"),
+            "crash at {at}: the cut is recorded: {record}"
+        );
+    }
+    assert!(
+        charged_points >= 2,
+        "expected crash points after the settle ({total} durable writes)"
+    );
+}

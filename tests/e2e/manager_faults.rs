@@ -12,10 +12,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The home's redb ledger, except that the next settle fails (as a full
-/// disk would fail it) while `fail_settle` is set.
+/// disk would fail it) while `fail_settle` is set, or is applied and then
+/// answered with an error (a lost answer) while `lose_settle_answer` is.
 struct FlakyLedger {
     inner: Ledger,
     fail_settle: AtomicBool,
+    lose_settle_answer: AtomicBool,
 }
 
 impl LedgerStore for FlakyLedger {
@@ -30,6 +32,15 @@ impl LedgerStore for FlakyLedger {
                 Err(LedgerError::Storage(
                     "No space left on device (os error 28)".into(),
                 ))
+            });
+        }
+        if matches!(operation, Operation::Settle { .. })
+            && self.lose_settle_answer.swap(false, Ordering::SeqCst)
+        {
+            let applied = LedgerStore::submit(&self.inner, operation);
+            return Box::pin(async move {
+                applied.await?;
+                Err(LedgerError::Storage("the connection was reset".into()))
             });
         }
         LedgerStore::submit(&self.inner, operation)
@@ -81,12 +92,14 @@ impl LedgerStore for FlakyLedger {
     }
 }
 
-/// A settle that fails after the extension destroyed the sandbox and priced
-/// it keeps what was measured: the record stays `destroying` with the
-/// usage, the hold stays open, and the retry charges that usage without
-/// destroying again (`note-in-kv` prices 500 micro-credits a destroy).
-#[tokio::test]
-async fn a_failed_settle_keeps_the_usage_and_the_retry_charges_it_once() {
+/// A home with `note-in-kv`, 10 credits for `t1`, and one of its sandboxes
+/// created through a manager on a [`FlakyLedger`].
+async fn home_with_a_sandbox() -> (
+    TestHome,
+    Arc<FlakyLedger>,
+    SandboxManager,
+    sandboxer_host::manager::SandboxStatus,
+) {
     let home = TestHome::new();
     install(
         &built_fixtures(),
@@ -110,6 +123,7 @@ async fn a_failed_settle_keeps_the_usage_and_the_retry_charges_it_once() {
     let flaky = Arc::new(FlakyLedger {
         inner: ledger,
         fail_settle: AtomicBool::new(false),
+        lose_settle_answer: AtomicBool::new(false),
     });
     let manager = SandboxManager::new(
         flaky.clone(),
@@ -129,6 +143,16 @@ async fn a_failed_settle_keeps_the_usage_and_the_retry_charges_it_once() {
         metadata: Default::default(),
     };
     let created = manager.create(&request).await.unwrap();
+    (home, flaky, manager, created)
+}
+
+/// A settle that fails after the extension destroyed the sandbox and priced
+/// it keeps what was measured: the record stays `destroying` with the
+/// usage, the hold stays open, and the retry charges that usage without
+/// destroying again (`note-in-kv` prices 500 micro-credits a destroy).
+#[tokio::test]
+async fn a_failed_settle_keeps_the_usage_and_the_retry_charges_it_once() {
+    let (_home, flaky, manager, created) = home_with_a_sandbox().await;
 
     flaky.fail_settle.store(true, Ordering::SeqCst);
     let failed = manager.destroy(&created.id, false).await.unwrap_err();
@@ -159,4 +183,34 @@ async fn a_failed_settle_keeps_the_usage_and_the_retry_charges_it_once() {
         flaky.verify().await.unwrap().ok,
         "the ledger's invariants hold"
     );
+}
+
+/// A settle the ledger applied but whose answer was lost: the usage is
+/// kept, and the retry finds the charge made, without destroying again
+/// (one destroy, 500 micro-credits, charged once).
+#[tokio::test]
+async fn a_settle_whose_answer_was_lost_is_charged_once() {
+    let (_home, flaky, manager, created) = home_with_a_sandbox().await;
+    flaky.lose_settle_answer.store(true, Ordering::SeqCst);
+    let failed = manager.destroy(&created.id, false).await.unwrap_err();
+    assert!(
+        failed.to_string().contains("the connection was reset"),
+        "{failed}"
+    );
+    let kept = manager.get(&created.id).unwrap();
+    assert_eq!(kept.state, SandboxState::Destroying);
+    assert!(kept.meter.reported_usage.is_some(), "the usage is kept");
+
+    let destroyed = manager.destroy(&created.id, false).await.unwrap();
+    assert_eq!(destroyed.state, SandboxState::Destroyed);
+    assert_eq!(destroyed.meter.actual, Some(500), "one destroy priced");
+    let history = flaky.history("t1", 100).await.unwrap();
+    let charges = history
+        .iter()
+        .filter(|entry| entry.kind == EntryKind::Charge)
+        .count();
+    assert_eq!(charges, 1, "charged once: {history:?}");
+    let summary = flaky.summary("t1").await.unwrap();
+    assert_eq!((summary.held, summary.balance), (0, 10_000_000 - 500));
+    assert!(flaky.verify().await.unwrap().ok);
 }

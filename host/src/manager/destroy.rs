@@ -63,8 +63,8 @@ impl SandboxManager {
             SandboxState::Ready | SandboxState::Expired | SandboxState::Destroying => {}
         }
         // Settled already: a crash lost the record written after the
-        // settle (not synced on a destroy's first try). The ledger's charge
-        // ends it, not a second measurement.
+        // settle (not synced on a destroy's first try), or pricing it again
+        // fails. The ledger's charge ends it.
         let settled = self.settled_before(&record).await;
         let extension = match self.loaded_extension(&record) {
             Ok(extension) => extension,
@@ -79,20 +79,20 @@ impl SandboxManager {
                 return self.cannot_destroy(record, force, why).await;
             }
         };
-        if let Some(receipt) = settled {
-            // The extension's own writes of that destroy were lost with the
-            // record: it destroys again for them (answering the same, or
-            // that the sandbox is gone), whatever it answers.
-            let kv = match (&record.handle, record.meter.reported_usage) {
-                (Some(handle), None) => extension
-                    .destroy_keeping_kv(&record.spec, handle)
-                    .await
-                    .ok()
-                    .map(|(_, kv)| kv),
-                _ => None,
+        if let Some(receipt) = &settled
+            && record.meter.reported_usage.is_none()
+        {
+            // The usage and the extension's writes were lost with the
+            // record: destroy (and meter-actual) run again for those writes,
+            // whatever they answer; the charge is the ledger's.
+            let kv = match &record.handle {
+                Some(handle) => extension.redo_destroy_writes(&record.spec, handle).await,
+                None => None,
             };
             let reason = "a crash cut its destroy short";
-            return self.finish_settled(record, receipt, reason, kv).await;
+            return self
+                .finish_settled(record, receipt.clone(), reason, kv)
+                .await;
         }
         // Only a destroy that ran its whole way here, first time, writes
         // `destroyed` without a sync: `destroying` and the settle are
@@ -101,9 +101,12 @@ impl SandboxManager {
         // (`bill_host_measured`).
         let first_try = record.destroy_failures == 0;
 
-        // The usage measured here (and what the extension wrote while
-        // destroying and metering): no record holds it until the end.
-        let mut unrecorded = None;
+        // A usage measured here, and destroy's own key-value writes: kept
+        // on their own if pricing or the settle fails.
+        let mut measured = None;
+        // The extension's writes of destroy and meter-actual, written with
+        // the end.
+        let mut end_kv = None;
         if record.meter.reported_usage.is_none() {
             if record.state != SandboxState::Destroying {
                 record.state = SandboxState::Destroying;
@@ -123,8 +126,8 @@ impl SandboxManager {
                     record.meter.host_wall_ms = Some(host_wall_ms);
                     record.meter.reported_usage = Some(usage);
                     record.meter.basis = Some(METERED.into());
-                    unrecorded = Some(Unrecorded {
-                        kv: Some(pending_kv),
+                    measured = Some(Measured {
+                        destroy_kv: Some(pending_kv),
                     });
                 }
                 Err(CallError::Backend {
@@ -138,7 +141,7 @@ impl SandboxManager {
                     record.note = Some(format!(
                         "the backend no longer knew it ({message}); billed the host-measured wall time"
                     ));
-                    unrecorded = Some(Unrecorded { kv: None });
+                    measured = Some(Measured { destroy_kv: None });
                 }
                 Err(error) => return self.destroy_failed(record, force, error).await,
             }
@@ -149,41 +152,32 @@ impl SandboxManager {
         let asked = if record.meter.basis.as_deref() == Some(HOST_MEASURED) {
             charge::prorated(rate_per_hour(&record), host_wall_ms)
         } else {
-            let destroy_kv = unrecorded
-                .as_mut()
-                .and_then(|unrecorded| unrecorded.kv.take());
+            let destroy_kv = measured
+                .as_ref()
+                .and_then(|measured| measured.destroy_kv.clone());
             let metered = match destroy_kv {
                 // Metered in the destroy's key-value session: it reads what
                 // the destroy wrote, and both commit with the end.
                 Some(destroy_kv) => extension
-                    .meter_actual_keeping_kv(&record.spec, usage, destroy_kv.clone())
+                    .meter_actual_keeping_kv(&record.spec, usage, destroy_kv)
                     .await
                     .map(|(asked, both_kv)| {
-                        unrecorded = Some(Unrecorded { kv: Some(both_kv) });
+                        end_kv = Some(both_kv);
                         asked
-                    })
-                    .map_err(|error| (error, Some(destroy_kv))),
+                    }),
                 // The usage was recorded by an earlier try.
-                None => extension
-                    .meter_actual(&record.spec, usage)
-                    .await
-                    .map_err(|error| (error, None)),
+                None => extension.meter_actual(&record.spec, usage).await,
             };
             match metered {
                 Ok(asked) => asked,
-                Err((error, destroy_kv)) => {
+                Err(error) => {
+                    if let Some(receipt) = settled {
+                        let reason = format!("pricing it again failed ({error})");
+                        return self.finish_settled(record, receipt, &reason, None).await;
+                    }
                     // The usage is kept for the retry, which prices it
                     // without destroying again.
-                    if let Some(destroy_kv) = destroy_kv {
-                        self.save_quietly_with(
-                            &mut record,
-                            RecordExtras {
-                                kv: Some(destroy_kv),
-                                ..RecordExtras::default()
-                            },
-                        )
-                        .await?;
-                    }
+                    self.keep_measured(&mut record, measured).await?;
                     return self.destroy_failed(record, force, error).await;
                 }
             }
@@ -195,8 +189,18 @@ impl SandboxManager {
             host_wall_ms,
             extension.billing.charge_tolerance_ppm,
         );
+        if decision.disputed > 0 && measured.is_some() {
+            // A cut charge: the usage goes to the disk before the settle,
+            // so that recovery prices it again and finds the same dispute
+            // (the ledger keeps only the charge).
+            let both = Measured {
+                destroy_kv: end_kv.take(),
+            };
+            self.keep_measured(&mut record, Some(both)).await?;
+            measured = None;
+        }
         let durable = !first_try;
-        self.settle_and_finish(record, decision, durable, unrecorded)
+        self.settle_and_finish(record, decision, durable, end_kv, measured)
             .await
     }
 
@@ -222,8 +226,8 @@ impl SandboxManager {
     }
 
     /// Finishes a record with the charge the ledger made, `why` it is not
-    /// measured and priced again; `kv` is the extension's writes of the
-    /// destroy run again.
+    /// measured and priced again; `kv` is what the extension wrote when
+    /// its calls ran again.
     async fn finish_settled(
         &self,
         mut record: SandboxStatus,
@@ -242,8 +246,7 @@ impl SandboxManager {
              charge, as {why}",
             sandboxer_credits::format_credits(receipt.charged),
         ));
-        let unrecorded = kv.map(|kv| Unrecorded { kv: Some(kv) });
-        self.settle_and_finish(record, decision, true, unrecorded)
+        self.settle_and_finish(record, decision, true, kv, None)
             .await
     }
 
@@ -254,28 +257,27 @@ impl SandboxManager {
         self.extensions.for_existing(&name)
     }
 
-    /// Settles the hold at the decided charge and records the end, with
-    /// what this destroy measured (`unrecorded`). A hold already settled
+    /// Settles the hold at the decided charge and records the end, with the
+    /// extension's key-value writes (`end_kv`). A hold already settled
     /// answers with its first charge (adopted here); a hold already voided
     /// (an operator, or reconcile) charges nothing. On a shared store the
     /// settle and the `destroyed` record commit in one transaction. When the
-    /// settle fails, the measured usage is recorded for the retry.
+    /// settle fails, a usage this destroy `measured` is recorded for the
+    /// retry.
     async fn settle_and_finish(
         &self,
-        record: SandboxStatus,
+        mut record: SandboxStatus,
         decision: ChargeDecision,
         durable: bool,
-        unrecorded: Option<Unrecorded>,
+        end_kv: Option<PendingKv>,
+        measured: Option<Measured>,
     ) -> Result<SandboxStatus, ManagerError> {
         let now = now_ms();
         let hold_id = record.meter.hold_id.clone();
         if let (Some(hold_id), Some(owner)) = (&hold_id, self.joint_owner()) {
             let slot: Arc<std::sync::Mutex<Option<Finished>>> = Arc::default();
             let (unfinished, written) = (record.clone(), slot.clone());
-            let kv = unrecorded
-                .as_ref()
-                .and_then(|unrecorded| unrecorded.kv.clone())
-                .and_then(PendingKv::into_writes);
+            let kv = end_kv.and_then(PendingKv::into_writes);
             let then: crate::ledger::JointWrite = Box::new(move |result| {
                 let settled = result.clone().and_then(crate::ledger::into_settle);
                 let finished = finish_destroyed(unfinished, decision, Some(settled), now).ok()?;
@@ -321,7 +323,12 @@ impl SandboxManager {
                     Ok(finished.record)
                 }
                 _ => {
-                    self.keep_unrecorded(record, unrecorded).await;
+                    // The commit's outcome may be unknown (a lost
+                    // connection): a settled hold means the record was
+                    // written with it, and is not to be written back.
+                    if let Ok(None) = self.ledger.settle_receipt(hold_id).await {
+                        self.keep_measured_or_warn(&mut record, measured).await;
+                    }
                     Err(outcome.err().map_or_else(
                         || ManagerError::Refused("the settle wrote no record".into()),
                         ManagerError::Ledger,
@@ -340,7 +347,7 @@ impl SandboxManager {
             )
         {
             let error = error.clone();
-            self.keep_unrecorded(record, unrecorded).await;
+            self.keep_measured_or_warn(&mut record, measured).await;
             return Err(ManagerError::Ledger(error));
         }
         let finished = finish_destroyed(record, decision, settled, now)?;
@@ -364,7 +371,7 @@ impl SandboxManager {
                 RecordExtras {
                     events,
                     disputed,
-                    kv: unrecorded.and_then(|unrecorded| unrecorded.kv),
+                    kv: end_kv,
                     ..RecordExtras::default()
                 },
                 durable,
@@ -373,18 +380,29 @@ impl SandboxManager {
         Ok(record)
     }
 
-    /// The settle failed after this destroy measured the usage: the usage
-    /// (and the extension's key-value writes) are recorded, so that the
-    /// retry prices them instead of destroying again and measuring longer.
-    async fn keep_unrecorded(&self, mut record: SandboxStatus, unrecorded: Option<Unrecorded>) {
-        let Some(Unrecorded { kv }) = unrecorded else {
-            return;
+    /// Pricing or the settle failed (or the charge was cut) after this
+    /// destroy `measured` the usage: the usage and destroy's key-value
+    /// writes are recorded, durably, so that the retry (or recovery) prices
+    /// them instead of destroying again and measuring longer.
+    async fn keep_measured(
+        &self,
+        record: &mut SandboxStatus,
+        measured: Option<Measured>,
+    ) -> Result<(), ManagerError> {
+        let Some(Measured { destroy_kv }) = measured else {
+            return Ok(());
         };
         let extras = RecordExtras {
-            kv,
+            kv: destroy_kv,
             ..RecordExtras::default()
         };
-        if let Err(error) = self.save_quietly_with(&mut record, extras).await {
+        self.save_quietly_with(record, extras).await
+    }
+
+    /// [`SandboxManager::keep_measured`] after a failed settle, whose error
+    /// is the one to report.
+    async fn keep_measured_or_warn(&self, record: &mut SandboxStatus, measured: Option<Measured>) {
+        if let Err(error) = self.keep_measured(record, measured).await {
             tracing::warn!(
                 "sandbox {}: its settle failed, and its usage could not be recorded for the \
                  retry either: {error}",
@@ -479,7 +497,8 @@ impl SandboxManager {
             wall_ms,
             UNIT_TOLERANCE_PPM,
         );
-        self.settle_and_finish(record, decision, true, None).await
+        self.settle_and_finish(record, decision, true, None, None)
+            .await
     }
 
     /// A record left in `provisioning`: the create may or may not have
@@ -531,7 +550,9 @@ impl SandboxManager {
                     charged,
                     disputed: 0,
                 };
-                let record = self.settle_and_finish(record, decision, true, None).await?;
+                let record = self
+                    .settle_and_finish(record, decision, true, None, None)
+                    .await?;
                 Ok(Recovery::Finished(Box::new(record)))
             }
             Some(HoldState::Open | HoldState::Expired) => {
@@ -675,11 +696,11 @@ impl Finished {
     }
 }
 
-/// What a destroy measured that no record holds yet: its usage is in the
-/// record being finished, and `kv` holds the extension's key-value writes
-/// of destroy (and meter-actual), when it made them.
-struct Unrecorded {
-    kv: Option<PendingKv>,
+/// A usage a destroy measured that no record holds yet (it is in the
+/// record being finished), with destroy's own key-value writes, when it
+/// made them.
+struct Measured {
+    destroy_kv: Option<PendingKv>,
 }
 
 /// `record` destroyed and billed as `settled` answered (none: it had no

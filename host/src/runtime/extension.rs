@@ -532,6 +532,34 @@ impl Extension {
         self.metered(answer)
     }
 
+    /// Destroy, and meter-actual in its session, run again after a crash
+    /// lost what they wrote the first time (the charge was settled): their
+    /// key-value writes, to commit with the record of the end, whatever
+    /// they answer (an extension answering `not-found` may have written
+    /// too). None when destroy did not return at all (a trap, a limit).
+    pub async fn redo_destroy_writes(
+        &self,
+        spec: &SandboxSpec,
+        handle: &SandboxHandle,
+    ) -> Option<PendingKv> {
+        let (answer, kv) = self
+            .invoker
+            .call_keeping_kv(Call::Destroy(spec, handle), self.timeout())
+            .await
+            .ok()?;
+        let Answer::Destroy(Ok(usage)) = answer else {
+            return Some(PendingKv(kv));
+        };
+        match self
+            .invoker
+            .call_in_session(Call::MeterActual(spec, usage), self.timeout(), kv.clone())
+            .await
+        {
+            Ok((_, both)) => Some(PendingKv(both)),
+            Err(_) => Some(PendingKv(kv)),
+        }
+    }
+
     /// [`Extension::meter_actual`] after [`Extension::destroy_keeping_kv`],
     /// in the destroy's key-value session: it reads what the destroy wrote,
     /// and the writes of both come back to be committed together (with the
