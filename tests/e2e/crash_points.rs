@@ -228,6 +228,56 @@ fn micros(value: &Value) -> i128 {
     if negative { -amount } else { amount }
 }
 
+/// Removes an extension's files (its component and sidecar) from a home.
+fn remove_extension(home: &TestHome, name: &str) {
+    for entry in std::fs::read_dir(home.extensions()).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(&format!("{name}."))
+        {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+}
+
+/// Sandbox `id`'s record as the first start after a crash at `at` leaves it.
+fn record_after_a_start(home: &TestHome, id: &str, at: u64) -> Value {
+    let records = home.run(&["sandbox", "list", "--all", "--json"]);
+    assert_eq!(records.code, 0, "crash at {at}: {}", records.stderr);
+    let records = records.json();
+    records
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|record| record["id"] == id)
+        .unwrap_or_else(|| panic!("crash at {at}: {id} is listed: {records}"))
+        .clone()
+}
+
+/// The ledger's charge for sandbox `id` (tenant t1), if it made one.
+fn charge_of(home: &TestHome, id: &str) -> Option<Value> {
+    let history = home
+        .run(&[
+            "credits", "history", "--tenant", "t1", "--limit", "1000", "--json",
+        ])
+        .ok()
+        .json();
+    history
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|entry| {
+            entry["kind"] == "charge"
+                && entry["sandbox_id"]
+                    .as_str()
+                    .is_some_and(|hold| hold.starts_with(&format!("{id}.")))
+        })
+        .cloned()
+}
+
 /// Starts the host twice and checks every invariant.
 fn check_invariants(home: &TestHome, context: &str) {
     let first = home.run(&["sandbox", "list", "--all", "--json"]);
@@ -364,17 +414,7 @@ fn settled_destroy_ends_with_the_ledgers_charge(replacement: Option<&str>) {
         if !run_crashing(&home, &args, at, "after") {
             continue;
         }
-        for entry in std::fs::read_dir(home.extensions()).unwrap() {
-            let path = entry.unwrap().path();
-            if path
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("saas-stub.")
-            {
-                std::fs::remove_file(path).unwrap();
-            }
-        }
+        remove_extension(&home, "saas-stub");
         if let Some(replacement) = replacement {
             install(
                 &built_fixtures(),
@@ -383,28 +423,8 @@ fn settled_destroy_ends_with_the_ledgers_charge(replacement: Option<&str>) {
                 "saas-stub",
             );
         }
-        let records = home.run(&["sandbox", "list", "--all", "--json"]);
-        assert_eq!(records.code, 0, "crash at {at}: {}", records.stderr);
-        let records = records.json();
-        let record = records
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|record| record["id"] == id.as_str())
-            .unwrap_or_else(|| panic!("crash at {at}: {id} is listed: {records}"))
-            .clone();
-        let history = home
-            .run(&[
-                "credits", "history", "--tenant", "t1", "--limit", "1000", "--json",
-            ])
-            .ok()
-            .json();
-        let charge = history.as_array().unwrap().iter().find(|entry| {
-            entry["kind"] == "charge"
-                && entry["sandbox_id"]
-                    .as_str()
-                    .is_some_and(|hold| hold.starts_with(&format!("{id}.")))
-        });
+        let record = record_after_a_start(&home, &id, at);
+        let charge = charge_of(&home, &id);
         let Some(charge) = charge else {
             // Not settled yet: destroying it needs the extension.
             assert_ne!(record["state"], "destroyed", "crash at {at}: {record}");
@@ -445,17 +465,7 @@ fn settled_destroy_ends_with_the_ledgers_charge(replacement: Option<&str>) {
 fn a_forced_destroy_without_its_extension_is_a_safe_place_to_crash() {
     let template = base_home();
     let id = create(&template, "saas-stub", "300");
-    for entry in std::fs::read_dir(template.extensions()).unwrap() {
-        let path = entry.unwrap().path();
-        if path
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .starts_with("saas-stub.")
-        {
-            std::fs::remove_file(path).unwrap();
-        }
-    }
+    remove_extension(&template, "saas-stub");
     let args = strings(&["sandbox", "destroy", &id, "--force"]);
     let total = durable_writes(&template, &args);
     let mut charged_points = 0;
@@ -464,28 +474,8 @@ fn a_forced_destroy_without_its_extension_is_a_safe_place_to_crash() {
         if !run_crashing(&home, &args, at, "after") {
             continue;
         }
-        let records = home.run(&["sandbox", "list", "--all", "--json"]);
-        assert_eq!(records.code, 0, "crash at {at}: {}", records.stderr);
-        let records = records.json();
-        let record = records
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|record| record["id"] == id.as_str())
-            .unwrap_or_else(|| panic!("crash at {at}: {id} is listed: {records}"))
-            .clone();
-        let history = home
-            .run(&[
-                "credits", "history", "--tenant", "t1", "--limit", "1000", "--json",
-            ])
-            .ok()
-            .json();
-        let charge = history.as_array().unwrap().iter().find(|entry| {
-            entry["kind"] == "charge"
-                && entry["sandbox_id"]
-                    .as_str()
-                    .is_some_and(|hold| hold.starts_with(&format!("{id}.")))
-        });
+        let record = record_after_a_start(&home, &id, at);
+        let charge = charge_of(&home, &id);
         let shown = home
             .run(&["credits", "show", "--tenant", "t1", "--json"])
             .ok()
