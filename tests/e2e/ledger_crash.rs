@@ -393,3 +393,61 @@ fn acknowledged_state_writes_of_a_killed_process_are_replayed_from_the_redo_log(
     let state = StateDb::new(path);
     assert_eq!(lifecycle_events::last_seq(&state).unwrap(), 12);
 }
+
+/// A hold's memo (the host's `provisioning` record, kept so that a crash
+/// which loses that record cannot lose what the hold is for) is durable
+/// with the hold, answered while the hold is open, kept through a replay
+/// of the same step, and dropped when the hold closes.
+#[test]
+fn a_holds_memo_lasts_while_the_hold_is_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.redb");
+    let ledger = Ledger::open(&path, options()).unwrap();
+    ledger.grant("t1", 1_000_000, Some("g")).unwrap();
+    let expires = sandboxer_host::manager::now_ms() + 3_600_000;
+    let hold = |id: &str, memo: Option<&str>| Operation::Hold {
+        tenant: "t1".into(),
+        amount: 1_000,
+        sandbox_id: id.into(),
+        extension: "stub".into(),
+        expires_at_ms: expires,
+        memo: memo.map(str::to_string),
+    };
+    let memo = r#"{"id":"sbx-1","state":"provisioning"}"#;
+    ledger.submit(hold("sbx-1.1", Some(memo))).unwrap();
+    ledger.submit(hold("sbx-2.1", Some("two"))).unwrap();
+    let memo_of = |ledger: &Ledger, id: &str| ledger.hold_record(id).unwrap().unwrap().memo;
+    assert_eq!(memo_of(&ledger, "sbx-1.1").as_deref(), Some(memo));
+
+    // A replay is the same step whatever its memo: the first answer, and
+    // the first memo.
+    let replayed = ledger.submit(hold("sbx-1.1", Some("another"))).unwrap();
+    assert!(matches!(
+        replayed,
+        Receipt::Hold(HoldReceipt { replayed: true, .. })
+    ));
+    assert_eq!(memo_of(&ledger, "sbx-1.1").as_deref(), Some(memo));
+
+    // Durable with the hold: a ledger opened again (replaying its redo log
+    // or not) still has it, and lists it with the open holds.
+    drop(ledger);
+    let ledger = Ledger::open(&path, options()).unwrap();
+    let open = ledger.open_holds().unwrap();
+    assert_eq!(open.len(), 2);
+    assert!(
+        open.iter()
+            .any(|hold| hold.sandbox_id == "sbx-1.1" && hold.memo.as_deref() == Some(memo))
+    );
+
+    // Closed (settled or voided): the memo has done its work.
+    ledger.settle("sbx-1.1", 400).unwrap();
+    ledger.void("sbx-2.1", "create failed").unwrap();
+    assert_eq!(memo_of(&ledger, "sbx-1.1"), None);
+    assert_eq!(memo_of(&ledger, "sbx-2.1"), None);
+    assert!(ledger.verify().unwrap().ok);
+    // A hold made without a memo has none.
+    ledger
+        .hold("t1", 1_000, "sbx-3.1", "stub", expires)
+        .unwrap();
+    assert_eq!(memo_of(&ledger, "sbx-3.1"), None);
+}

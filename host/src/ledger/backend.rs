@@ -139,7 +139,29 @@ impl dyn LedgerStore {
         extension: &str,
         expires_at_ms: u64,
     ) -> Result<HoldReceipt, LedgerError> {
-        let operation = hold_operation(tenant, amount, sandbox_id, extension, expires_at_ms);
+        let operation = hold_operation(tenant, amount, sandbox_id, extension, expires_at_ms, None);
+        into_hold(self.submit(operation).await?)
+    }
+
+    /// [`Self::hold`], keeping `memo` with the hold while it is open
+    /// ([`HoldRecord::memo`](super::HoldRecord::memo)).
+    pub async fn hold_noting(
+        &self,
+        tenant: &str,
+        amount: u64,
+        sandbox_id: &str,
+        extension: &str,
+        expires_at_ms: u64,
+        memo: String,
+    ) -> Result<HoldReceipt, LedgerError> {
+        let operation = hold_operation(
+            tenant,
+            amount,
+            sandbox_id,
+            extension,
+            expires_at_ms,
+            Some(memo),
+        );
         into_hold(self.submit(operation).await?)
     }
 
@@ -153,7 +175,7 @@ impl dyn LedgerStore {
         expires_at_ms: u64,
         joint: Joint,
     ) -> Result<HoldReceipt, LedgerError> {
-        let operation = hold_operation(tenant, amount, sandbox_id, extension, expires_at_ms);
+        let operation = hold_operation(tenant, amount, sandbox_id, extension, expires_at_ms, None);
         into_hold(self.submit_joint(operation, joint).await?)
     }
 
@@ -227,6 +249,7 @@ pub(crate) fn hold_operation(
     sandbox_id: &str,
     extension: &str,
     expires_at_ms: u64,
+    memo: Option<String>,
 ) -> Operation {
     Operation::Hold {
         tenant: tenant.into(),
@@ -234,6 +257,7 @@ pub(crate) fn hold_operation(
         sandbox_id: sandbox_id.into(),
         extension: extension.into(),
         expires_at_ms,
+        memo,
     }
 }
 

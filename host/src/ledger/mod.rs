@@ -199,7 +199,7 @@ impl Ledger {
         extension: &str,
         expires_at_ms: u64,
     ) -> Result<HoldReceipt, LedgerError> {
-        let operation = hold_operation(tenant, amount, sandbox_id, extension, expires_at_ms);
+        let operation = hold_operation(tenant, amount, sandbox_id, extension, expires_at_ms, None);
         into_hold(self.submit(operation)?)
     }
 

@@ -362,7 +362,15 @@ impl<T: Tables> Batch<T> {
                 sandbox_id,
                 extension,
                 expires_at_ms,
-            } => self.hold(tenant, *amount, sandbox_id, extension, *expires_at_ms)?,
+                memo,
+            } => self.hold(
+                tenant,
+                *amount,
+                sandbox_id,
+                extension,
+                *expires_at_ms,
+                memo.clone(),
+            )?,
             Operation::Settle { sandbox_id, actual } => self.settle(sandbox_id, *actual)?,
             Operation::Void { sandbox_id, reason } => self.void(sandbox_id, reason)?,
             Operation::ExpireDue { now_ms } => self.expire_due(*now_ms)?,
@@ -412,8 +420,13 @@ impl<T: Tables> Batch<T> {
         operation: &Operation,
         receipt: &Receipt,
     ) -> Result<(), ApplyError> {
+        let mut operation = operation.clone();
+        // A hold's memo lives with the open hold, not with its key.
+        if let Operation::Hold { memo, .. } = &mut operation {
+            *memo = None;
+        }
         let stored = StoredReceipt {
-            operation: operation.clone(),
+            operation,
             receipt: receipt.clone(),
         };
         let json = serde_json::to_string(&stored).map_err(fatal)?;
@@ -498,6 +511,7 @@ impl<T: Tables> Batch<T> {
         sandbox_id: &str,
         extension: &str,
         expires_at_ms: u64,
+        memo: Option<String>,
     ) -> Result<Receipt, ApplyError> {
         let invalid = |message: String| refused(LedgerError::InvalidInput(message));
         check_name("tenant", tenant).map_err(invalid)?;
@@ -549,6 +563,7 @@ impl<T: Tables> Batch<T> {
             state: HoldState::Open,
             hold_seq: seqs[0],
             closed_seq: None,
+            memo,
         };
         self.tables.put_hold(&record)?;
         self.tables
@@ -753,6 +768,14 @@ impl<T: Tables> Batch<T> {
     }
 
     fn put_hold(&mut self, record: &HoldRecord) -> Result<(), ApplyError> {
+        // A closed hold's memo has done its work: it is not kept.
+        if record.state != HoldState::Open && record.memo.is_some() {
+            let closed = HoldRecord {
+                memo: None,
+                ..record.clone()
+            };
+            return self.tables.put_hold(&closed);
+        }
         self.tables.put_hold(record)
     }
 

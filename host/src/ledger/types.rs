@@ -219,6 +219,11 @@ pub struct HoldRecord {
     pub state: HoldState,
     pub hold_seq: u64,
     pub closed_seq: Option<u64>,
+    /// What the hold is for, as its caller wrote it (the host: the
+    /// sandbox's `provisioning` record), kept while the hold is open and
+    /// dropped when it closes. See [`Operation::Hold`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memo: Option<String>,
 }
 
 /// What a caller asks the ledger to do. Each is idempotent by its key.
@@ -236,6 +241,13 @@ pub enum Operation {
         sandbox_id: String,
         extension: String,
         expires_at_ms: u64,
+        /// Kept with the open hold ([`HoldRecord::memo`]), durable with it:
+        /// the host's intent record, so that a crash which loses the
+        /// record (written without waiting for the disk) cannot lose what
+        /// the hold is for. Not kept with the operation's idempotency key,
+        /// and not part of what makes a replay the same step.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        memo: Option<String>,
     },
     Settle {
         sandbox_id: String,

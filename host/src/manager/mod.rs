@@ -120,6 +120,10 @@ pub struct SandboxManager {
     /// Where sandboxes' process trees live, for reconcile to kill the ones
     /// no live sandbox owns.
     sandboxes_dir: Option<std::path::PathBuf>,
+    /// Set once this process has restored the records a crash lost (see
+    /// [`SandboxManager::restore_lost_records`]): only a crash before it
+    /// started can have lost one.
+    restored_lost_records: std::sync::atomic::AtomicBool,
 }
 
 /// Holds a sandbox for one operation of this process.
@@ -154,6 +158,7 @@ impl SandboxManager {
             busy: Mutex::new(HashSet::new()),
             released: tokio::sync::Notify::new(),
             sandboxes_dir: None,
+            restored_lost_records: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -261,7 +266,18 @@ impl SandboxManager {
         &self,
         record: &mut SandboxStatus,
         earlier: Option<lifecycle_events::PendingEvent>,
+        extras: RecordExtras,
+    ) -> Result<(), ManagerError> {
+        self.put_after(record, earlier, extras, true).await
+    }
+
+    /// [`SandboxManager::save_after`], synced only when `durable`.
+    async fn put_after(
+        &self,
+        record: &mut SandboxStatus,
+        earlier: Option<lifecycle_events::PendingEvent>,
         mut extras: RecordExtras,
+        durable: bool,
     ) -> Result<(), ManagerError> {
         let now = now_ms();
         record.updated_at_ms = now;
@@ -269,7 +285,7 @@ impl SandboxManager {
         extras
             .events
             .splice(0..0, earlier.into_iter().chain([state_change]));
-        self.records.put_async(record, extras, true).await?;
+        self.records.put_async(record, extras, durable).await?;
         Ok(())
     }
 
@@ -412,6 +428,34 @@ impl SandboxManager {
                         )
                         .await
                 }
+                // The ledger is this home's alone: the `provisioning` record
+                // is written without waiting for the disk, then the hold,
+                // which keeps a copy of it (its memo) and is durable before
+                // the create is called. If a crash loses the record, the
+                // next start restores it from the hold
+                // (`restore_from_holds`) and recovers the create.
+                None if !self.ledger.shared() => {
+                    self.put_after(
+                        &mut record,
+                        requested.take(),
+                        RecordExtras::default(),
+                        false,
+                    )
+                    .await?;
+                    let memo = serde_json::to_string(&record).map_err(record::storage)?;
+                    self.ledger
+                        .hold_noting(
+                            &record.tenant,
+                            estimate,
+                            &hold_id,
+                            &candidate.name,
+                            expires,
+                            memo,
+                        )
+                        .await
+                }
+                // A shared ledger (other hosts' holds in it, whose records
+                // this host cannot see): the record goes first, durably.
                 None => {
                     self.save_after(&mut record, requested.take(), RecordExtras::default())
                         .await?;

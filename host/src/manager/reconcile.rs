@@ -131,6 +131,7 @@ impl SandboxManager {
         retries: Retries,
     ) -> Result<ReconcileReport, ManagerError> {
         let mut report = ReconcileReport::default();
+        report.actions.extend(self.restore_lost_records().await);
         let interrupted = |record: &SandboxStatus| {
             matches!(
                 record.state,
@@ -217,6 +218,90 @@ impl SandboxManager {
             tracing::info!("reconciled: {action}");
         }
         Ok(report)
+    }
+
+    /// [`Self::restore_from_holds`], once per process (a record can only
+    /// have been lost by a crash before this process started); again on the
+    /// next pass if it failed. Call it before [`Self::has_work`], which
+    /// then sees the restored records.
+    pub async fn restore_lost_records(&self) -> Vec<String> {
+        use std::sync::atomic::Ordering;
+        if self.restored_lost_records.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        match self.restore_from_holds().await {
+            Ok(actions) => {
+                self.restored_lost_records.store(true, Ordering::Release);
+                actions
+            }
+            Err(error) => vec![format!(
+                "holds could not be checked for lost records: {error}"
+            )],
+        }
+    }
+
+    /// Restores the `provisioning` records a crash lost. On a ledger this
+    /// home has alone, that record is written without waiting for the
+    /// disk, at the same time as its hold, which keeps a copy of it (the
+    /// hold's memo) and is durable before the create is called. An open
+    /// hold with a memo whose record is missing, or still on an earlier
+    /// attempt, gets its record back (synced), still `provisioning`: the
+    /// pass below then recovers the create like any other interrupted one.
+    async fn restore_from_holds(&self) -> Result<Vec<String>, ManagerError> {
+        let mut actions = Vec::new();
+        if self.ledger.shared() {
+            return Ok(actions);
+        }
+        for hold in self.ledger.open_holds().await? {
+            let Some(memo) = &hold.memo else {
+                continue;
+            };
+            let sandbox_id = hold
+                .sandbox_id
+                .rsplit_once('.')
+                .map_or(hold.sandbox_id.as_str(), |(id, _)| id);
+            let Some(_guard) = self.try_lock(sandbox_id) else {
+                continue;
+            };
+            let mut restored: SandboxStatus = match serde_json::from_str(memo) {
+                Ok(record) => record,
+                Err(error) => {
+                    actions.push(format!(
+                        "hold {}: its memo is not a sandbox record ({error}); left to the \
+                         orphan check",
+                        hold.sandbox_id
+                    ));
+                    continue;
+                }
+            };
+            let lost = match self.records.get(sandbox_id)? {
+                None => true,
+                Some(current) => {
+                    current.state == SandboxState::Provisioning
+                        && current.attempts.len() < restored.attempts.len()
+                }
+            };
+            if !lost || restored.id != sandbox_id {
+                continue;
+            }
+            restored.note = Some(format!(
+                "its provisioning record was lost in a crash; restored from hold {}",
+                hold.sandbox_id
+            ));
+            actions.push(match self.save(&mut restored).await {
+                Ok(()) => format!(
+                    "{sandbox_id}: its provisioning record was lost in a crash; restored from \
+                     hold {}",
+                    hold.sandbox_id
+                ),
+                Err(error) => format!(
+                    "{sandbox_id}: its provisioning record was lost in a crash and could not \
+                     be restored from hold {}: {error}",
+                    hold.sandbox_id
+                ),
+            });
+        }
+        Ok(actions)
     }
 
     /// Voids every open hold whose sandbox record is gone, finished, or on

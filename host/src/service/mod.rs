@@ -209,7 +209,8 @@ impl Service {
     /// Recovery after a crash and the ttl sweep (see the manager). Loads the
     /// extensions only when some sandbox needs one.
     pub async fn reconcile(&self, retries: Retries) -> Result<ReconcileReport, ServiceError> {
-        let taken_over = self.manager.tend_leases().await;
+        let mut taken_over = self.manager.tend_leases().await;
+        taken_over.extend(self.manager.restore_lost_records().await);
         let now = now_ms();
         if self.manager.has_work(now, retries)? {
             // A missing extensions directory leaves them unloaded: each
