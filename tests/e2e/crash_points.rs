@@ -392,7 +392,7 @@ fn every_durable_write_of_the_lifecycle_is_a_safe_place_to_crash() {
 
 /// The path of each durable write the command makes when nothing crashes,
 /// in order (1-based, as `SANDBOXER_CRASH_AT` counts them).
-fn durable_write_paths(template: &TestHome, args: &[String]) -> Vec<String> {
+fn durable_write_paths(template: &TestHome, args: &[String]) -> Vec<(u64, String)> {
     let home = fresh_copy(template);
     let paths_file = home.path().join("fsync-paths");
     let output = home
@@ -406,7 +406,10 @@ fn durable_write_paths(template: &TestHome, args: &[String]) -> Vec<String> {
     std::fs::read_to_string(&paths_file)
         .unwrap()
         .lines()
-        .map(|line| line.split_once(' ').unwrap().1.to_string())
+        .map(|line| {
+            let (at, path) = line.split_once(' ').unwrap();
+            (at.parse().unwrap(), path.to_string())
+        })
         .collect()
 }
 
@@ -418,28 +421,39 @@ fn durable_write_paths(template: &TestHome, args: &[String]) -> Vec<String> {
 /// synced, and redb drops its own unsynced commits when it opens after a
 /// crash. The hold keeps a copy of the record, so the next start restores it
 /// and recovers the create; the usual invariants hold, and the sandbox is
-/// billed once.
+/// billed once. Also with the host down past the hold's expiry (the hold
+/// expired before the start): the expired hold keeps its copy.
 #[test]
 fn a_provisioning_record_lost_in_a_power_cut_is_restored_from_its_hold() {
-    let mut restored = 0;
-    for profile in ["saas-stub", "fallback"] {
+    for (profile, expire, restorable) in [
+        ("saas-stub", false, 1),
+        ("saas-stub", true, 1),
+        // The first attempt's hold, then the second's (the record on the
+        // disk is then still on the first attempt).
+        ("fallback", false, 2),
+    ] {
         let template = base_home();
         let args = strings(&["sandbox", "create", "--profile", profile, "--tenant", "t1"]);
         let paths = durable_write_paths(&template, &args);
         let log_synced = paths
             .iter()
-            .position(|path| path.ends_with("/state.wal"))
+            .find(|(_, path)| path.ends_with("/state.wal"))
+            .map(|(at, _)| *at)
             .expect("the create syncs the state's redo log");
-        let ledger_syncs: Vec<u64> = (0..log_synced)
-            .filter(|&index| paths[index].ends_with("/ledger.wal"))
-            .map(|index| index as u64 + 1)
+        let ledger_syncs: Vec<u64> = paths
+            .iter()
+            .filter(|(at, path)| *at < log_synced && path.ends_with("/ledger.wal"))
+            .map(|(at, _)| *at)
             .collect();
         assert!(
             !ledger_syncs.is_empty(),
             "{profile}: the hold is synced before the state's log: {paths:?}"
         );
+        let mut restored = 0;
         for at in ledger_syncs {
-            let context = format!("{profile}: power cut after durable write {at} ({paths:?})");
+            let context = format!(
+                "{profile} (hold expired: {expire}): power cut after durable write {at} ({paths:?})"
+            );
             let home = fresh_copy(&template);
             assert!(run_crashing(&home, &args, at, "after"), "{context}");
             let log = home.path().join("state.wal");
@@ -452,6 +466,21 @@ fn a_provisioning_record_lost_in_a_power_cut_is_restored_from_its_hold() {
             )
             .unwrap();
             drop(file);
+            if expire {
+                let ledger = sandboxer_host::ledger::Ledger::open(
+                    &home.path().join("ledger.redb"),
+                    sandboxer_host::ledger::LedgerOptions {
+                        default_credits: 0,
+                        expire_on_open: false,
+                    },
+                )
+                .unwrap();
+                let a_day_later = sandboxer_host::manager::now_ms() + 86_400_000;
+                assert!(
+                    !ledger.expire_due(a_day_later).unwrap().is_empty(),
+                    "{context}"
+                );
+            }
             let start = home.run(&["sandbox", "list", "--all", "--json"]);
             assert_eq!(start.code, 0, "{context}: {}", start.stderr);
             let records = start.json();
@@ -468,14 +497,17 @@ fn a_provisioning_record_lost_in_a_power_cut_is_restored_from_its_hold() {
                     "{context}: the restored record was recovered: {}",
                     start.stderr
                 );
+            } else {
+                // Only after a void: nothing was held or is live.
+                assert!(records.is_empty(), "{context}: {records:?}");
             }
             check_invariants(&home, &context);
         }
+        assert_eq!(
+            restored, restorable,
+            "{profile} (hold expired: {expire}): records restored from their hold"
+        );
     }
-    assert!(
-        restored >= 2,
-        "a record was restored from its hold at {restored} points (one per profile expected)"
-    );
 }
 
 /// A destroy killed after its settle reached the disk, before its

@@ -397,7 +397,7 @@ fn acknowledged_state_writes_of_a_killed_process_are_replayed_from_the_redo_log(
 /// A hold's memo (the host's `provisioning` record, kept so that a crash
 /// which loses that record cannot lose what the hold is for) is durable
 /// with the hold, answered while the hold is open, kept through a replay
-/// of the same step, and dropped when the hold closes.
+/// of the same step and an expiry, and dropped by a settle or a void.
 #[test]
 fn a_holds_memo_lasts_while_the_hold_is_open() {
     let dir = tempfile::tempdir().unwrap();
@@ -439,11 +439,22 @@ fn a_holds_memo_lasts_while_the_hold_is_open() {
             .any(|hold| hold.sandbox_id == "sbx-1.1" && hold.memo.as_deref() == Some(memo))
     );
 
-    // Closed (settled or voided): the memo has done its work.
+    // Settled or voided: the memo has done its work.
     ledger.settle("sbx-1.1", 400).unwrap();
     ledger.void("sbx-2.1", "create failed").unwrap();
     assert_eq!(memo_of(&ledger, "sbx-1.1"), None);
     assert_eq!(memo_of(&ledger, "sbx-2.1"), None);
+    assert!(ledger.noted_holds().unwrap().is_empty());
+    // Expired (the host was down past it): kept, for the sandbox may still
+    // have to be recovered from it; settling it drops it.
+    ledger.submit(hold("sbx-4.1", Some("four"))).unwrap();
+    ledger.expire_due(expires + 1).unwrap();
+    let noted = ledger.noted_holds().unwrap();
+    assert_eq!(noted.len(), 1);
+    assert_eq!(noted[0].state, HoldState::Expired);
+    assert_eq!(noted[0].memo.as_deref(), Some("four"));
+    ledger.settle("sbx-4.1", 100).unwrap();
+    assert!(ledger.noted_holds().unwrap().is_empty());
     assert!(ledger.verify().unwrap().ok);
     // A hold made without a memo has none.
     ledger

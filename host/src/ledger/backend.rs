@@ -109,6 +109,13 @@ pub trait LedgerStore: Send + Sync + 'static {
 
     fn open_holds(&self) -> LedgerFuture<'_, Vec<HoldRecord>>;
 
+    /// Holds that still carry a memo: open ones, and expired ones (an
+    /// expiry keeps the memo; a settle or a void drops it). Only a ledger
+    /// whose caller writes memos has any.
+    fn noted_holds(&self) -> LedgerFuture<'_, Vec<HoldRecord>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
     /// Whether any open hold expires at or before `now_ms` (a read: cheaper
     /// than an expiry's write when none does).
     fn any_hold_due(&self, now_ms: u64) -> LedgerFuture<'_, bool>;

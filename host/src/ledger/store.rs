@@ -768,8 +768,10 @@ impl<T: Tables> Batch<T> {
     }
 
     fn put_hold(&mut self, record: &HoldRecord) -> Result<(), ApplyError> {
-        // A closed hold's memo has done its work: it is not kept.
-        if record.state != HoldState::Open && record.memo.is_some() {
+        // A settled or voided hold's memo has done its work: it is not
+        // kept. An expired one keeps it: its sandbox may still have to be
+        // recovered from it (a host down past the hold's expiry).
+        if matches!(record.state, HoldState::Settled | HoldState::Voided) && record.memo.is_some() {
             let closed = HoldRecord {
                 memo: None,
                 ..record.clone()

@@ -220,8 +220,8 @@ pub struct HoldRecord {
     pub hold_seq: u64,
     pub closed_seq: Option<u64>,
     /// What the hold is for, as its caller wrote it (the host: the
-    /// sandbox's `provisioning` record), kept while the hold is open and
-    /// dropped when it closes. See [`Operation::Hold`].
+    /// sandbox's `provisioning` record), kept until the hold is settled or
+    /// voided (an expired hold keeps it). See [`Operation::Hold`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memo: Option<String>,
 }

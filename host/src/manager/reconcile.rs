@@ -230,8 +230,9 @@ impl SandboxManager {
             return Vec::new();
         }
         match self.restore_from_holds().await {
-            Ok(actions) => {
-                self.restored_lost_records.store(true, Ordering::Release);
+            Ok((actions, complete)) => {
+                self.restored_lost_records
+                    .store(complete, Ordering::Release);
                 actions
             }
             Err(error) => vec![format!(
@@ -247,12 +248,15 @@ impl SandboxManager {
     /// hold with a memo whose record is missing, or still on an earlier
     /// attempt, gets its record back (synced), still `provisioning`: the
     /// pass below then recovers the create like any other interrupted one.
-    async fn restore_from_holds(&self) -> Result<Vec<String>, ManagerError> {
+    async fn restore_from_holds(&self) -> Result<(Vec<String>, bool), ManagerError> {
         let mut actions = Vec::new();
         if self.ledger.shared() {
-            return Ok(actions);
+            return Ok((actions, true));
         }
-        for hold in self.ledger.open_holds().await? {
+        // Whether every hold with a memo was restored or needs nothing:
+        // until then the orphan check leaves such holds alone.
+        let mut complete = true;
+        for hold in self.ledger.noted_holds().await? {
             let Some(memo) = &hold.memo else {
                 continue;
             };
@@ -261,14 +265,15 @@ impl SandboxManager {
                 .rsplit_once('.')
                 .map_or(hold.sandbox_id.as_str(), |(id, _)| id);
             let Some(_guard) = self.try_lock(sandbox_id) else {
+                complete = false;
                 continue;
             };
-            let mut restored: SandboxStatus = match serde_json::from_str(memo) {
-                Ok(record) => record,
-                Err(error) => {
+            let mut restored = match serde_json::from_str::<SandboxStatus>(memo) {
+                Ok(record) if record.id == sandbox_id => record,
+                Ok(_) | Err(_) => {
                     actions.push(format!(
-                        "hold {}: its memo is not a sandbox record ({error}); left to the \
-                         orphan check",
+                        "hold {}: its memo is not this sandbox's record; left to the orphan \
+                         check",
                         hold.sandbox_id
                     ));
                     continue;
@@ -281,7 +286,7 @@ impl SandboxManager {
                         && current.attempts.len() < restored.attempts.len()
                 }
             };
-            if !lost || restored.id != sandbox_id {
+            if !lost {
                 continue;
             }
             restored.note = Some(format!(
@@ -294,14 +299,17 @@ impl SandboxManager {
                      hold {}",
                     hold.sandbox_id
                 ),
-                Err(error) => format!(
-                    "{sandbox_id}: its provisioning record was lost in a crash and could not \
-                     be restored from hold {}: {error}",
-                    hold.sandbox_id
-                ),
+                Err(error) => {
+                    complete = false;
+                    format!(
+                        "{sandbox_id}: its provisioning record was lost in a crash and could \
+                         not be restored from hold {} yet: {error}",
+                        hold.sandbox_id
+                    )
+                }
             });
         }
-        Ok(actions)
+        Ok((actions, complete))
     }
 
     /// Voids every open hold whose sandbox record is gone, finished, or on
@@ -342,6 +350,16 @@ impl SandboxManager {
                 continue;
             }
             let record = self.records.get(sandbox_id)?;
+            // A record a crash lost that could not be restored from this
+            // hold yet: the hold (and its memo) wait for the next pass.
+            if record.is_none()
+                && hold.memo.is_some()
+                && !self
+                    .restored_lost_records
+                    .load(std::sync::atomic::Ordering::Acquire)
+            {
+                continue;
+            }
             let owned = record.is_some_and(|record| {
                 record.state.is_live()
                     && record.meter.hold_id.as_deref() == Some(hold.sandbox_id.as_str())

@@ -207,10 +207,10 @@ pub fn apply_outcome(
     let mut table = write
         .open_table(BREAKERS)
         .map_err(|error| error.to_string())?;
-    let mut breaker = table
+    let stored = table
         .get(instance)
         .map_err(|error| error.to_string())?
-        .map_or_else(Breaker::default, |row| {
+        .map(|row| {
             let (consecutive_failures, opens, open_until_ms) = row.value();
             Breaker {
                 consecutive_failures,
@@ -218,10 +218,16 @@ pub fn apply_outcome(
                 open_until_ms,
             }
         });
+    let mut breaker = stored.unwrap_or_default();
     if success {
         breaker.record_success();
     } else {
         breaker.record_failure(now_ms);
+    }
+    // A closed breaker staying closed (every create that succeeds on a
+    // healthy instance): nothing to write, and the commit stays smaller.
+    if stored.unwrap_or_default() == breaker {
+        return Ok(());
     }
     table
         .insert(
