@@ -448,13 +448,18 @@ fn a_holds_memo_lasts_while_the_hold_is_open() {
     // Expired (the host was down past it): kept, for the sandbox may still
     // have to be recovered from it; settling it drops it.
     ledger.submit(hold("sbx-4.1", Some("four"))).unwrap();
+    ledger.submit(hold("sbx-5.1", Some("five"))).unwrap();
     ledger.expire_due(expires + 1).unwrap();
     let noted = ledger.noted_holds().unwrap();
-    assert_eq!(noted.len(), 1);
-    assert_eq!(noted[0].state, HoldState::Expired);
-    assert_eq!(noted[0].memo.as_deref(), Some("four"));
+    assert_eq!(noted.len(), 2);
+    assert!(noted.iter().all(|hold| hold.state == HoldState::Expired));
+    assert_eq!(memo_of(&ledger, "sbx-4.1").as_deref(), Some("four"));
+    // Settled, or voided (nothing left to release), it goes.
     ledger.settle("sbx-4.1", 100).unwrap();
+    let voided = ledger.void("sbx-5.1", "create failed").unwrap();
+    assert_eq!(voided.released, 0);
     assert!(ledger.noted_holds().unwrap().is_empty());
+    assert!(ledger.verify().unwrap().ok);
     assert!(ledger.verify().unwrap().ok);
     // A hold made without a memo has none.
     ledger

@@ -84,6 +84,9 @@ impl LedgerStore for FlakyLedger {
     fn open_holds(&self) -> LedgerFuture<'_, Vec<HoldRecord>> {
         LedgerStore::open_holds(&self.inner)
     }
+    fn noted_holds(&self) -> LedgerFuture<'_, Vec<HoldRecord>> {
+        LedgerStore::noted_holds(&self.inner)
+    }
     fn any_hold_due(&self, now_ms: u64) -> LedgerFuture<'_, bool> {
         LedgerStore::any_hold_due(&self.inner, now_ms)
     }

@@ -631,6 +631,11 @@ impl<T: Tables> Batch<T> {
         match record.state {
             HoldState::Open => {}
             HoldState::Expired => {
+                // Nothing left to release; the memo goes, as with any void.
+                if record.memo.is_some() {
+                    record.memo = None;
+                    self.tables.put_hold(&record)?;
+                }
                 return Ok(Receipt::Void(VoidReceipt {
                     sandbox_id: sandbox_id.into(),
                     tenant: record.tenant,

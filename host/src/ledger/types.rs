@@ -221,7 +221,8 @@ pub struct HoldRecord {
     pub closed_seq: Option<u64>,
     /// What the hold is for, as its caller wrote it (the host: the
     /// sandbox's `provisioning` record), kept until the hold is settled or
-    /// voided (an expired hold keeps it). See [`Operation::Hold`].
+    /// voided (an expiry keeps it; a void after the expiry drops it). See
+    /// [`Operation::Hold`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memo: Option<String>,
 }

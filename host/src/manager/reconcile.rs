@@ -132,11 +132,19 @@ impl SandboxManager {
     ) -> Result<ReconcileReport, ManagerError> {
         let mut report = ReconcileReport::default();
         report.actions.extend(self.restore_lost_records().await);
+        // Until every lost record is back, a `provisioning` record may be an
+        // earlier attempt of one a hold's memo would restore: recovering it
+        // now could end the sandbox while its newer attempt lives on.
+        let restored = self
+            .restored_lost_records
+            .load(std::sync::atomic::Ordering::Acquire);
         let interrupted = |record: &SandboxStatus| {
-            matches!(
-                record.state,
-                SandboxState::Requested | SandboxState::Provisioning | SandboxState::Destroying
-            ) && retries.allows(record, now)
+            let due = match record.state {
+                SandboxState::Requested | SandboxState::Destroying => true,
+                SandboxState::Provisioning => restored,
+                _ => false,
+            };
+            due && retries.allows(record, now)
         };
         for record in self.records.owned_live()? {
             if !interrupted(&record) {
@@ -350,21 +358,19 @@ impl SandboxManager {
                 continue;
             }
             let record = self.records.get(sandbox_id)?;
-            // A record a crash lost that could not be restored from this
-            // hold yet: the hold (and its memo) wait for the next pass.
-            if record.is_none()
-                && hold.memo.is_some()
-                && !self
-                    .restored_lost_records
-                    .load(std::sync::atomic::Ordering::Acquire)
-            {
-                continue;
-            }
             let owned = record.is_some_and(|record| {
                 record.state.is_live()
                     && record.meter.hold_id.as_deref() == Some(hold.sandbox_id.as_str())
             });
-            if owned {
+            // A hold whose record a crash lost (or left on an earlier
+            // attempt) and that could not be restored from it yet: the hold
+            // and its memo wait for the next pass.
+            if owned
+                || (hold.memo.is_some()
+                    && !self
+                        .restored_lost_records
+                        .load(std::sync::atomic::Ordering::Acquire))
+            {
                 continue;
             }
             actions.push(
