@@ -150,8 +150,8 @@ impl dyn LedgerStore {
         into_hold(self.submit(operation).await?)
     }
 
-    /// [`Self::hold`], keeping `memo` with the hold while it is open
-    /// ([`HoldRecord::memo`](super::HoldRecord::memo)).
+    /// [`Self::hold`], keeping `memo` with the hold until it is settled or
+    /// voided ([`HoldRecord::memo`](super::HoldRecord::memo)).
     pub async fn hold_noting(
         &self,
         tenant: &str,

@@ -242,7 +242,7 @@ pub enum Operation {
         sandbox_id: String,
         extension: String,
         expires_at_ms: u64,
-        /// Kept with the open hold ([`HoldRecord::memo`]), durable with it:
+        /// Kept with the hold ([`HoldRecord::memo`]), durable with it:
         /// the host's intent record, so that a crash which loses the
         /// record (written without waiting for the disk) cannot lose what
         /// the hold is for. Not kept with the operation's idempotency key,

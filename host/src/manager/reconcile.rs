@@ -251,11 +251,12 @@ impl SandboxManager {
 
     /// Restores the `provisioning` records a crash lost. On a ledger this
     /// home has alone, that record is written without waiting for the
-    /// disk, at the same time as its hold, which keeps a copy of it (the
-    /// hold's memo) and is durable before the create is called. An open
-    /// hold with a memo whose record is missing, or still on an earlier
-    /// attempt, gets its record back (synced), still `provisioning`: the
-    /// pass below then recovers the create like any other interrupted one.
+    /// disk, then its hold, which keeps a copy of it (the hold's memo) and
+    /// is durable before the create is called. A hold with a memo (open, or
+    /// expired while the host was down) whose record is missing, or still
+    /// on an earlier attempt, gets its record back (synced), still
+    /// `provisioning`: the pass then recovers the create like any other
+    /// interrupted one. Also says whether nothing was left for later.
     async fn restore_from_holds(&self) -> Result<(Vec<String>, bool), ManagerError> {
         let mut actions = Vec::new();
         if self.ledger.shared() {
